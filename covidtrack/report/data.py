@@ -1,0 +1,173 @@
+"""The tables the dashboard and the PDF draw from, as pure pandas transforms.
+
+Two long DataFrames travel between the store and the figures:
+
+- **patient frame** (one patient): columns ``scan_id``, ``study_date`` (``datetime64``), ``day``
+  (int, days since the patient's first scan), ``region`` (``whole``, ``right``, ``left``, ``RUL``,
+  ``RML``, ``RLL``, ``LUL``, ``LLL``), ``metric``, ``value``, ``unit``, ``model_version``.
+- **cohort frame** (many patients): the same plus ``patient_key``, ``label`` (alias or key) and ``arm``.
+
+Metric names are those of :mod:`covidtrack.metrics`; the ones the dashboard plots are named once
+here (:class:`M`) so a rename there is a one-line change here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from covidtrack.labels import LOBE_LABELS, REGIONS
+
+LOBES: tuple[str, ...] = tuple(LOBE_LABELS.values())
+SIDES: tuple[str, ...] = ("whole", "right", "left")
+
+
+class M:
+    """Metric names (as stored in the ``metric`` column) that the dashboard uses."""
+
+    LUNG_ML = "lung_volume_ml"
+    INFECTION_ML = "infection_volume_ml"
+    GGO_ML = "ggo_volume_ml"
+    CONS_ML = "consolidation_volume_ml"
+    POI = "poi_pct"
+    POI_GGO = "ggo_poi_pct"
+    POI_CONS = "consolidation_poi_pct"
+    SEVERITY = "severity_score"
+    MEAN_HU = "infection_mean_hu"
+    LESIONS = "lesion_count"
+
+
+# Human labels with units, for axes, tables and the PDF.
+METRIC_LABELS: dict[str, str] = {
+    M.LUNG_ML: "Lung volume (mL)",
+    M.INFECTION_ML: "Infection volume (mL)",
+    M.GGO_ML: "GGO volume (mL)",
+    M.CONS_ML: "Consolidation volume (mL)",
+    M.POI: "POI (%)",
+    M.POI_GGO: "GGO POI (%)",
+    M.POI_CONS: "Consolidation POI (%)",
+    M.SEVERITY: "CT severity score",
+    M.MEAN_HU: "Mean HU of infection",
+    M.LESIONS: "Lesions (n)",
+}
+
+PATIENT_COLUMNS = ("scan_id", "study_date", "day", "region", "metric", "value", "unit", "model_version")
+COHORT_COLUMNS = ("patient_key", "label", "arm", *PATIENT_COLUMNS)
+
+
+def metric_label(metric: str) -> str:
+    return METRIC_LABELS.get(metric, metric.replace("_", " "))
+
+
+def add_days(frame: pd.DataFrame, by: str | None = None) -> pd.DataFrame:
+    """Add ``day`` = whole days since the first ``study_date`` (per ``by`` group when given)."""
+    out = frame.copy()
+    out["study_date"] = pd.to_datetime(out["study_date"])
+    first = out.groupby(by)["study_date"].transform("min") if by else out["study_date"].min()
+    out["day"] = (out["study_date"] - first).dt.days.astype(int)
+    return out
+
+
+def select(frame: pd.DataFrame, metric: str, region: str = "whole") -> pd.DataFrame:
+    """Rows of one metric in one region, sorted by date."""
+    rows = frame[(frame["metric"] == metric) & (frame["region"] == region)]
+    return rows.sort_values("study_date")
+
+
+def wide_by_date(frame: pd.DataFrame, metrics: tuple[str, ...] | None = None) -> pd.DataFrame:
+    """One row per (date, region), one column per metric: the table a clinician downloads as CSV."""
+    data = frame if metrics is None else frame[frame["metric"].isin(metrics)]
+    if data.empty:
+        return pd.DataFrame(columns=["study_date", "day", "region"])
+    wide = data.pivot_table(index=["study_date", "day", "region"], columns="metric", values="value", aggfunc="first")
+    wide = wide.reset_index()
+    order = {r: i for i, r in enumerate(REGIONS)}
+    wide["_o"] = wide["region"].map(order).fillna(99)
+    wide = wide.sort_values(["study_date", "_o"]).drop(columns="_o")
+    wide["study_date"] = pd.to_datetime(wide["study_date"]).dt.date
+    wide.columns.name = None
+    return wide.reset_index(drop=True)
+
+
+def lobe_table(frame: pd.DataFrame) -> pd.DataFrame:
+    """Per lobe and date: POI (%) and severity score 0-5, plus the whole-lung total 0-25.
+
+    Rows are dates; columns ``<lobe> POI %`` / ``<lobe> score`` and ``Total score``. Used by the
+    PDF and the patient page.
+    """
+    rows = []
+    for (date, day), grp in frame.groupby(["study_date", "day"], sort=True):
+        row: dict[str, object] = {"Date": pd.Timestamp(date).date(), "Day": int(day)}
+        for lobe in LOBES:
+            poi = grp[(grp.region == lobe) & (grp.metric == M.POI)]["value"]
+            sev = grp[(grp.region == lobe) & (grp.metric == M.SEVERITY)]["value"]
+            row[f"{lobe} POI %"] = float(poi.iloc[0]) if len(poi) else np.nan
+            row[f"{lobe} score"] = int(sev.iloc[0]) if len(sev) and pd.notna(sev.iloc[0]) else None
+        total = grp[(grp.region == "whole") & (grp.metric == M.SEVERITY)]["value"]
+        row["Total score"] = int(total.iloc[0]) if len(total) and pd.notna(total.iloc[0]) else None
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def trend_arrow(values: list[float] | np.ndarray, threshold: float = 1.0) -> str:
+    """Arrow comparing the last two values: up/down when they differ by >= ``threshold`` (POI points)."""
+    vals = [v for v in values if v is not None and np.isfinite(v)]
+    if len(vals) < 2:
+        return "·"
+    delta = vals[-1] - vals[-2]
+    if delta >= threshold:
+        return "↑ worse"
+    if delta <= -threshold:
+        return "↓ better"
+    return "→ stable"
+
+
+def patient_summary(cohort: pd.DataFrame) -> pd.DataFrame:
+    """One row per patient for the Patients list (pseudonymous key or alias only, never a name).
+
+    Columns: ``patient_key``, ``label``, ``arm``, ``scans``, ``first``, ``last``, ``latest POI %``,
+    ``latest score``, ``trend``.
+    """
+    cols = ["patient_key", "label", "arm", "scans", "first", "last", "latest POI %", "latest score", "trend"]
+    if cohort.empty:
+        return pd.DataFrame(columns=cols)
+    poi = cohort[(cohort.metric == M.POI) & (cohort.region == "whole")].sort_values("study_date")
+    sev = cohort[(cohort.metric == M.SEVERITY) & (cohort.region == "whole")]
+    sev_last = sev.sort_values("study_date").groupby("patient_key")["value"].last()
+    rows = []
+    for key, grp in cohort.groupby("patient_key", sort=False):
+        p = poi[poi.patient_key == key]["value"].to_numpy(dtype=float)
+        dates = pd.to_datetime(grp["study_date"])
+        rows.append(
+            {
+                "patient_key": key,
+                "label": grp["label"].iloc[0],
+                "arm": grp["arm"].iloc[0],
+                "scans": int(grp["scan_id"].nunique()),
+                "first": dates.min().date(),
+                "last": dates.max().date(),
+                "latest POI %": round(float(p[-1]), 2) if len(p) else np.nan,
+                "latest score": int(sev_last[key]) if key in sev_last.index and pd.notna(sev_last[key]) else None,
+                "trend": trend_arrow(p),
+            }
+        )
+    return pd.DataFrame(rows, columns=cols).sort_values(["arm", "label"]).reset_index(drop=True)
+
+
+@dataclass(frozen=True)
+class PatientHeader:
+    """What the patient page and the PDF print at the top. ``label`` is an alias or the key."""
+
+    patient_key: str
+    label: str
+    arm: str
+    dates: tuple[str, ...]
+    model_versions: tuple[str, ...]
+
+
+def header_from_frame(patient_key: str, label: str, arm: str, frame: pd.DataFrame) -> PatientHeader:
+    dates = tuple(str(pd.Timestamp(d).date()) for d in sorted(pd.to_datetime(frame["study_date"]).unique()))
+    versions = tuple(sorted(str(v) for v in frame["model_version"].dropna().unique())) if "model_version" in frame else ()
+    return PatientHeader(patient_key=patient_key, label=label, arm=arm, dates=dates, model_versions=versions)

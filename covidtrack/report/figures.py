@@ -1,0 +1,312 @@
+"""Plotly figures shared by the dashboard and the PDF (which exports the very same figures).
+
+Inputs are the long frames documented in :mod:`covidtrack.report.data` and the
+:class:`~covidtrack.report.viewer.AlignedSeries`; every function returns a ``go.Figure`` and
+touches no files.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+from covidtrack.report.data import LOBES, M, metric_label, select
+from covidtrack.report.stats import mean_ci, per_patient_series
+from covidtrack.report.viewer import (
+    CHANGE_COLOURS,
+    CHANGE_LABELS,
+    INFECTION_COLOURS,
+    LOBE_COLOURS,
+    AlignedSeries,
+    Overlay,
+    Plane,
+    data_uri,
+    strip,
+)
+
+XAxis = Literal["date", "day"]
+
+REGION_COLOURS = {
+    "whole": "#222222",
+    "right": "#1f77b4",
+    "left": "#2ca02c",
+    **{lobe: "rgb({},{},{})".format(*LOBE_COLOURS[i + 1]) for i, lobe in enumerate(LOBES)},
+}
+ARM_COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
+GGO_COLOUR = "rgb({},{},{})".format(*INFECTION_COLOURS[1])
+CONS_COLOUR = "rgb({},{},{})".format(*INFECTION_COLOURS[2])
+FONT = dict(family="DejaVu Sans, Arial, sans-serif", size=12)
+
+
+def _x(rows: pd.DataFrame, x: XAxis) -> pd.Series:
+    return rows["study_date"] if x == "date" else rows["day"]
+
+
+def _x_title(x: XAxis) -> str:
+    return "Study date" if x == "date" else "Days since baseline"
+
+
+def _layout(fig: go.Figure, title: str | None, height: int) -> go.Figure:
+    fig.update_layout(
+        title=dict(text=title) if title else None,
+        height=height,
+        margin=dict(l=60, r=20, t=60 if title else 30, b=50),
+        font=FONT,
+        template="plotly_white",
+        hovermode="x unified",
+        legend=dict(orientation="h", yanchor="bottom", y=1.02, xanchor="left", x=0),
+    )
+    return fig
+
+
+def _line(rows: pd.DataFrame, x: XAxis, name: str, colour: str, unit: str, dash: str | None = None, **kw) -> go.Scatter:
+    return go.Scatter(
+        x=_x(rows, x),
+        y=rows["value"],
+        name=name,
+        mode="lines+markers",
+        line=dict(color=colour, dash=dash, width=2),
+        marker=dict(size=7),
+        customdata=rows[["day"]].to_numpy(),
+        hovertemplate=f"{name}: %{{y:.2f}} {unit}<extra>day %{{customdata[0]}}</extra>",
+        **kw,
+    )
+
+
+def trajectory_figure(frame: pd.DataFrame, x: XAxis = "date", lobe_view: bool = True, height: int = 620) -> go.Figure:
+    """The patient's course in four panels sharing the x axis.
+
+    (1) infection volume (mL) with GGO and consolidation; (2) POI (%) whole / right / left;
+    (3) POI (%) per lobe (or nothing extra in the 4-region view); (4) CT severity score 0-25.
+    """
+    titles = (
+        "Infection volume (mL)",
+        "POI (%): whole, right, left",
+        "POI (%) per lobe" if lobe_view else "GGO vs consolidation POI (%)",
+        "CT severity score (0-25)",
+    )
+    fig = make_subplots(rows=2, cols=2, shared_xaxes=True, subplot_titles=titles, vertical_spacing=0.14, horizontal_spacing=0.08)
+    for metric, name, colour, dash in (
+        (M.INFECTION_ML, "infection", "#222222", None),
+        (M.GGO_ML, "GGO", GGO_COLOUR, "dot"),
+        (M.CONS_ML, "consolidation", CONS_COLOUR, "dash"),
+    ):
+        rows = select(frame, metric, "whole")
+        if len(rows):
+            fig.add_trace(_line(rows, x, f"{name} volume", colour, "mL", dash, legendgroup="vol"), row=1, col=1)
+    for region in ("whole", "right", "left"):
+        rows = select(frame, M.POI, region)
+        if len(rows):
+            fig.add_trace(_line(rows, x, f"POI {region}", REGION_COLOURS[region], "%", legendgroup="poi"), row=1, col=2)
+    if lobe_view:
+        for lobe in LOBES:
+            rows = select(frame, M.POI, lobe)
+            if len(rows):
+                fig.add_trace(_line(rows, x, f"POI {lobe}", REGION_COLOURS[lobe], "%", legendgroup="lobe"), row=2, col=1)
+    else:
+        for metric, name, colour in ((M.POI_GGO, "GGO POI", GGO_COLOUR), (M.POI_CONS, "consolidation POI", CONS_COLOUR)):
+            rows = select(frame, metric, "whole")
+            if len(rows):
+                fig.add_trace(_line(rows, x, name, colour, "%"), row=2, col=1)
+    rows = select(frame, M.SEVERITY, "whole")
+    if len(rows):
+        fig.add_trace(
+            go.Bar(
+                x=_x(rows, x), y=rows["value"], name="severity score", marker_color="#7f7f7f",
+                hovertemplate="severity: %{y:.0f} / 25<extra></extra>",
+            ),
+            row=2, col=2,
+        )
+        fig.update_yaxes(range=[0, 25], row=2, col=2)
+    for col in (1, 2):
+        fig.update_xaxes(title_text=_x_title(x), row=2, col=col)
+    fig.update_yaxes(rangemode="tozero")
+    _layout(fig, None, height)
+    # a legend on the right keeps the subplot titles readable
+    fig.update_layout(legend=dict(orientation="v", x=1.02, xanchor="left", y=1, yanchor="top", font=dict(size=11)), margin=dict(r=170))
+    return fig
+
+
+def lobe_heatmap(frame: pd.DataFrame, x: XAxis = "date", height: int = 300) -> go.Figure:
+    """POI (%) per lobe (rows) and date (columns), values printed in the cells."""
+    rows = frame[(frame.metric == M.POI) & frame.region.isin(LOBES)]
+    if rows.empty:
+        return _layout(go.Figure(), "POI per lobe: no lobe metrics", height)
+    piv = rows.pivot_table(index="region", columns="study_date", values="value", aggfunc="first").reindex(list(LOBES))
+    dates = list(piv.columns)
+    days = rows.drop_duplicates("study_date").set_index("study_date")["day"].reindex(dates).tolist()
+    labels = [str(pd.Timestamp(d).date()) for d in dates] if x == "date" else [f"day {d}" for d in days]
+    z = piv.to_numpy(dtype=float)
+    fig = go.Figure(
+        go.Heatmap(
+            z=z, x=labels, y=list(piv.index), colorscale="YlOrRd", zmin=0, zmax=max(25.0, float(np.nanmax(z)) if np.isfinite(z).any() else 25.0),
+            text=np.where(np.isfinite(z), np.round(z, 1).astype(str), ""), texttemplate="%{text}",
+            colorbar=dict(title=dict(text="POI %")),
+            hovertemplate="%{y} %{x}: %{z:.2f} %<extra></extra>",
+        )
+    )
+    fig.update_yaxes(autorange="reversed")
+    fig.update_xaxes(type="category")
+    return _layout(fig, "POI (%) per lobe and date", height)
+
+
+def _legend_items(overlay: Overlay) -> list[tuple[str, tuple[int, int, int]]]:
+    if overlay == "change":
+        return [(CHANGE_LABELS[k], CHANGE_COLOURS[k]) for k in CHANGE_LABELS]
+    if overlay == "none":
+        return []
+    return [("GGO", INFECTION_COLOURS[1]), ("consolidation", INFECTION_COLOURS[2])]
+
+
+def _add_legend(fig: go.Figure, overlay: Overlay) -> None:
+    # Invisible markers give the image panels a legend for the overlay colours.
+    for name, col in _legend_items(overlay):
+        fig.add_trace(
+            go.Scatter(x=[None], y=[None], mode="markers", name=name, marker=dict(size=12, symbol="square", color="rgb({},{},{})".format(*col))),
+        )
+
+
+def _timepoint_title(series: AlignedSeries, t: int) -> str:
+    note = "" if series.registered[t] or t == 0 else " (not aligned)"
+    return f"{series.dates[t]} · day {series.days[t]}{note}"
+
+
+def viewer_figure(series: AlignedSeries, plane: Plane, index: int, overlay: Overlay = "lobes", max_px: int = 320, height: int = 360) -> go.Figure:
+    """Every timepoint's registered slice side by side, same anatomy, baseline first."""
+    images = strip(series, plane, index, overlay, max_px)
+    n = len(images)
+    fig = make_subplots(rows=1, cols=n, subplot_titles=[_timepoint_title(series, t) for t in range(n)], horizontal_spacing=0.01)
+    for t, img in enumerate(images):
+        fig.add_trace(go.Image(source=data_uri(img), hoverinfo="skip"), row=1, col=t + 1)
+    fig.update_xaxes(visible=False)
+    fig.update_yaxes(visible=False)
+    _add_legend(fig, overlay)
+    fig.update_layout(
+        height=height, margin=dict(l=5, r=5, t=50, b=5), font=FONT, template="plotly_white",
+        legend=dict(orientation="h", yanchor="top", y=-0.02, xanchor="left", x=0), plot_bgcolor="black",
+    )
+    fig.update_annotations(font_size=11)
+    return fig
+
+
+def viewer_animation(series: AlignedSeries, plane: Plane, index: int, overlay: Overlay = "lobes", max_px: int = 420, height: int = 520) -> go.Figure:
+    """The follow-up sequence: one slice of the same anatomy played through the dates (plotly frames)."""
+    images = strip(series, plane, index, overlay, max_px)
+    uris = [data_uri(img) for img in images]
+    names = [_timepoint_title(series, t) for t in range(len(images))]
+    fig = go.Figure(data=[go.Image(source=uris[0], hoverinfo="skip")], frames=[go.Frame(data=[go.Image(source=u)], name=nm) for u, nm in zip(uris, names)])
+    steps = [
+        dict(method="animate", label=nm, args=[[nm], dict(mode="immediate", frame=dict(duration=0, redraw=True), transition=dict(duration=0))])
+        for nm in names
+    ]
+    fig.update_layout(
+        height=height, margin=dict(l=5, r=5, t=40, b=5), font=FONT, template="plotly_white",
+        title=dict(text=f"Follow-up sequence · {plane} slice {index}"),
+        updatemenus=[
+            dict(
+                type="buttons", direction="left", x=0, y=-0.02, xanchor="left", yanchor="top",
+                buttons=[
+                    dict(label="▶ Play", method="animate", args=[None, dict(frame=dict(duration=900, redraw=True), fromcurrent=True, transition=dict(duration=0))]),
+                    dict(label="❚❚ Pause", method="animate", args=[[None], dict(mode="immediate", frame=dict(duration=0, redraw=False))]),
+                ],
+            )
+        ],
+        sliders=[dict(active=0, steps=steps, x=0.18, len=0.82, y=-0.02, yanchor="top", currentvalue=dict(prefix="", visible=True))],
+    )
+    fig.update_xaxes(visible=False)
+    fig.update_yaxes(visible=False)
+    return fig
+
+
+def change_bar_figure(change: pd.DataFrame, height: int = 300) -> go.Figure:
+    """New / resolved / persistent infection volume (mL) per lobe at each follow-up vs baseline.
+
+    ``change`` columns: ``date`` (label), ``region``, ``new_ml``, ``resolved_ml``, ``persistent_ml``.
+    """
+    fig = go.Figure()
+    if change.empty:
+        return _layout(fig, "Change vs baseline: no registered follow-up", height)
+    change = change.copy()
+    change["x"] = change["date"].astype(str) + " " + change["region"].astype(str)
+    for col, key in (("new_ml", 1), ("resolved_ml", 2), ("persistent_ml", 3)):
+        fig.add_trace(
+            go.Bar(
+                x=change["x"], y=change[col], name=CHANGE_LABELS[key], marker_color="rgb({},{},{})".format(*CHANGE_COLOURS[key]),
+                hovertemplate=f"{CHANGE_LABELS[key]}: %{{y:.1f}} mL<extra>%{{x}}</extra>",
+            )
+        )
+    fig.update_layout(barmode="group", yaxis_title="mL")
+    _layout(fig, "Change vs baseline per lobe (mL)", height)
+    fig.update_layout(hovermode="closest")
+    return fig
+
+
+def cohort_trajectory_figure(
+    cohort: pd.DataFrame, metric: str = M.POI, region: str = "whole", bin_days: int = 4, height: int = 420, webgl: bool = True
+) -> go.Figure:
+    """Per arm: every patient as a faint line, the arm mean with its 95 % CI band, by day since baseline.
+
+    Individual patients of one arm share one WebGL trace (gaps between patients), so 1,000
+    patients cost a handful of traces, not 1,000. ``webgl=False`` for static export (software
+    WebGL in a headless browser is slow).
+    """
+    scatter = go.Scattergl if webgl else go.Scatter
+    series = per_patient_series(cohort, metric, region)
+    summary = mean_ci(series, bin_days=bin_days)
+    fig = go.Figure()
+    for i, arm in enumerate(sorted(series["arm"].dropna().unique())):
+        colour = ARM_COLOURS[i % len(ARM_COLOURS)]
+        s = series[series.arm == arm]
+        # NaN rows between patients break the line
+        gap = s.groupby("patient_key", sort=False).tail(1).assign(day=np.nan, value=np.nan)
+        lines = pd.concat([s, gap]).sort_index(kind="stable")
+        fig.add_trace(
+            scatter(
+                x=lines["day"], y=lines["value"], mode="lines", line=dict(color=colour, width=1), opacity=0.18,
+                name=f"{arm}: patients", legendgroup=arm, hoverinfo="skip", connectgaps=False,
+            )
+        )
+        m = summary[summary.arm == arm].sort_values("day")
+        band = m.dropna(subset=["lo", "hi"])
+        if len(band):
+            fig.add_trace(
+                go.Scatter(
+                    x=np.concatenate([band["day"], band["day"][::-1]]), y=np.concatenate([band["hi"], band["lo"][::-1]]),
+                    fill="toself", fillcolor=colour, opacity=0.2, line=dict(width=0), name=f"{arm}: 95 % CI",
+                    legendgroup=arm, hoverinfo="skip",
+                )
+            )
+        fig.add_trace(
+            go.Scatter(
+                x=m["day"], y=m["mean"], mode="lines+markers", line=dict(color=colour, width=3), name=f"{arm}: mean",
+                legendgroup=arm, customdata=m[["n", "lo", "hi"]].to_numpy(),
+                hovertemplate=f"{arm} day %{{x}}: mean %{{y:.2f}} (95 % CI %{{customdata[1]:.2f}}-%{{customdata[2]:.2f}}, n=%{{customdata[0]}})<extra></extra>",
+            )
+        )
+    fig.update_xaxes(title_text="Days since baseline")
+    fig.update_yaxes(title_text=metric_label(metric), rangemode="tozero")
+    _layout(fig, f"{metric_label(metric)} by day since baseline ({region})", height)
+    fig.update_layout(hovermode="closest")
+    return fig
+
+
+def change_box_figure(changes: pd.DataFrame, metric: str = M.POI, height: int = 380) -> go.Figure:
+    """Change from baseline at the last follow-up, one box (with every patient) per arm."""
+    fig = go.Figure()
+    for i, arm in enumerate(sorted(changes["arm"].dropna().unique())):
+        c = changes[changes.arm == arm]
+        fig.add_trace(
+            go.Box(
+                y=c["change"], name=str(arm), marker_color=ARM_COLOURS[i % len(ARM_COLOURS)], boxpoints="all", jitter=0.4,
+                pointpos=0, text=c["label"], hovertemplate="%{text}: %{y:+.2f}<extra></extra>",
+            )
+        )
+    fig.add_hline(y=0, line=dict(color="#888", dash="dot"))
+    fig.update_yaxes(title_text=f"Change in {metric_label(metric)} (last - baseline)")
+    _layout(fig, "Change from baseline at the last follow-up", height)
+    fig.update_layout(hovermode="closest", showlegend=False)
+    return fig

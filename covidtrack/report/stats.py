@@ -1,0 +1,149 @@
+"""Cohort statistics for the Cohort page and the cohort report. Pure functions over the cohort frame.
+
+- per-arm mean trajectory with a 95 % confidence interval (Student t) in day bins;
+- change from baseline at the last follow-up per patient;
+- Mann-Whitney U between arms (two-sided) with the rank-biserial correlation as effect size;
+- responders: POI at the last follow-up at most half the baseline POI.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import combinations
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from covidtrack.report.data import M, select
+
+
+def per_patient_series(cohort: pd.DataFrame, metric: str, region: str = "whole") -> pd.DataFrame:
+    """Columns ``patient_key``, ``label``, ``arm``, ``day``, ``study_date``, ``value`` for one metric."""
+    rows = select(cohort, metric, region)
+    return rows[["patient_key", "label", "arm", "day", "study_date", "value"]].sort_values(["patient_key", "day"])
+
+
+def mean_ci(series: pd.DataFrame, bin_days: int = 4, confidence: float = 0.95) -> pd.DataFrame:
+    """Mean and t-based confidence interval per arm and day bin.
+
+    Follow-up dates differ between patients (every 3-5 days), so days are grouped into bins of
+    ``bin_days`` (bin centre reported as ``day``); a patient counts once per bin (its mean there).
+    Columns: ``arm``, ``day``, ``n``, ``mean``, ``lo``, ``hi`` (``lo``/``hi`` NaN when n < 2).
+    """
+    if series.empty:
+        return pd.DataFrame(columns=["arm", "day", "n", "mean", "lo", "hi"])
+    s = series.copy()
+    s["bin"] = (np.floor(s["day"] / bin_days + 0.5) * bin_days).astype(int)
+    per_patient = s.groupby(["arm", "bin", "patient_key"], as_index=False)["value"].mean()
+    g = per_patient.groupby(["arm", "bin"])["value"]
+    out = g.agg(n="count", mean="mean", sd="std").reset_index().rename(columns={"bin": "day"})
+    tcrit = stats.t.ppf(0.5 + confidence / 2, np.maximum(out["n"] - 1, 1))
+    half = tcrit * out["sd"] / np.sqrt(out["n"])
+    out["lo"] = np.where(out["n"] >= 2, out["mean"] - half, np.nan)
+    out["hi"] = np.where(out["n"] >= 2, out["mean"] + half, np.nan)
+    return out.drop(columns="sd")
+
+
+def change_from_baseline(cohort: pd.DataFrame, metric: str = M.POI, region: str = "whole") -> pd.DataFrame:
+    """Per patient with >= 2 scans: baseline, last follow-up, change (last - baseline, in the metric's unit).
+
+    Columns: ``patient_key``, ``label``, ``arm``, ``baseline``, ``last``, ``last_day``, ``change``,
+    ``relative`` (last / baseline; NaN when baseline is 0).
+    """
+    series = per_patient_series(cohort, metric, region)
+    cols = ["patient_key", "label", "arm", "baseline", "last", "last_day", "change", "relative"]
+    if series.empty:
+        return pd.DataFrame(columns=cols)
+    g = series.groupby("patient_key", sort=False)
+    out = pd.DataFrame(
+        {
+            "label": g["label"].first(),
+            "arm": g["arm"].first(),
+            "baseline": g["value"].first(),
+            "last": g["value"].last(),
+            "last_day": g["day"].last(),
+            "n": g["value"].count(),
+        }
+    )
+    out = out[out["n"] >= 2].drop(columns="n").reset_index()
+    out["change"] = out["last"] - out["baseline"]
+    base = out["baseline"].to_numpy(dtype=float)
+    out["relative"] = np.divide(out["last"].to_numpy(dtype=float), base, out=np.full(len(out), np.nan), where=base > 0)
+    return out[cols]
+
+
+@dataclass(frozen=True)
+class ArmComparison:
+    """Two-sided Mann-Whitney U of the change from baseline between two arms.
+
+    ``rank_biserial`` = 2 U_a / (n_a n_b) - 1 in [-1, 1]: positive when arm ``a`` tends to have the
+    larger change (for POI change: a worse course than ``b``).
+    """
+
+    arm_a: str
+    arm_b: str
+    n_a: int
+    n_b: int
+    median_a: float
+    median_b: float
+    u: float
+    p_value: float
+    rank_biserial: float
+
+
+def compare_arms(changes: pd.DataFrame) -> list[ArmComparison]:
+    """Every pair of arms with at least one patient each (at least 2 each to give a p-value)."""
+    result = []
+    arms = sorted(a for a in changes["arm"].dropna().unique())
+    for a, b in combinations(arms, 2):
+        xa = changes.loc[changes.arm == a, "change"].to_numpy(dtype=float)
+        xb = changes.loc[changes.arm == b, "change"].to_numpy(dtype=float)
+        if len(xa) == 0 or len(xb) == 0:
+            continue
+        if len(xa) >= 2 and len(xb) >= 2:
+            test = stats.mannwhitneyu(xa, xb, alternative="two-sided")
+            u, p = float(test.statistic), float(test.pvalue)
+        else:
+            u, p = float("nan"), float("nan")
+        rb = 2.0 * u / (len(xa) * len(xb)) - 1.0 if np.isfinite(u) else float("nan")
+        result.append(
+            ArmComparison(a, b, len(xa), len(xb), float(np.median(xa)), float(np.median(xb)), u, p, rb)
+        )
+    return result
+
+
+def responders(changes: pd.DataFrame, fraction: float = 0.5) -> pd.DataFrame:
+    """Patients whose POI at the last follow-up is at most ``fraction`` of the baseline POI.
+
+    Patients with a baseline POI of 0 are not counted (nothing to halve).
+    """
+    ok = changes[(changes["baseline"] > 0) & (changes["last"] <= fraction * changes["baseline"])]
+    return ok.sort_values(["arm", "relative"]).reset_index(drop=True)
+
+
+def baseline_values(cohort: pd.DataFrame, metric: str = M.SEVERITY, region: str = "whole") -> pd.Series:
+    """Baseline value per patient (index ``patient_key``), e.g. for the baseline-severity filter."""
+    series = per_patient_series(cohort, metric, region)
+    return series.groupby("patient_key")["value"].first()
+
+
+def filter_cohort(
+    cohort: pd.DataFrame,
+    arms: list[str] | None = None,
+    date_range: tuple[object, object] | None = None,
+    baseline_severity: tuple[float, float] | None = None,
+) -> pd.DataFrame:
+    """Cohort rows of the chosen arms, scans dated within ``date_range`` (inclusive), and patients
+    whose baseline total severity score (0-25) lies in ``baseline_severity``."""
+    out = cohort
+    if arms is not None:
+        out = out[out["arm"].isin(arms)]
+    if date_range is not None:
+        lo, hi = (pd.Timestamp(d) for d in date_range)
+        out = out[(out["study_date"] >= lo) & (out["study_date"] <= hi)]
+    if baseline_severity is not None:
+        base = baseline_values(cohort)
+        keep = base[(base >= baseline_severity[0]) & (base <= baseline_severity[1])].index
+        out = out[out["patient_key"].isin(keep)]
+    return out
