@@ -1,0 +1,221 @@
+"""Store round trips, active-version selection, migrations and orphan cleanup."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pandas as pd
+import pytest
+
+from covidtrack import store as S
+from covidtrack.errors import StoreError
+from covidtrack.segment.types import Segmentation
+from covidtrack.volume import ScanMeta, Volume
+
+
+def _metrics(poi: float, lung: float = 4000.0) -> pd.DataFrame:
+    return pd.DataFrame(
+        [("whole", "poi", poi, "%"), ("whole", "lung_volume", lung, "mL"), ("RUL", "poi", poi * 2, "%")],
+        columns=["region", "metric", "value", "unit"],
+    )
+
+
+def _add(store: S.Store, patient: str, date: str, poi: float, tag: str = "lungs/v1", arm: str | None = None) -> tuple[str, str]:
+    """A scan + segmentation + metrics with real (tiny) files written through FileStage."""
+    h = f"hash-{patient}-{date}"
+    scan_id = S.new_scan_id(h)
+    seg_id = S.new_seg_id()
+    vol = Volume(array=np.full((4, 5, 6), -800, np.int16), spacing=(2.0, 1.0, 1.0), meta=ScanMeta(kernel="B30f"))
+    mask = np.ones((4, 5, 6), np.uint8)
+    with S.FileStage() as stage:
+        vpath = stage.put(store.volume_path_for(scan_id), lambda p: S.write_canonical(p, vol))
+        paths = {part: stage.put(store.mask_path_for(seg_id, part), lambda p: S.write_canonical(p, vol, mask)) for part in ("lungs", "infection")}
+        store.add_scan(
+            S.ScanRecord(scan_id, patient, dt.date.fromisoformat(date), h, vpath, {"shape": [4, 5, 6]}, "x.nii.gz", {"kernel": "B30f"}),
+            S.SegRecord(seg_id, scan_id, "model", {"lungs": tag}, paths["lungs"], paths["infection"]),
+            _metrics(poi),
+            arm=arm,
+        )
+    return scan_id, seg_id
+
+
+def test_round_trip_and_queries() -> None:
+    with S.Store.open() as store:
+        assert store.schema_version() == S.SCHEMA_VERSION
+        a1, _ = _add(store, "pA", "2020-03-01", 10.0, arm="treated")
+        a2, _ = _add(store, "pA", "2020-03-08", 20.0)
+        b1, _ = _add(store, "pB", "2020-03-02", 5.0, arm="control")
+        store.set_patient("pB", alias="Bob")
+
+        pats = store.patients()
+        assert set(pats.patient_key) == {"pA", "pB"}
+        assert pats.set_index("patient_key").loc["pA", "n_scans"] == 2
+        assert pats.set_index("patient_key").loc["pB", "alias"] == "Bob"
+
+        scans = store.scans("pA")
+        assert list(scans.scan_id) == [a1, a2] and list(scans.day) == [0, 7]
+        assert scans.volume_path.iloc[0].exists()
+        assert json.loads(scans.geometry.iloc[0]) == {"shape": [4, 5, 6]}
+
+        long = store.metrics([a1])
+        assert len(long) == 3 and set(long.model_version) == {"lungs/v1"}
+        wide = store.metrics(wide=True)
+        assert len(wide) == 3 and wide.set_index("scan_id").loc[a2, "whole_poi"] == 20.0
+
+        coh = store.cohort_metrics(arms=["treated"], metrics=["poi"], regions=["whole"])
+        assert list(coh.value) == [10.0, 20.0] and list(coh.day) == [0, 7]
+        assert set(store.patient_metrics("pB").scan_id) == {b1}
+
+        latest = store.latest_per_patient().set_index("patient_key")
+        assert latest.loc["pA", "scan_id"] == a2 and latest.loc["pA", "poi"] == 20.0
+        assert latest.loc["pA", "n_scans"] == 2 and latest.loc["pB", "alias"] == "Bob"
+
+        vol = store.load_volume(a1)
+        assert vol.shape == (4, 5, 6) and vol.spacing == (2.0, 1.0, 1.0) and vol.meta.kernel == "B30f"
+        assert int(vol.array[0, 0, 0]) == -800
+        seg = store.load_segmentation(a1)
+        assert seg.lungs.sum() == 120 and seg.lobes is None and seg.model_versions == {"lungs": "lungs/v1"}
+
+
+def test_resegmentation_adds_rows_and_active_prefers_corrections(tmp_path: Path) -> None:
+    with S.Store.open() as store:
+        scan_id, seg1 = _add(store, "pA", "2020-03-01", 10.0, tag="lungs/v1")
+        seg2 = S.new_seg_id()
+        store.add_segmentation(S.SegRecord(seg2, scan_id, "model", {"lungs": "lungs/v9"}, tmp_path / "l", tmp_path / "i"), _metrics(12.0))
+        all_rows = store.metrics(model_version=None)
+        assert set(all_rows.model_version) == {"lungs/v1", "lungs/v9"} and len(all_rows) == 6
+        assert set(store.metrics(model_version="lungs/v1").value) == {10.0, 20.0, 4000.0}
+        # neither version is an active shipped model here: "active" falls back to the latest
+        active = store.metrics(model_version="active")
+        assert set(active.seg_id) == {seg2}
+
+        cid, seg3 = store.add_correction(scan_id, "dr. x", 42.0, 1234, 7, tmp_path / "c.nii.gz", seg1, metrics=_metrics(15.0))
+        active = store.metrics()
+        assert set(active.seg_id) == {seg3} and set(active.kind) == {"corrected"}
+        assert active.query("region == 'whole' and metric == 'poi'").value.item() == 15.0
+        cor = store.corrections(scan_id)
+        assert cor.correction_id.item() == cid and cor.original_seg_id.item() == seg1
+        assert store.segmentation(scan_id, "final").seg_id == seg3
+        assert store.segmentation(scan_id, "model").seg_id == seg2
+        fin = store.segmentation(scan_id, "corrected")
+        # lungs come from the original segmentation named in the correction; the model output stays
+        assert fin.infection_path == tmp_path / "c.nii.gz"
+        assert fin.lungs_path == store.scans().volume_path.item().parent.parent / "masks" / f"{seg1}_lungs.nii.gz"
+        assert store.counts()["segmentations"] == 3
+
+
+def test_active_uses_modelstore(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """An older segmentation made by the active models wins over a newer non-active one."""
+    with S.Store.open() as store:
+        scan_id, seg1 = _add(store, "pA", "2020-03-01", 10.0, tag="lungs/v1")
+        seg2 = S.new_seg_id()
+        store.add_segmentation(S.SegRecord(seg2, scan_id, "model", {"lungs": "lungs/v2"}, tmp_path / "l", tmp_path / "i"), _metrics(12.0))
+        monkeypatch.setattr(S, "active_model_names", lambda: ["lungs/v1", "infection/v3"])
+        assert set(store.metrics().seg_id) == {seg1}
+        monkeypatch.setattr(S, "active_model_names", lambda: ["lungs/v2"])
+        assert set(store.metrics().seg_id) == {seg2}
+
+
+def test_registrations_change_models(tmp_path: Path) -> None:
+    with S.Store.open() as store:
+        a, _ = _add(store, "pA", "2020-03-01", 10.0)
+        b, _ = _add(store, "pA", "2020-03-09", 5.0)
+        t = store.home / "registrations" / "x0GenericAffine.mat"
+        store.add_registration(a, b, {"affine": t}, {"lung_dice": 0.97}, True, change_map=store.home / "registrations" / "c.nii.gz")
+        rid = store.add_registration(a, b, [t], {"lung_dice": 0.98}, True)  # replaces the pair
+        regs = store.registrations("pA")
+        assert len(regs) == 1 and regs.reg_id.item() == rid
+        assert regs.transforms.item() == [t] and regs.qa.item() == {"lung_dice": 0.98} and bool(regs.ok.item())
+        with pytest.raises(StoreError):
+            store.add_registration(a, "scan-nope", [], {}, False)
+
+        change = pd.DataFrame([("whole", "poi_change", -5.0, "pp")], columns=["region", "metric", "value", "unit"])
+        store.add_change_metrics(a, b, change)
+        store.add_change_metrics(a, b, change)  # replaces, no duplicates
+        cm = store.change_metrics("pA")
+        assert len(cm) == 1 and cm.value.item() == -5.0 and cm.moving_scan.item() == b
+
+        store.upsert_model("infection", "v1", {"epochs": 3}, {"dice": 0.8}, active=True)
+        store.upsert_model("infection", "v2", {"epochs": 5}, {"dice": 0.85}, active=True)
+        store.upsert_model("infection", "v2", {"epochs": 5}, {"dice": 0.86}, active=True)
+        m = store.models("infection").set_index("version")
+        assert len(m) == 2 and not m.loc["v1", "active"] and m.loc["v2", "active"]
+        assert m.loc["v2", "metrics"] == {"dice": 0.86}
+
+
+def test_unique_content_hash_and_transaction_rollback() -> None:
+    with S.Store.open() as store:
+        _add(store, "pA", "2020-03-01", 10.0)
+        before = store.counts()
+        with pytest.raises(duckdb.ConstraintException):
+            _add(store, "pA", "2020-03-01", 10.0)  # same content hash
+        assert store.counts() == before  # nothing half-inserted
+        # FileStage removed the files of the failed attempt; only referenced files remain
+        files = {p.resolve() for p in (store.home / "scans").iterdir()} | {p.resolve() for p in (store.home / "masks").iterdir()}
+        assert files == store.referenced_files()
+
+
+def test_orphans_cleaned_on_open() -> None:
+    with S.Store.open() as store:
+        _add(store, "pA", "2020-03-01", 10.0)
+        home = store.home
+    orphan = home / "masks" / "seg-deadbeef_lungs.nii.gz"
+    tmp = home / "scans" / ".tmp-1-ab-scan-x.nii.gz"
+    foreign = home / "masks" / "notes.txt"  # not a name the store creates: left alone
+    for p in (orphan, tmp, foreign):
+        p.write_bytes(b"x")
+    with S.Store.open() as store:
+        assert not orphan.exists() and not tmp.exists() and foreign.exists()
+        assert store.counts()["scans"] == 1
+
+
+def test_migration_from_v1_keeps_data(tmp_path: Path) -> None:
+    db = tmp_path / "old.duckdb"
+    con = duckdb.connect(str(db))
+    for stmt in S.MIGRATIONS[1]:
+        con.execute(stmt)
+    con.execute("INSERT INTO schema_version (version) VALUES (1)")
+    con.execute("INSERT INTO patients (patient_key, arm) VALUES ('p1', 'control')")
+    con.execute(
+        "INSERT INTO scans (scan_id, patient_key, study_date, content_hash, geometry, source_name, volume_path) "
+        "VALUES ('scan-1', 'p1', DATE '2020-04-01', 'h1', '{}', 'a.nii', 'scans/scan-1.nii.gz')"
+    )
+    con.execute(
+        "INSERT INTO segmentations (seg_id, scan_id, model_versions, model_tag, lungs_path, infection_path) "
+        "VALUES ('seg-1', 'scan-1', '{\"lungs\": \"lungs/v1\"}', 'lungs/v1', 'masks/seg-1_lungs.nii.gz', 'masks/seg-1_infection.nii.gz')"
+    )
+    con.execute("INSERT INTO metrics VALUES ('scan-1', 'whole', 'poi', 3.5, '%', 'lungs/v1', 'seg-1')")
+    con.close()
+    with S.Store.open(db) as store:
+        assert store.schema_version() == S.SCHEMA_VERSION
+        assert store.patients().alias.isna().all()
+        assert store.segmentation("scan-1", "final").kind == "model"  # default filled by the migration
+        assert store.metrics().value.item() == 3.5
+        assert store.counts()["corrections"] == 0
+        store.set_patient("p1", alias="first")
+        assert store.patients().alias.item() == "first"
+    with S.Store.open(db) as store:  # reopening does not re-apply anything
+        assert store.schema_version() == S.SCHEMA_VERSION
+
+
+def test_newer_schema_is_refused(tmp_path: Path) -> None:
+    db = tmp_path / "future.duckdb"
+    con = duckdb.connect(str(db))
+    con.execute("CREATE TABLE schema_version (version INTEGER, applied_at TIMESTAMP)")
+    con.execute(f"INSERT INTO schema_version VALUES ({S.SCHEMA_VERSION + 1}, now())")
+    con.close()
+    with pytest.raises(StoreError, match="newer"):
+        S.Store.open(db)
+
+
+def test_one_connection_per_process() -> None:
+    with S.Store.open() as a, S.Store.open() as b:
+        assert a._con is b._con
+        a.set_patient("p", arm="x")
+        assert b.patients().arm.item() == "x"
+    with pytest.raises(StoreError, match="closed"):
+        a.patients()
