@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from covidtrack import metrics
 from covidtrack.labels import LOBE_LABELS, REGIONS
 
 LOBES: tuple[str, ...] = tuple(LOBE_LABELS.values())
@@ -25,18 +26,20 @@ SIDES: tuple[str, ...] = ("whole", "right", "left")
 
 
 class M:
-    """Metric names (as stored in the ``metric`` column) that the dashboard uses."""
+    """Metric names (as stored in the ``metric`` column) that the dashboard uses; the strings are
+    those of :mod:`covidtrack.metrics`, imported so the two cannot drift apart."""
 
-    LUNG_ML = "lung_volume_ml"
-    INFECTION_ML = "infection_volume_ml"
-    GGO_ML = "ggo_volume_ml"
-    CONS_ML = "consolidation_volume_ml"
-    POI = "poi_pct"
-    POI_GGO = "ggo_poi_pct"
-    POI_CONS = "consolidation_poi_pct"
-    SEVERITY = "severity_score"
-    MEAN_HU = "infection_mean_hu"
-    LESIONS = "lesion_count"
+    LUNG_ML = metrics.LUNG_VOLUME
+    INFECTION_ML = metrics.INFECTION_VOLUME
+    GGO_ML = metrics.GGO_VOLUME
+    CONS_ML = metrics.CONSOLIDATION_VOLUME
+    POI = metrics.POI
+    POI_GGO = metrics.GGO_POI
+    POI_CONS = metrics.CONSOLIDATION_POI
+    SEVERITY = metrics.SEVERITY
+    MEAN_HU = metrics.INFECTION_MEAN_HU
+    LESIONS = metrics.LESION_COUNT
+    LARGEST_LESION_ML = metrics.LARGEST_LESION
 
 
 # Human labels with units, for axes, tables and the PDF.
@@ -51,6 +54,7 @@ METRIC_LABELS: dict[str, str] = {
     M.SEVERITY: "CT severity score",
     M.MEAN_HU: "Mean HU of infection",
     M.LESIONS: "Lesions (n)",
+    M.LARGEST_LESION_ML: "Largest lesion (mL)",
 }
 
 PATIENT_COLUMNS = ("scan_id", "study_date", "day", "region", "metric", "value", "unit", "model_version")

@@ -290,7 +290,8 @@ def cohort_trajectory_figure(
     fig.update_xaxes(title_text="Days since baseline")
     fig.update_yaxes(title_text=metric_label(metric), rangemode="tozero")
     _layout(fig, f"{metric_label(metric)} by day since baseline ({region})", height)
-    fig.update_layout(hovermode="closest")
+    # legend below the plot: above it, it collides with the title
+    fig.update_layout(hovermode="closest", legend=dict(orientation="h", y=-0.2, yanchor="top", x=0), margin=dict(b=90))
     return fig
 
 
