@@ -1,0 +1,111 @@
+"""Where CT data enters covidtrack: DICOM folders and NIfTI/NRRD/MHA files -> canonical Volume.
+
+Public interface (other stages and outside checks call exactly these names):
+
+- :func:`list_series` (path) -> list[:class:`SeriesInfo`]
+- :func:`load_ct` (path, series_uid=None) -> :class:`~covidtrack.volume.Volume`
+- :func:`save_mask` (mask, volume, path): NIfTI on the scan's source grid
+- :func:`load_mask` (path, volume) -> uint8 array on the canonical grid
+- :func:`volume_hash` (volume) -> sha256 hex of the canonical array + spacing
+
+Every bad input raises a subclass of :class:`covidtrack.errors.InputError` whose message names
+the file and the fix; see README.d/io.md for the full list of checks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+
+from covidtrack.errors import NoImageDataError, UnreadableFileError
+from covidtrack.io import orient
+from covidtrack.io.dicom import DicomScan, SeriesInfo, list_series, patient_key, scan_folder
+from covidtrack.io.files import IMAGE_SUFFIXES, image_suffix, load_mask, read_volume_file, save_mask
+from covidtrack.volume import Volume
+
+__all__ = [
+    "DicomScan",
+    "SeriesInfo",
+    "list_series",
+    "load_ct",
+    "load_mask",
+    "patient_key",
+    "save_mask",
+    "scan_folder",
+    "volume_hash",
+]
+
+
+def load_ct(path: str | Path, series_uid: str | None = None) -> Volume:
+    """Load a CT scan as a canonical int16 HU :class:`Volume`.
+
+    ``path`` is a DICOM folder (searched recursively; with several series, the axial CT series
+    with the most slices unless ``series_uid`` is given) or a NIfTI / NRRD / MHA file. A single
+    DICOM file is refused (a 2D slice): pass its folder.
+    """
+    from covidtrack.io import dicom
+
+    path = Path(path)
+    if not path.exists():
+        raise NoImageDataError(path, "does not exist", "check the path (typo? unmounted drive?)")
+    if path.is_file():
+        if image_suffix(path):
+            return read_volume_file(path)
+        return _single_dicom_file(path)
+    scan = dicom.scan_folder(path)
+    if scan.unreadable:
+        bad, reason = scan.unreadable[0]
+        more = f" (and {len(scan.unreadable) - 1} more unreadable file(s))" if len(scan.unreadable) > 1 else ""
+        raise UnreadableFileError(
+            bad, f"{reason}{more}; it may belong to the series being loaded",
+            "re-export or re-copy the series, or move the broken file out of the folder and load it again",
+        )
+    info = dicom.choose_series(scan, series_uid)
+    array, grid, meta = dicom.read_series(scan, info)
+    geo = orient.canonical_geometry(grid)
+    return Volume(
+        array=np.ascontiguousarray(orient.to_canonical(array, grid)),
+        spacing=geo.spacing[::-1],  # type: ignore[arg-type]
+        origin=geo.origin,
+        direction=geo.direction,
+        meta=meta,
+        source=grid,
+    )
+
+
+def _single_dicom_file(path: Path) -> Volume:
+    from covidtrack.errors import GeometryError
+    from covidtrack.io import dicom
+
+    ds, reason = dicom._read_header(path)
+    if ds is None:
+        if reason:
+            raise UnreadableFileError(path, reason, "re-export or re-copy the file")
+        raise UnreadableFileError(
+            path, "is neither DICOM nor a supported image file",
+            f"pass a DICOM folder or a file ending in {', '.join(IMAGE_SUFFIXES)}",
+        )
+    modality = dicom._text(ds, "Modality").upper()
+    if modality and modality != "CT":
+        from covidtrack.errors import NotCTError
+
+        raise NotCTError(path, f"modality {modality}, not CT", "covidtrack analyses CT scans; load a CT series")
+    raise GeometryError(
+        path, "a single DICOM file (one 2D slice), not a 3D CT volume",
+        f"pass the folder that holds the whole series ({path.parent})",
+    )
+
+
+def volume_hash(volume: Volume) -> str:
+    """SHA-256 (hex) of the canonical int16 array, its shape and spacing (mm, rounded to 1 um).
+
+    Identical scans hash identically however they were stored (DICOM, NIfTI, flipped axes),
+    which makes ingest idempotent. Rounding the spacing avoids float noise between formats.
+    """
+    digest = hashlib.sha256()
+    digest.update(repr(tuple(int(s) for s in volume.shape)).encode())
+    digest.update(repr(tuple(round(float(s), 3) for s in volume.spacing)).encode())
+    digest.update(np.ascontiguousarray(volume.array, dtype="<i2").tobytes())
+    return digest.hexdigest()

@@ -1,0 +1,512 @@
+"""DICOM folders: find the series, check them, read one into a source-grid HU array.
+
+Headers are read with pydicom (fast, ``stop_before_pixels``) so that every check happens before
+any pixel is decoded; pixels are decoded with pydicom, or with SimpleITK/GDCM for compressed
+transfer syntaxes pydicom cannot decode here. Slices are placed by ImagePositionPatient /
+ImageOrientationPatient, never by file name or InstanceNumber.
+
+Gantry tilt is resampled, not refused: the slices of a tilted acquisition are sheared along
+the column direction; each slice is shifted in-plane (linear interpolation) onto an orthogonal
+grid that covers the whole sheared stack, and a note goes into ``ScanMeta.notes``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from covidtrack.config import settings
+from covidtrack.errors import GeometryError, NoImageDataError, NotCTError, UnreadableFileError
+from covidtrack.io import validate
+from covidtrack.volume import ScanMeta, SourceGrid
+
+# Files that are certainly not DICOM: skip them silently instead of calling them corrupt.
+_NOT_DICOM_SUFFIXES = {
+    ".txt", ".md", ".json", ".csv", ".xml", ".html", ".pdf", ".zip", ".gz", ".nii", ".nrrd", ".nhdr",
+    ".mha", ".mhd", ".raw", ".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".py", ".log", ".ini", ".db",
+}
+_DICOM_SUFFIXES = {".dcm", ".dicom", ".ima", ".dic"}
+_LOCALIZER_WORDS = {"LOCALIZER", "SCOUT", "TOPOGRAM", "SURVIEW"}
+_AXIS_NAMES = ("sagittal", "coronal", "axial")  # slice normal mostly along x, y, z
+
+
+@dataclass(frozen=True)
+class SliceHeader:
+    """What covidtrack needs from one DICOM file's header (no pixels)."""
+
+    path: Path
+    series_uid: str
+    modality: str
+    position: tuple[float, float, float] | None  # ImagePositionPatient (mm, LPS)
+    orientation: tuple[float, ...] | None  # ImageOrientationPatient (6 direction cosines)
+    rows: int
+    columns: int
+    pixel_spacing: tuple[float, float] | None  # (between rows, between columns) mm
+    n_frames: int
+    bits_stored: int
+    samples_per_pixel: int
+    image_type: tuple[str, ...]
+    instance_number: int | None
+
+
+@dataclass(frozen=True)
+class SeriesInfo:
+    """One DICOM series found under a folder (what ``python -m covidtrack series`` lists)."""
+
+    series_uid: str
+    modality: str
+    description: str
+    n_slices: int  # number of images (files, or frames of a multi-frame file)
+    slice_thickness_mm: float | None
+    kernel: str
+    study_date: dt.date | None
+    manufacturer: str = ""
+    series_number: int | None = None
+    orientation: str = "unknown"  # axial / coronal / sagittal / oblique / mixed / unknown
+    rows: int = 0
+    columns: int = 0
+    is_localizer: bool = False
+    files: tuple[Path, ...] = field(default=(), repr=False)
+
+
+@dataclass(frozen=True)
+class DicomScan:
+    """Result of scanning a folder: the series found and the files that could not be parsed."""
+
+    folder: Path
+    series: tuple[SeriesInfo, ...]
+    unreadable: tuple[tuple[Path, str], ...]  # (file, reason)
+    headers: dict[str, tuple[SliceHeader, ...]] = field(repr=False, default_factory=dict)
+
+
+# --- scanning -----------------------------------------------------------------------------------
+def _text(ds: object, keyword: str) -> str:
+    value = getattr(ds, keyword, "")
+    if value is None:
+        return ""
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+        return "/".join(str(v) for v in value)
+    return str(value).strip()
+
+
+def _float(ds: object, keyword: str) -> float | None:
+    try:
+        value = getattr(ds, keyword, None)
+        return None if value in (None, "") else float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _int(ds: object, keyword: str) -> int | None:
+    try:
+        value = getattr(ds, keyword, None)
+        return None if value in (None, "") else int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def parse_date(value: str) -> dt.date | None:
+    """DICOM DA (YYYYMMDD) -> date; None when absent or malformed."""
+    value = (value or "").strip()
+    try:
+        return dt.datetime.strptime(value[:8], "%Y%m%d").date()
+    except ValueError:
+        return None
+
+
+def patient_key(patient_id: str) -> str:
+    """Salted SHA-256 of the PatientID (16 hex characters); "" when there is no ID.
+
+    The salt comes from ``COVIDTRACK_SALT``; the raw ID and the name are never stored.
+    """
+    patient_id = (patient_id or "").strip()
+    if not patient_id:
+        return ""
+    digest = hashlib.sha256(f"{settings().salt}\x00{patient_id}".encode("utf-8")).hexdigest()
+    return digest[:16]
+
+
+def _read_header(path: Path) -> tuple[object | None, str]:
+    """(dataset, "") for DICOM, (None, "") for a file that is not DICOM, (None, reason) if corrupt."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        return pydicom.dcmread(path, stop_before_pixels=True), ""
+    except InvalidDicomError:
+        pass  # no DICM preamble: maybe an old headerless file, maybe not DICOM at all
+    except Exception as err:  # noqa: BLE001 - pydicom raises many types on truncated files
+        return None, f"cannot parse the DICOM header ({type(err).__name__}: {err})"
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+        if "SOPClassUID" in ds and "SeriesInstanceUID" in ds:
+            return ds, ""
+    except Exception as err:  # noqa: BLE001
+        if path.suffix.lower() in _DICOM_SUFFIXES:
+            return None, f"cannot parse the DICOM header ({type(err).__name__}: {err})"
+        return None, ""
+    if path.suffix.lower() in _DICOM_SUFFIXES:
+        return None, "named like DICOM but has no DICOM header (truncated or not DICOM)"
+    return None, ""
+
+
+def _slice_header(path: Path, ds: object) -> SliceHeader:
+    ipp = getattr(ds, "ImagePositionPatient", None)
+    iop = getattr(ds, "ImageOrientationPatient", None)
+    ps = getattr(ds, "PixelSpacing", None)
+    try:
+        position = tuple(float(v) for v in ipp) if ipp is not None and len(ipp) == 3 else None
+        orientation = tuple(float(v) for v in iop) if iop is not None and len(iop) == 6 else None
+        spacing = (float(ps[0]), float(ps[1])) if ps is not None and len(ps) == 2 else None
+    except (TypeError, ValueError):
+        position, orientation, spacing = None, None, None
+    return SliceHeader(
+        path=path,
+        series_uid=_text(ds, "SeriesInstanceUID") or "(no SeriesInstanceUID)",
+        modality=_text(ds, "Modality").upper() or "?",
+        position=position,  # type: ignore[arg-type]
+        orientation=orientation,
+        rows=_int(ds, "Rows") or 0,
+        columns=_int(ds, "Columns") or 0,
+        pixel_spacing=spacing,
+        n_frames=_int(ds, "NumberOfFrames") or 1,
+        bits_stored=_int(ds, "BitsStored") or 0,
+        samples_per_pixel=_int(ds, "SamplesPerPixel") or 1,
+        image_type=tuple(str(v).upper() for v in (getattr(ds, "ImageType", None) or ())),
+        instance_number=_int(ds, "InstanceNumber"),
+    )
+
+
+def _orientation_name(headers: list[SliceHeader]) -> str:
+    iops = {tuple(np.round(h.orientation, 3)) for h in headers if h.orientation is not None}
+    if not iops:
+        return "unknown"
+    if len(iops) > 1:
+        return "mixed"
+    iop = np.array(next(iter(iops)))
+    normal = np.cross(iop[:3], iop[3:])
+    axis = int(np.argmax(np.abs(normal)))
+    # within ~10 degrees of a main axis counts as that plane (small obliques are common)
+    return _AXIS_NAMES[axis] if abs(normal[axis]) > np.cos(np.radians(10)) else "oblique"
+
+
+def _candidate_files(folder: Path) -> list[Path]:
+    files = []
+    for p in sorted(folder.rglob("*")):
+        if not p.is_file() or any(part.startswith(".") for part in p.relative_to(folder).parts):
+            continue
+        if p.name.upper() == "DICOMDIR" or p.suffix.lower() in _NOT_DICOM_SUFFIXES:
+            continue
+        files.append(p)
+    return files
+
+
+def scan_folder(folder: str | Path) -> DicomScan:
+    """Read every DICOM header under ``folder`` (recursively) and group files by series."""
+    folder = Path(folder)
+    if not folder.exists():
+        raise NoImageDataError(folder, "does not exist", "check the path (typo? unmounted drive?)")
+    if not folder.is_dir():
+        raise NoImageDataError(folder, "is not a folder", "pass the folder that holds the DICOM files")
+    groups: dict[str, list[SliceHeader]] = defaultdict(list)
+    first_ds: dict[str, object] = {}
+    unreadable: list[tuple[Path, str]] = []
+    for path in _candidate_files(folder):
+        if path.stat().st_size == 0:
+            if path.suffix.lower() in _DICOM_SUFFIXES:
+                unreadable.append((path, "empty file (0 bytes)"))
+            continue
+        ds, reason = _read_header(path)
+        if ds is None:
+            if reason:
+                unreadable.append((path, reason))
+            continue
+        header = _slice_header(path, ds)
+        groups[header.series_uid].append(header)
+        first_ds.setdefault(header.series_uid, ds)
+    infos = []
+    for uid, headers in groups.items():
+        ds = first_ds[uid]
+        image_type = set(headers[0].image_type)
+        infos.append(
+            SeriesInfo(
+                series_uid=uid,
+                modality=headers[0].modality,
+                description=_text(ds, "SeriesDescription"),
+                n_slices=sum(h.n_frames for h in headers),
+                slice_thickness_mm=_float(ds, "SliceThickness"),
+                kernel=_text(ds, "ConvolutionKernel"),
+                study_date=parse_date(_text(ds, "StudyDate") or _text(ds, "SeriesDate")),
+                manufacturer=_text(ds, "Manufacturer"),
+                series_number=_int(ds, "SeriesNumber"),
+                orientation=_orientation_name(headers),
+                rows=headers[0].rows,
+                columns=headers[0].columns,
+                is_localizer=bool(image_type & _LOCALIZER_WORDS),
+                files=tuple(h.path for h in headers),
+            )
+        )
+    infos.sort(key=lambda s: (s.study_date or dt.date.min, s.series_number or 0, s.series_uid))
+    return DicomScan(
+        folder=folder,
+        series=tuple(infos),
+        unreadable=tuple(unreadable),
+        headers={uid: tuple(h) for uid, h in groups.items()},
+    )
+
+
+def list_series(path: str | Path) -> list[SeriesInfo]:
+    """Every DICOM series under a folder (recursively), oldest study first.
+
+    Files that are not DICOM are ignored; corrupt DICOM files do not stop the listing (use
+    :func:`scan_folder` to see them; :func:`~covidtrack.io.load_ct` refuses to load next to them).
+    """
+    return list(scan_folder(path).series)
+
+
+def choose_series(scan: DicomScan, series_uid: str | None) -> SeriesInfo:
+    """The requested series, or the axial CT series with the most slices."""
+    if not scan.series:
+        if scan.unreadable:
+            bad, reason = scan.unreadable[0]
+            raise UnreadableFileError(
+                bad, f"{reason}; no readable DICOM file in {scan.folder}", "re-export or re-copy the series"
+            )
+        raise NoImageDataError(
+            scan.folder, "no DICOM files found in this folder or its subfolders",
+            "pass the folder that holds the .dcm files, or a NIfTI/NRRD/MHA file",
+        )
+    if series_uid is not None:
+        for info in scan.series:
+            if info.series_uid == series_uid:
+                return info
+        known = ", ".join(f"{s.series_uid} ({s.modality}, {s.n_slices} images)" for s in scan.series)
+        raise NoImageDataError(
+            scan.folder, f"no series with SeriesInstanceUID {series_uid}",
+            f"pick one listed by `python -m covidtrack series`: {known}",
+        )
+    ct = [s for s in scan.series if s.modality == "CT" and not s.is_localizer]
+    if not ct:
+        found = ", ".join(sorted({s.modality + (" localizer" if s.is_localizer else "") for s in scan.series}))
+        raise NotCTError(
+            scan.folder, f"no CT series here, only: {found}",
+            "covidtrack analyses CT scans; load the CT series of the study",
+        )
+    axial = [s for s in ct if s.orientation == "axial"] or ct
+    return max(axial, key=lambda s: (s.n_slices, s.series_uid))
+
+
+# --- reading one series -------------------------------------------------------------------------
+def _check_series_headers(info: SeriesInfo, headers: tuple[SliceHeader, ...], folder: Path) -> None:
+    if info.modality != "CT":
+        raise NotCTError(
+            folder, f"series {info.series_uid} has modality {info.modality} ({info.description or 'no description'}), not CT",
+            "covidtrack analyses CT scans; load the CT series (see `python -m covidtrack series`)",
+        )
+    multi = [h for h in headers if h.n_frames > 1]
+    if multi:
+        raise UnreadableFileError(
+            multi[0].path, f"multi-frame (enhanced) DICOM with {multi[0].n_frames} frames is not supported",
+            "convert the series to NIfTI with dcm2niix and load the .nii.gz",
+        )
+    if any(h.samples_per_pixel != 1 for h in headers):
+        raise UnreadableFileError(
+            headers[0].path, "colour (RGB) pixels: a screenshot or secondary capture, not a CT reconstruction",
+            "load the original CT series",
+        )
+    missing = [h for h in headers if h.position is None or h.orientation is None or h.pixel_spacing is None]
+    if missing:
+        raise GeometryError(
+            missing[0].path,
+            "no ImagePositionPatient / ImageOrientationPatient / PixelSpacing: the slices cannot be placed in 3D",
+            "export the original CT images from the scanner or PACS (not secondary captures)",
+        )
+    iops = defaultdict(list)
+    for h in headers:
+        iops[tuple(np.round(h.orientation, 3))].append(h)  # type: ignore[arg-type]
+    if len(iops) > 1:
+        parts = "; ".join(f"{len(v)} slices with {list(k)} (e.g. {v[0].path.name})" for k, v in iops.items())
+        raise GeometryError(
+            folder, f"mixed slice orientations in one series: {parts}",
+            "export each orientation (axial, coronal, ...) as its own series and load the axial one",
+        )
+    shapes = {(h.rows, h.columns, h.pixel_spacing) for h in headers}
+    if len(shapes) > 1:
+        raise GeometryError(
+            folder, f"slices of different sizes or pixel spacings in one series: {sorted(shapes)}",
+            "export a single reconstruction per series",
+        )
+
+
+def _decode(path: Path) -> tuple[np.ndarray, object]:
+    """HU pixels of one file (float or int) and its full dataset."""
+    import pydicom
+    from pydicom.pixels import apply_modality_lut
+
+    try:
+        ds = pydicom.dcmread(path, force=True)
+    except Exception as err:  # noqa: BLE001
+        raise UnreadableFileError(path, f"cannot read the file ({type(err).__name__}: {err})",
+                                  "re-export or re-copy this file, or remove it and reload the series") from err
+    try:
+        pixels = ds.pixel_array
+    except Exception as err:  # noqa: BLE001 - truncated data or a codec pydicom lacks here
+        syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+        if syntax is not None and getattr(syntax, "is_compressed", False):
+            return _decode_sitk(path, err), ds
+        raise UnreadableFileError(
+            path, f"pixel data cannot be decoded ({type(err).__name__}: {err}); the file is probably truncated",
+            "re-export or re-copy this file (or remove it: covidtrack will then report the missing slice)",
+        ) from err
+    return apply_modality_lut(pixels, ds), ds
+
+
+def _decode_sitk(path: Path, first_error: Exception) -> np.ndarray:
+    import SimpleITK as sitk
+
+    try:
+        image = sitk.ReadImage(str(path))  # GDCM applies RescaleSlope/Intercept itself
+    except RuntimeError as err:
+        raise UnreadableFileError(
+            path, f"compressed pixel data cannot be decoded ({first_error}; GDCM: {str(err).splitlines()[-1]})",
+            "re-export the series uncompressed (e.g. dcmdjpeg/gdcmconv --raw) and load it again",
+        ) from err
+    return sitk.GetArrayFromImage(image)[0]
+
+
+@dataclass(frozen=True)
+class _Stack:
+    order: np.ndarray  # file order along the slice normal
+    normal_positions: np.ndarray  # mm along the normal, sorted
+    spacing: float  # mm between slices
+    shear: tuple[float, float]  # in-plane offset per slice (mm along row dir, along column dir)
+    tilt_deg: float
+
+
+def _stack_geometry(headers: tuple[SliceHeader, ...], folder: Path) -> _Stack:
+    iop = np.asarray(headers[0].orientation, dtype=float)
+    row, col = iop[:3], iop[3:]
+    if abs(np.linalg.norm(row) - 1) > 1e-2 or abs(np.linalg.norm(col) - 1) > 1e-2 or abs(row @ col) > 1e-2:
+        raise GeometryError(
+            headers[0].path, f"ImageOrientationPatient {list(iop)} is not two orthogonal unit vectors",
+            "re-export the series from the scanner or PACS",
+        )
+    normal = np.cross(row, col)
+    normal /= np.linalg.norm(normal)
+    pos = np.array([h.position for h in headers], dtype=float)
+    along = pos @ normal
+    order = np.argsort(along, kind="stable")
+    along, pos = along[order], pos[order]
+    names = [headers[i].path.name for i in order]
+    spacing = validate.check_slice_steps(along, folder, names)
+    k = np.arange(len(pos), dtype=float)
+    rel = pos - pos[0]
+    shear = []
+    for axis in (row, col):
+        offs = rel @ axis  # in-plane offset of each slice from the first (mm)
+        slope = float(np.polyfit(k, offs, 1)[0])
+        resid = np.abs(offs - offs[0] - slope * k).max()
+        if resid > 0.5:
+            raise GeometryError(
+                folder, f"slice positions do not form a straight stack (in-plane jumps up to {resid:.2f} mm)",
+                "export one reconstruction per series; covidtrack cannot reassemble this stack",
+            )
+        shear.append(slope)
+    tilt = float(np.degrees(np.arctan2(np.hypot(*shear), spacing)))
+    return _Stack(order=order, normal_positions=along, spacing=spacing, shear=(shear[0], shear[1]), tilt_deg=tilt)
+
+
+def _untilt(stack: np.ndarray, shear_px: tuple[float, float], fill: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """Shift slice k by k*shear (pixels) onto an orthogonal grid covering every slice.
+
+    Returns the new stack and the (column, row) index of the old first pixel in the new grid,
+    i.e. how far the origin moved (negative padding) along the row and column directions.
+    """
+    from scipy import ndimage
+
+    n = stack.shape[0]
+    sx, sy = shear_px  # per slice, along columns (x) and rows (y)
+    ends_x, ends_y = (0.0, sx * (n - 1)), (0.0, sy * (n - 1))
+    pad_x0, pad_y0 = int(np.ceil(-min(ends_x))), int(np.ceil(-min(ends_y)))
+    pad_x1, pad_y1 = int(np.ceil(max(ends_x))), int(np.ceil(max(ends_y)))
+    out = np.full((n, stack.shape[1] + pad_y0 + pad_y1, stack.shape[2] + pad_x0 + pad_x1), fill, dtype=np.int16)
+    for k in range(n):
+        padded = np.full(out.shape[1:], fill, dtype=np.float32)
+        padded[pad_y0: pad_y0 + stack.shape[1], pad_x0: pad_x0 + stack.shape[2]] = stack[k]
+        # content of slice k sits k*shear further along the row/column directions in the world
+        moved = ndimage.shift(padded, (k * sy, k * sx), order=1, mode="constant", cval=fill)
+        out[k] = np.rint(moved).astype(np.int16)
+    return out, (pad_x0, pad_y0)
+
+
+def read_series(scan: DicomScan, info: SeriesInfo) -> tuple[np.ndarray, SourceGrid, ScanMeta]:
+    """Check and read one series: int16 HU array on its source grid, the grid, and metadata."""
+    import pydicom
+
+    folder = scan.folder
+    headers = scan.headers[info.series_uid]
+    _check_series_headers(info, headers, folder)
+    geo = _stack_geometry(headers, folder)
+    first = headers[int(geo.order[0])]
+    rows, cols = first.rows, first.columns
+    dy, dx = first.pixel_spacing  # type: ignore[misc]  # (between rows = along column dir, between columns)
+    if first.bits_stored and first.bits_stored <= 8:
+        validate.check_hu(np.zeros(0), first.path, stored_dtype=np.dtype(np.uint8))
+    stack = np.empty((len(headers), rows, cols), dtype=np.int16)
+    clipped = 0
+    for out_k, file_k in enumerate(geo.order):
+        path = headers[int(file_k)].path
+        hu, _ = _decode(path)
+        if hu.shape != (rows, cols):
+            raise UnreadableFileError(path, f"pixel array {hu.shape} differs from Rows x Columns {rows}x{cols}",
+                                      "re-export this file")
+        stack[out_k], n_clip = validate.as_int16(np.asarray(hu))
+        clipped += n_clip
+    validate.check_hu(stack, folder)
+    notes: list[str] = []
+    if clipped:
+        notes.append(f"{clipped} voxels outside the int16 range clipped")
+    notes += validate.apply_hu_floor(stack)
+
+    iop = np.asarray(first.orientation, dtype=float)
+    row, col = iop[:3], iop[3:]
+    normal = np.cross(row, col)
+    normal /= np.linalg.norm(normal)
+    origin = np.asarray(first.position, dtype=float)
+    shear_px = (geo.shear[0] / dx, geo.shear[1] / dy)
+    if (len(headers) - 1) * np.hypot(*shear_px) > 0.25:  # more than a quarter pixel over the stack
+        stack, (px0, py0) = _untilt(stack, shear_px, validate.HU_FLOOR)
+        origin = origin - px0 * dx * row - py0 * dy * col
+        notes.append(
+            f"gantry tilt {geo.tilt_deg:.1f} deg: slices resampled (linear) onto an orthogonal grid; "
+            "masks are written on that grid"
+        )
+    direction = np.column_stack([row, col, normal])
+    grid = SourceGrid(
+        size=(int(stack.shape[2]), int(stack.shape[1]), int(stack.shape[0])),
+        spacing=(float(dx), float(dy), float(geo.spacing)),
+        origin=tuple(float(v) for v in origin),  # type: ignore[arg-type]
+        direction=tuple(float(v) for v in direction.ravel()),  # type: ignore[arg-type]
+    )
+    ds = pydicom.dcmread(first.path, stop_before_pixels=True, force=True)
+    date = parse_date(_text(ds, "StudyDate") or _text(ds, "SeriesDate") or _text(ds, "AcquisitionDate"))
+    if date is None:
+        notes.append("no valid StudyDate in the DICOM header")
+    meta = ScanMeta(
+        patient_key=patient_key(_text(ds, "PatientID")),
+        study_date=date,
+        series_description=info.description,
+        manufacturer=info.manufacturer,
+        kernel=info.kernel,
+        slice_thickness_mm=info.slice_thickness_mm,
+        modality="CT",
+        source_format="dicom",
+        source_name=folder.name,
+        notes=tuple(notes),
+    )
+    return stack, grid, meta

@@ -1,0 +1,235 @@
+"""Image files (NIfTI, NRRD, MHA/MHD): read CT volumes, write and read label masks.
+
+SimpleITK does the format work, including the RAS (NIfTI) <-> LPS (ITK/DICOM) conversion and
+NIfTI scl_slope/scl_inter, so every file arrives in LPS world coordinates.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from covidtrack.errors import GeometryError, InputError, IntensityError, NoImageDataError, UnreadableFileError
+from covidtrack.io import orient, validate
+from covidtrack.volume import ScanMeta, SourceGrid, Volume
+
+IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
+_FORMAT = {".nii": "nifti", ".nii.gz": "nifti", ".nrrd": "nrrd", ".nhdr": "nrrd", ".mha": "mha", ".mhd": "mha"}
+MASK_SUFFIXES = (".nii.gz", ".nii")
+
+
+def image_suffix(path: Path) -> str:
+    """The format suffix (".nii.gz" counts as one), lower case; "" when not an image format."""
+    name = path.name.lower()
+    for suffix in sorted(IMAGE_SUFFIXES, key=len, reverse=True):
+        if name.endswith(suffix):
+            return suffix
+    return ""
+
+
+def read_image(path: Path, what: str = "image") -> "sitk.Image":  # noqa: F821 - lazy import
+    """Read any ITK-readable file, with a typed error instead of ITK's RuntimeError."""
+    import SimpleITK as sitk
+
+    if not path.exists():
+        raise NoImageDataError(path, "does not exist", "check the path (typo? unmounted drive?)")
+    if path.is_file() and path.stat().st_size == 0:
+        raise NoImageDataError(path, "is an empty file (0 bytes)", f"re-export or re-copy the {what}")
+    try:
+        return sitk.ReadImage(str(path))
+    except RuntimeError as err:
+        detail = [line for line in str(err).splitlines() if line.strip()]
+        raise UnreadableFileError(
+            path, f"cannot be read as an {what} ({detail[-1].strip() if detail else 'unknown ITK error'})",
+            f"check that the file is complete and really a {'/'.join(s.lstrip('.') for s in IMAGE_SUFFIXES)} file; "
+            "re-export or re-copy it",
+        ) from err
+
+
+def source_grid(image: "sitk.Image") -> SourceGrid:  # noqa: F821
+    """The ITK geometry of an image as a :class:`SourceGrid`."""
+    return SourceGrid(
+        size=tuple(int(v) for v in image.GetSize()),  # type: ignore[arg-type]
+        spacing=tuple(float(v) for v in image.GetSpacing()),  # type: ignore[arg-type]
+        origin=tuple(float(v) for v in image.GetOrigin()),  # type: ignore[arg-type]
+        direction=tuple(float(v) for v in image.GetDirection()),  # type: ignore[arg-type]
+    )
+
+
+def _geometry_checks(image: "sitk.Image", path: Path) -> None:  # noqa: F821
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise IntensityError(
+            path, f"{image.GetNumberOfComponentsPerPixel()} values per voxel (colour or vector image), not a CT",
+            "load a single-channel CT volume in HU",
+        )
+    dim = image.GetDimension()
+    size = image.GetSize()
+    if dim == 2 or (dim == 3 and min(size) == 1 and sorted(size)[1] > 1):
+        raise GeometryError(path, f"a single 2D image ({'x'.join(map(str, size))}), not a 3D CT volume",
+                            "load the whole 3D scan (a DICOM series folder or a 3D NIfTI/NRRD)")
+    if dim != 3:
+        raise GeometryError(path, f"a {dim}D image of size {size}; covidtrack needs one 3D volume",
+                            "split 4D files (e.g. 4D-CT phases) and load one 3D phase")
+
+
+def read_volume_file(path: Path) -> Volume:
+    """A NIfTI / NRRD / MHA CT volume -> canonical :class:`Volume` (checks as for DICOM)."""
+    import SimpleITK as sitk
+
+    image = read_image(path, "image")
+    _geometry_checks(image, path)
+    notes: list[str] = []
+    if path.name.lower().endswith((".nii", ".nii.gz")):
+        reader_codes = _nifti_codes(path)
+        if reader_codes == (0, 0):
+            notes.append("NIfTI header has no qform/sform: orientation assumed by ITK, check left/right")
+    grid = source_grid(image)
+    n_slices = int(grid.size[orient.axis_map(grid.direction).src_axis[2]])
+    if n_slices < validate.MIN_SLICES:
+        raise GeometryError(path, f"only {n_slices} slices along the feet-head axis; covidtrack needs at least "
+                            f"{validate.MIN_SLICES}", "load the complete scan")
+    stored = sitk.GetArrayViewFromImage(image)
+    if stored.dtype == np.uint8 or stored.dtype == bool:
+        validate.check_hu(np.zeros(0), path, stored_dtype=stored.dtype)
+    validate.check_hu(stored, path)
+    array, clipped = validate.as_int16(sitk.GetArrayFromImage(image))
+    if clipped:
+        notes.append(f"{clipped} voxels outside the int16 range clipped")
+    notes += validate.apply_hu_floor(array)
+    geo = orient.canonical_geometry(grid)
+    suffix = image_suffix(path)
+    meta = ScanMeta(source_format=_FORMAT.get(suffix, suffix.lstrip(".")), source_name=path.name, notes=tuple(notes))
+    return Volume(
+        array=np.ascontiguousarray(orient.to_canonical(array, grid)),
+        spacing=geo.spacing[::-1],  # type: ignore[arg-type]
+        origin=geo.origin,
+        direction=geo.direction,
+        meta=meta,
+        source=grid,
+    )
+
+
+def _nifti_codes(path: Path) -> tuple[int, int] | None:
+    """(qform_code, sform_code) of a NIfTI header, or None when nibabel cannot tell."""
+    try:
+        import nibabel as nib
+
+        header = nib.load(str(path)).header
+        return int(header["qform_code"]), int(header["sform_code"])
+    except Exception:  # noqa: BLE001 - ITK already read the file; this is only a warning
+        return None
+
+
+# --- masks -------------------------------------------------------------------------------------------
+def _label_array(mask: np.ndarray, volume: Volume) -> np.ndarray:
+    mask = np.asarray(mask)
+    if mask.shape != volume.shape:
+        raise ValueError(f"mask shape {mask.shape} differs from the volume's canonical shape {volume.shape}")
+    if mask.dtype == bool:
+        return mask.astype(np.uint8)
+    if not np.issubdtype(mask.dtype, np.integer):
+        raise ValueError(f"mask must hold integer labels, got {mask.dtype}")
+    if mask.size and (int(mask.min()) < 0 or int(mask.max()) > 255):
+        raise ValueError(f"labels must be in 0..255, got {int(mask.min())}..{int(mask.max())}")
+    return mask.astype(np.uint8, copy=False)
+
+
+def save_mask(mask: np.ndarray, volume: Volume, path: str | Path) -> Path:
+    """Write a canonical-grid label array as NIfTI on the volume's SOURCE grid.
+
+    The file then overlays the original scan in 3D Slicer / ITK-SNAP voxel for voxel (the
+    canonical grid is a permutation/flip of the source grid, so nothing is interpolated).
+    A volume without a source grid (e.g. a phantom) is written on its canonical grid.
+    ``path`` must end in .nii or .nii.gz; the file is written atomically. Returns the path.
+    """
+    import SimpleITK as sitk
+
+    path = Path(path)
+    if not path.name.lower().endswith(MASK_SUFFIXES):
+        raise InputError(path, "masks are written as NIfTI", "give the file name a .nii.gz suffix")
+    labels = _label_array(mask, volume)
+    if volume.source is None:
+        image = volume.to_sitk(np.ascontiguousarray(labels))
+    else:
+        grid = volume.source
+        image = sitk.GetImageFromArray(np.ascontiguousarray(orient.from_canonical(labels, grid)))
+        image.SetSpacing(grid.spacing)
+        image.SetOrigin(grid.origin)
+        image.SetDirection(grid.direction)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = ".nii.gz" if path.name.lower().endswith(".nii.gz") else ".nii"
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        sitk.WriteImage(image, tmp, useCompression=suffix == ".nii.gz")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def _same_grid(a: orient.CanonicalGeometry, volume: Volume, tol_mm: float = 1e-3) -> bool:
+    return (
+        tuple(a.size) == tuple(volume.shape[::-1])
+        and np.allclose(a.spacing, volume.spacing[::-1], atol=tol_mm)
+        and np.allclose(a.origin, volume.origin, atol=tol_mm * 10)
+        and np.allclose(a.direction, volume.direction, atol=1e-4)
+    )
+
+
+def load_mask(path: str | Path, volume: Volume) -> np.ndarray:
+    """A label image (ours, 3D Slicer, ITK-SNAP, ...) on the volume's canonical grid, as uint8.
+
+    A mask on the scan's own grid (any axis order/flip) is mapped exactly; any other grid is
+    resampled with nearest neighbour in world coordinates. Raises :class:`InputError` when the
+    mask is not a label image (fractional or out-of-range values) or does not cover the volume.
+    """
+    import SimpleITK as sitk
+
+    path = Path(path)
+    image = read_image(path, "label image")
+    if image.GetNumberOfComponentsPerPixel() != 1 or image.GetDimension() != 3:
+        raise GeometryError(path, f"a label image must be one 3D channel, got {image.GetDimension()}D with "
+                            f"{image.GetNumberOfComponentsPerPixel()} component(s)", "export the segmentation as a 3D label map")
+    values = sitk.GetArrayViewFromImage(image)
+    if np.issubdtype(values.dtype, np.floating) and not np.array_equal(values, np.rint(values)):
+        raise UnreadableFileError(path, "holds fractional values, not integer labels (a probability map?)",
+                                  "export a label map (threshold it first)")
+    lo, hi = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if lo < 0 or hi > 255:
+        raise UnreadableFileError(path, f"labels range {lo:g}..{hi:g}; covidtrack label maps use 0..255",
+                                  "map the labels to 0..255 (see covidtrack.labels for lobe tables)")
+    grid = source_grid(image)
+    geo = orient.canonical_geometry(grid)
+    if _same_grid(geo, volume):
+        return np.ascontiguousarray(orient.to_canonical(sitk.GetArrayFromImage(image), grid)).astype(np.uint8)
+    _check_covers(image, volume, path)
+    reference = volume.to_sitk(np.zeros(volume.shape, dtype=np.uint8))
+    resampled = sitk.Resample(image, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+    return sitk.GetArrayFromImage(resampled).astype(np.uint8)
+
+
+def _check_covers(image: "sitk.Image", volume: Volume, path: Path) -> None:  # noqa: F821
+    """Every corner voxel centre of the volume must fall inside the mask's extent (half a voxel slack)."""
+    nz, ny, nx = volume.shape
+    spacing = np.asarray(volume.spacing[::-1], dtype=float)
+    direction = np.asarray(volume.direction, dtype=float).reshape(3, 3)
+    origin = np.asarray(volume.origin, dtype=float)
+    size = np.asarray(image.GetSize(), dtype=float)
+    worst = 0.0
+    for cx in (0, nx - 1):
+        for cy in (0, ny - 1):
+            for cz in (0, nz - 1):
+                world = origin + direction @ (np.array([cx, cy, cz], dtype=float) * spacing)
+                idx = np.asarray(image.TransformPhysicalPointToContinuousIndex(tuple(world)))
+                outside = np.maximum(-0.5 - idx, idx - (size - 0.5))
+                worst = max(worst, float(outside.max()))
+    if worst > 1e-3:
+        raise GeometryError(
+            path, f"the label image does not cover the scan (a corner of the scan lies {worst:.1f} voxels outside it)",
+            "load the mask that was made on this scan (same patient and series), or export it on the full scan grid",
+        )
