@@ -7,12 +7,16 @@ benchmark builds them explicitly.
 from __future__ import annotations
 
 import datetime as dt
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
 from covidtrack.report.data import LOBES, M, add_days
 from covidtrack.report.viewer import AlignedSeries
+
+if TYPE_CHECKING:
+    from covidtrack.store import Store
 
 
 def _severity(poi: float) -> int:
@@ -125,3 +129,48 @@ def aligned_series(n: int = 4, shape: tuple[int, int, int] = (24, 64, 64), seed:
         dates=dates, days=tuple(4 * t for t in range(n)), spacing=(5.0, 1.5, 1.5), ct=tuple(cts), infection=tuple(infs),
         lungs=(lungs,) * n, lobes=(lobes,) * n, change=tuple(changes), registered=(True,) * n,
     )
+
+
+def populate_store(store: "Store", n_patients: int = 3, n_scans: int = 4, shape: tuple[int, int, int] = (24, 64, 64), seed: int = 0,
+                   arms: tuple[str, ...] = ("arm A", "arm B")) -> list[str]:
+    """Fill a store with synthetic patients whose metrics are computed from their masks by
+    :func:`covidtrack.metrics.scan_metrics` (no segmentation network: fast, for UI/report tests).
+
+    Writes canonical volumes and masks through the store's :class:`FileStage`, one transaction per
+    scan, exactly like the pipeline. Returns the patient keys (``SYN-P<i>``).
+    """
+    import hashlib
+
+    from covidtrack.metrics import scan_metrics
+    from covidtrack.segment.types import Segmentation
+    from covidtrack.store import FileStage, ScanRecord, SegRecord, new_scan_id, new_seg_id, write_canonical
+    from covidtrack.volume import ScanMeta, Volume
+
+    keys = []
+    versions = {"lungs": "lungs/v1", "infection": "infection/v1", "lobes": "lobes/v1"}
+    for p in range(n_patients):
+        key = f"SYN-P{p}"
+        keys.append(key)
+        series = aligned_series(n_scans, shape, seed=seed + p)
+        for t in range(n_scans):
+            date = dt.date.fromisoformat(series.dates[t]) + dt.timedelta(days=7 * p)
+            vol = Volume(array=series.ct[t], spacing=series.spacing, meta=ScanMeta(patient_key=key, study_date=date, source_format="phantom"))
+            seg = Segmentation(lungs=series.lungs[t], infection=series.infection[t], lobes=series.lobes[t], model_versions=versions)
+            content = hashlib.sha256(vol.array.tobytes() + key.encode() + str(t).encode()).hexdigest()
+            scan_id = new_scan_id(content)
+            seg_id = new_seg_id()
+            with FileStage() as stage:
+                vpath = stage.put(store.volume_path_for(scan_id), lambda path: write_canonical(path, vol))
+                paths = {
+                    part: stage.put(store.mask_path_for(seg_id, part), lambda path, a=getattr(seg, part): write_canonical(path, vol, a))
+                    for part in ("lungs", "infection", "lobes")
+                }
+                store.add_scan(
+                    ScanRecord(scan_id=scan_id, patient_key=key, study_date=date, content_hash=content, volume_path=vpath,
+                               source_name=f"synthetic-{key}-{t}", meta={"source_format": "phantom"}),
+                    SegRecord(seg_id=seg_id, scan_id=scan_id, kind="model", model_versions=versions, lungs_path=paths["lungs"],
+                              infection_path=paths["infection"], lobes_path=paths["lobes"]),
+                    scan_metrics(vol, seg),
+                    arm=arms[p % len(arms)],
+                )
+    return keys

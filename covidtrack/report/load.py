@@ -1,0 +1,230 @@
+"""Read what the dashboard and the reports show from the :class:`~covidtrack.store.Store`.
+
+The store keeps all SQL; this module only reshapes its frames into the long frames of
+:mod:`covidtrack.report.data` and assembles the aligned follow-up series (each follow-up warped
+into its baseline's grid with the stored registration).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+from scipy import ndimage
+
+from covidtrack.errors import CovidtrackError, StoreError
+from covidtrack.report.data import COHORT_COLUMNS, M, PatientHeader, header_from_frame
+from covidtrack.report.viewer import AlignedSeries
+
+if TYPE_CHECKING:
+    from covidtrack.report.pdf import PatientReportData
+    from covidtrack.store import Store
+
+log = logging.getLogger(__name__)
+
+# Metrics the cohort views need: fetching only these keeps a 1,000-patient cohort small.
+COHORT_METRICS: tuple[str, ...] = (M.POI, M.INFECTION_ML, M.SEVERITY, M.GGO_ML, M.CONS_ML)
+
+# Change metric names written by the longitudinal step, mapped to the report's columns.
+CHANGE_COLUMNS = {"new": "new_ml", "resolved": "resolved_ml", "persistent": "persistent_ml"}
+
+
+def _label(alias: object, key: str) -> str:
+    return str(alias) if isinstance(alias, str) and alias.strip() else key
+
+
+def _normalise(df: pd.DataFrame) -> pd.DataFrame:
+    """Store rows -> the cohort frame (``label`` = alias or key, ``study_date`` as datetime64)."""
+    if df.empty:
+        return pd.DataFrame(columns=list(COHORT_COLUMNS))
+    out = df.copy()
+    out["label"] = [_label(a, k) for a, k in zip(out["alias"], out["patient_key"])]
+    out["arm"] = out["arm"].fillna("(no arm)").astype(str)
+    out["study_date"] = pd.to_datetime(out["study_date"])
+    out["day"] = out["day"].astype(int)
+    return out[list(COHORT_COLUMNS)]
+
+
+def cohort_frame(store: "Store", arms: list[str] | None = None, metrics: tuple[str, ...] | None = COHORT_METRICS) -> pd.DataFrame:
+    """Long rows of every patient (active model version), see :mod:`covidtrack.report.data`."""
+    return _normalise(store.cohort_metrics(arms=arms, metrics=list(metrics) if metrics else None))
+
+
+def patient_frame(store: "Store", patient_key: str) -> pd.DataFrame:
+    """Every metric row of one patient (active model version)."""
+    return _normalise(store.patient_metrics(patient_key))
+
+
+def patient_header(store: "Store", patient_key: str, frame: pd.DataFrame | None = None) -> PatientHeader:
+    pats = store.patients()
+    row = pats[pats["patient_key"] == patient_key]
+    if row.empty:
+        raise StoreError(f"{store.path}: patient {patient_key} not found. Fix: pick one from the Patients page or `Store.patients()`")
+    frame = patient_frame(store, patient_key) if frame is None else frame
+    arm = row["arm"].iloc[0]
+    return header_from_frame(
+        patient_key, _label(row["alias"].iloc[0], patient_key), "" if pd.isna(arm) else str(arm), frame
+    )
+
+
+def change_table(store: "Store", patient_key: str) -> pd.DataFrame:
+    """New / resolved / persistent infection (mL) per follow-up date and region.
+
+    Columns ``date``, ``region``, ``new_ml``, ``resolved_ml``, ``persistent_ml`` (empty when no
+    follow-up has been registered). Metric names ending in ``new``/``resolved``/``persistent``
+    (with or without a ``_volume``/``_ml`` suffix) are recognised.
+    """
+    rows = store.change_metrics(patient_key)
+    cols = ["date", "region", *CHANGE_COLUMNS.values()]
+    if rows.empty:
+        return pd.DataFrame(columns=cols)
+    kind = rows["metric"].str.replace(r"(_volume|_ml)$", "", regex=True).str.split("_").str[-1]
+    rows = rows.assign(kind=kind)
+    rows = rows[rows["kind"].isin(list(CHANGE_COLUMNS))]
+    if rows.empty:
+        return pd.DataFrame(columns=cols)
+    wide = rows.pivot_table(index=["moving_date", "region"], columns="kind", values="value", aggfunc="first").reset_index()
+    wide = wide.rename(columns={"moving_date": "date", **CHANGE_COLUMNS})
+    wide["date"] = pd.to_datetime(wide["date"]).dt.date.astype(str)
+    for c in CHANGE_COLUMNS.values():
+        if c not in wide:
+            wide[c] = np.nan
+    return wide[cols]
+
+
+def _resize_to(arr: np.ndarray, shape: tuple[int, ...], order: int) -> np.ndarray:
+    """Fallback for a follow-up without a usable registration: same field of view, baseline shape."""
+    if arr.shape == shape:
+        return arr
+    zoom = [s / a for s, a in zip(shape, arr.shape)]
+    out = ndimage.zoom(arr, zoom, order=order)
+    # zoom may round one voxel off; pad/crop to the exact shape
+    fixed = np.zeros(shape, dtype=arr.dtype) if order == 0 else np.full(shape, -1024, dtype=arr.dtype)
+    sl = tuple(slice(0, min(a, b)) for a, b in zip(out.shape, shape))
+    fixed[sl] = out[sl]
+    return fixed
+
+
+def _read_mask(path: Path | None) -> np.ndarray | None:
+    if path is None or not Path(path).exists():
+        return None
+    from covidtrack.store import read_canonical
+
+    return read_canonical(Path(path))[0].astype(np.uint8)
+
+
+def aligned_series(store: "Store", patient_key: str) -> AlignedSeries:
+    """All of a patient's scans in the baseline's canonical grid, for the viewer and the report.
+
+    Each follow-up is warped with its stored registration (CT linear, labels generic-label) and
+    paired with its stored change map. Without a usable registration it is resized to the
+    baseline's shape and flagged ``registered=False`` (the UI says "not aligned").
+    """
+    scans = store.scans(patient_key).sort_values(["study_date", "created_at"])
+    if scans.empty:
+        raise StoreError(f"{store.path}: patient {patient_key} has no scans. Fix: import a scan on the Import page")
+    regs = store.registrations(patient_key)
+    base_id = str(scans["scan_id"].iloc[0])
+    base_vol = store.load_volume(base_id)
+    shape = base_vol.shape
+    cts, infs, lungs, lobes, changes, registered, dates, days = [], [], [], [], [], [], [], []
+    for _, scan in scans.iterrows():
+        sid = str(scan["scan_id"])
+        vol = base_vol if sid == base_id else store.load_volume(sid)
+        try:
+            seg = store.load_segmentation(sid)
+        except StoreError:
+            log.warning("scan %s has no segmentation; shown without overlay", sid)
+            seg = None
+        ct = vol.array
+        inf = seg.infection if seg is not None else np.zeros(vol.shape, np.uint8)
+        lung = seg.lungs if seg is not None else np.zeros(vol.shape, np.uint8)
+        lobe = seg.lobes if seg is not None else None
+        change = None
+        ok = sid == base_id
+        if sid != base_id:
+            reg_rows = regs[(regs["fixed_scan"] == base_id) & (regs["moving_scan"] == sid)]
+            warped = _warp_follow_up(reg_rows, ct, inf, lung, lobe) if len(reg_rows) else None
+            if warped is not None:
+                ct, inf, lung, lobe = warped
+                change = _read_mask(reg_rows["change_map_path"].iloc[0])
+                if change is not None and change.shape != shape:
+                    change = None
+                ok = True
+            else:
+                ct = _resize_to(ct, shape, 1)
+                inf, lung = _resize_to(inf, shape, 0), _resize_to(lung, shape, 0)
+                lobe = _resize_to(lobe, shape, 0) if lobe is not None else None
+        cts.append(np.asarray(ct, dtype=np.int16))
+        infs.append(inf)
+        lungs.append(lung)
+        lobes.append(lobe)
+        changes.append(change)
+        registered.append(ok)
+        dates.append(str(pd.Timestamp(scan["study_date"]).date()))
+        days.append(int(scan["day"]))
+    return AlignedSeries(
+        dates=tuple(dates), days=tuple(days), spacing=base_vol.spacing, ct=tuple(cts), infection=tuple(infs),
+        lungs=tuple(lungs), lobes=tuple(lobes), change=tuple(changes), registered=tuple(registered),
+    )
+
+
+def _warp_follow_up(
+    reg_rows: pd.DataFrame, ct: np.ndarray, inf: np.ndarray, lung: np.ndarray, lobe: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None] | None:
+    """Warp one follow-up with its stored registration; None when it cannot be used."""
+    row = reg_rows.iloc[0]
+    transforms = row["transforms"]
+    paths = list(transforms.values()) if isinstance(transforms, dict) else list(transforms)
+    paths = [Path(p) for p in paths if p is not None]
+    if not paths:
+        return None
+    try:
+        from covidtrack.register import Registration
+
+        reg = Registration.load(paths[0] if paths[0].is_dir() or paths[0].name.endswith(".json") else paths[0].parent)
+        warped_lobe = reg.warp_labels(lobe) if lobe is not None else None
+        return reg.warp_image(ct), reg.warp_labels(inf), reg.warp_labels(lung), warped_lobe
+    except (CovidtrackError, ValueError, OSError) as err:
+        log.warning("registration %s unusable (%s); follow-up shown unaligned", row.get("reg_id", "?"), err)
+        return None
+
+
+def patient_report_data(store: "Store", patient_key: str, with_images: bool = True) -> "PatientReportData":
+    """Everything :func:`covidtrack.report.pdf.write_patient_pdf` needs for one patient."""
+    from covidtrack.report.pdf import PatientReportData
+
+    frame = patient_frame(store, patient_key)
+    header = patient_header(store, patient_key, frame)
+    aligned = aligned_series(store, patient_key) if with_images else None
+    return PatientReportData(header=header, frame=frame, aligned=aligned, change=change_table(store, patient_key))
+
+
+def store_revision(store: "Store") -> tuple[int, ...]:
+    """A cheap fingerprint that changes whenever rows are added (cache key for the dashboard)."""
+    return tuple(store.counts().values())
+
+
+def resolve_patient(store: "Store", ident: str) -> str:
+    """A patient key from a key or an alias (the CLI accepts either; raw IDs are never stored)."""
+    pats = store.patients()
+    if ident in set(pats["patient_key"]):
+        return ident
+    hit = pats[pats["alias"] == ident]
+    if len(hit) == 1:
+        return str(hit["patient_key"].iloc[0])
+    # a raw patient ID typed by the user: the store only knows its salted hash
+    try:
+        from covidtrack.io.dicom import patient_key as hash_key
+
+        key = hash_key(ident)
+        if key in set(pats["patient_key"]):
+            return key
+    except (ImportError, AttributeError):
+        pass
+    raise StoreError(
+        f"{store.path}: no patient with key or alias {ident!r}. Fix: list patients with the dashboard's Patients page"
+    )
