@@ -1,0 +1,22 @@
+"""``export``: every stored metric as CSV or Parquet, long and wide."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def _export(args: argparse.Namespace) -> int:
+    from covidtrack.pipeline import export_metrics
+
+    for path in export_metrics(args.out, args.format, all_versions=args.all_versions):
+        print(path)
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="export metrics (metrics_long + metrics_wide) as csv or parquet")
+    p.add_argument("out", help="output folder")
+    p.add_argument("--format", choices=("csv", "parquet"), default="csv")
+    p.add_argument("--all-versions", action="store_true",
+                   help="every model version and correction, not only the numbers the dashboard shows")
+    p.set_defaults(func=_export)

@@ -1,0 +1,387 @@
+"""The one orchestrator: load -> validate -> segment -> measure -> store -> register.
+
+Every step is a generator of :class:`~covidtrack.events.Progress` events so the CLI progress bar
+and the UI show the same thing. The generator's return value (``StopIteration.value``, or use
+:func:`drain`) is an :class:`IngestResult` / :class:`ManifestSummary`; the last event of
+:func:`ingest` is ``stage="done"`` with ``item=<scan_id>``.
+
+Guarantees:
+
+- Idempotent: the content hash (``covidtrack.io.volume_hash``) identifies a scan; ingesting the
+  same pixels again returns the stored scan and adds nothing.
+- Atomic: files are written under temporary names and renamed, then all rows of the scan go in
+  one transaction (:meth:`covidtrack.store.Store.add_scan`). A kill at any moment leaves the
+  store as it was before the scan; files left behind are removed on the next open.
+- Pseudonymous: patient IDs typed by the user go through ``covidtrack.io.patient_key`` (the salted
+  hash also used for DICOM PatientID) before they reach the store; an alias may be shown instead.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import importlib
+import queue
+import threading
+from collections.abc import Callable, Generator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pandas as pd
+
+from covidtrack.errors import CovidtrackError, InputError, ModelError, StoreError
+from covidtrack.events import Progress, ProgressCallback
+from covidtrack.segment.types import Segmentation
+from covidtrack.volume import Volume
+
+Segmenter = Callable[[Volume, ProgressCallback | None], Segmentation]
+T = TypeVar("T")
+
+MANIFEST_COLUMNS = ("patient", "date", "path")  # required; "arm" and "alias" optional
+
+# Fractions of one scan's progress bar given to each stage (segmentation dominates on CPU).
+_SEGMENT = (0.05, 0.80)
+_REGISTER = (0.88, 0.99)
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    """What one ingest did. ``created`` is False when the scan was already stored."""
+
+    scan_id: str
+    patient_key: str
+    created: bool
+    seg_id: str | None = None
+    registered: tuple[str, ...] = ()  # follow-up scans registered to their baseline
+    warnings: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ManifestSummary:
+    """Per-file outcome of :func:`ingest_manifest`; ``failed`` holds (path, message)."""
+
+    ok: tuple[IngestResult, ...]
+    failed: tuple[tuple[str, str], ...]
+
+    def describe(self) -> str:
+        new = sum(r.created for r in self.ok)
+        lines = [f"{len(self.ok)} scan(s) ok ({new} new, {len(self.ok) - new} already stored), {len(self.failed)} failed"]
+        lines += [f"  FAILED {path}: {msg}" for path, msg in self.failed]
+        lines += [f"  warning {r.scan_id}: {w}" for r in self.ok for w in r.warnings]
+        return "\n".join(lines)
+
+
+def drain(events: Generator[Progress, None, T], callback: ProgressCallback | None = None) -> T:
+    """Run a pipeline generator to the end (forwarding events) and return its result."""
+    while True:
+        try:
+            event = next(events)
+        except StopIteration as stop:
+            return stop.value
+        if callback is not None:
+            callback(event)
+
+
+def _in_thread(fn: Callable[[ProgressCallback], T], stage: str, lo: float, hi: float, item: str) -> Generator[Progress, None, T]:
+    """Run ``fn(callback)`` in a worker thread and yield its callback events live, with the
+    fraction mapped into [lo, hi] of the item's bar (a callback API inside a generator)."""
+    events: queue.Queue[Progress] = queue.Queue()
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["result"] = fn(events.put)
+        except BaseException as err:  # re-raised in the caller's thread below
+            box["error"] = err
+
+    worker = threading.Thread(target=target, name=f"covidtrack-{stage}", daemon=True)
+    worker.start()
+    while worker.is_alive() or not events.empty():
+        try:
+            ev = events.get(timeout=0.05)
+        except queue.Empty:
+            continue
+        yield Progress(stage=ev.stage or stage, fraction=lo + (hi - lo) * ev.fraction, message=ev.message, item=item)
+    worker.join()
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
+
+
+def _parse_date(value: str | dt.date | None, volume: Volume, where: str) -> dt.date:
+    if isinstance(value, dt.date):
+        return value
+    if value is None or str(value).strip() == "":
+        if volume.meta.study_date is not None:
+            return volume.meta.study_date
+        raise InputError(where, "no study date given and none in the file", "pass --date YYYY-MM-DD")
+    try:
+        return dt.date.fromisoformat(str(value).strip())
+    except ValueError:
+        raise InputError(where, f"date {value!r} is not YYYY-MM-DD", "write the date as e.g. 2020-03-14") from None
+
+
+def _default_segmenter() -> Segmenter:
+    from covidtrack.segment import segment
+
+    return segment  # type: ignore[no-any-return]
+
+
+def _geometry(volume: Volume) -> dict[str, Any]:
+    return {
+        "shape_zyx": list(volume.shape),
+        "spacing_zyx_mm": list(volume.spacing),
+        "origin_xyz_mm": list(volume.origin),
+        "direction": list(volume.direction),
+        "source": asdict(volume.source) if volume.source is not None else None,
+    }
+
+
+def _meta(volume: Volume) -> dict[str, Any]:
+    meta = asdict(volume.meta)
+    meta.pop("patient_key", None)  # the store keeps the key in its own column
+    meta.pop("study_date", None)
+    return meta
+
+
+def ingest(
+    source: str | Path | Volume,
+    patient: str,
+    date: str | dt.date | None = None,
+    arm: str | None = None,
+    store: Any = None,
+    segmenter: Segmenter | None = None,
+    register: bool = True,
+    *,
+    alias: str | None = None,
+    patient_is_key: bool = False,
+) -> Generator[Progress, None, IngestResult]:
+    """Ingest one scan (a path or a Volume) for ``patient`` (a raw ID, pseudonymised here, or a
+    key already when ``patient_is_key``). ``date`` defaults to the study date in the file.
+
+    Raises :class:`~covidtrack.errors.InputError` for bad input (nothing is stored then).
+    """
+    from covidtrack import io
+    from covidtrack.store import Store
+
+    item = (source.meta.source_name or "volume") if isinstance(source, Volume) else str(source)
+    own_store = store is None
+    if own_store:
+        store = Store.open()  # opened before any file is written: the DuckDB lock fences other writers
+    try:
+        yield Progress("load", 0.0, "reading scan", item)
+        volume = source if isinstance(source, Volume) else io.load_ct(source)
+        key = patient.strip() if patient_is_key else io.patient_key(patient)
+        if not key:
+            raise InputError(item, "no patient ID given", "pass --patient ID (it is pseudonymised before storing)")
+        content_hash = io.volume_hash(volume)
+        existing = store.scan_by_hash(content_hash)
+        if existing is not None:
+            scan_id, owner = existing
+            if owner != key:
+                raise InputError(
+                    item, f"the same scan is already stored as {scan_id} for another patient",
+                    "check the patient ID; one scan belongs to one patient",
+                )
+            if arm is not None or alias is not None:
+                store.set_patient(key, arm=arm, alias=alias)
+            yield Progress("done", 1.0, f"already stored as {scan_id}", scan_id)
+            return IngestResult(scan_id=scan_id, patient_key=key, created=False)
+        study_date = _parse_date(date, volume, item)
+
+        seg_fn = segmenter or _default_segmenter()
+        yield Progress("segment", _SEGMENT[0], "segmenting lungs, lobes and infection", item)
+        seg = yield from _in_thread(lambda cb: seg_fn(volume, cb), "segment", *_SEGMENT, item)
+        if seg.shape != volume.shape:
+            raise CovidtrackError(f"{item}: segmenter returned shape {seg.shape} for a {volume.shape} scan")
+
+        from covidtrack import metrics
+
+        yield Progress("metrics", 0.82, "measuring", item)
+        table = metrics.scan_metrics(volume, seg)
+
+        yield Progress("store", 0.85, "writing masks and rows", item)
+        scan_id, seg_id = _store_scan(store, volume, seg, table, key, study_date, content_hash, arm, alias)
+
+        registered: list[str] = []
+        warnings: list[str] = []
+        if register:
+            registered, warnings = yield from _register_hook(store, key, scan_id, item)
+        yield Progress("done", 1.0, f"stored as {scan_id}", scan_id)
+        return IngestResult(scan_id, key, True, seg_id, tuple(registered), tuple(warnings))
+    finally:
+        if own_store:
+            store.close()
+
+
+def _store_scan(
+    store: Any, volume: Volume, seg: Segmentation, table: pd.DataFrame, key: str, study_date: dt.date,
+    content_hash: str, arm: str | None, alias: str | None,
+) -> tuple[str, str]:
+    from covidtrack import store as st
+
+    scan_id = st.new_scan_id(content_hash)
+    seg_id = st.new_seg_id()
+    with st.FileStage() as stage:
+        vpath = stage.put(store.volume_path_for(scan_id), lambda p: st.write_canonical(p, volume))
+        masks: dict[str, Path] = {}
+        for part in st.MASK_PARTS:
+            arr = getattr(seg, part)
+            if arr is not None:
+                masks[part] = stage.put(store.mask_path_for(seg_id, part), lambda p, a=arr: st.write_canonical(p, volume, a))
+        store.add_scan(
+            st.ScanRecord(
+                scan_id=scan_id, patient_key=key, study_date=study_date, content_hash=content_hash,
+                volume_path=vpath, geometry=_geometry(volume), source_name=volume.meta.source_name, meta=_meta(volume),
+            ),
+            st.SegRecord(
+                seg_id=seg_id, scan_id=scan_id, kind="model", model_versions=dict(seg.model_versions),
+                lungs_path=masks["lungs"], infection_path=masks["infection"], lobes_path=masks.get("lobes"),
+            ),
+            table, arm=arm, alias=alias,
+        )
+    return scan_id, seg_id
+
+
+def _register_hook(store: Any, key: str, scan_id: str, item: str) -> Generator[Progress, None, tuple[list[str], list[str]]]:
+    """Register follow-ups to the patient's baseline when ``covidtrack.longitudinal`` exists.
+
+    A new scan that is not the baseline is registered; a new scan that becomes the baseline (an
+    earlier date ingested late) makes every other scan of the patient a follow-up to redo. A
+    failed registration does not undo the stored scan: it becomes a warning in the result.
+    """
+    try:
+        longitudinal = importlib.import_module("covidtrack.longitudinal")
+    except ModuleNotFoundError as err:
+        if err.name != "covidtrack.longitudinal":
+            raise
+        return [], []  # registration not installed: the scan is complete without it
+    scans = store.scans(key)
+    if len(scans) < 2:
+        return [], []
+    baseline = store.baseline_scan(key)
+    todo = [scan_id] if scan_id != baseline else [s for s in scans.scan_id if s != baseline]
+    done, warnings = [], []
+    lo, hi = _REGISTER
+    for i, follow in enumerate(todo):
+        a = lo + (hi - lo) * i / len(todo)
+        b = lo + (hi - lo) * (i + 1) / len(todo)
+        yield Progress("register", a, f"registering {follow} to baseline {baseline}", item)
+        try:
+            yield from _in_thread(lambda cb, f=follow: longitudinal.register_followup(store, f, progress=cb), "register", a, b, item)
+            done.append(follow)
+        except Exception as err:  # noqa: BLE001 - the scan is stored; report, don't lose it
+            warnings.append(f"registration of {follow} failed: {type(err).__name__}: {err}")
+            yield Progress("register", b, warnings[-1], item)
+    return done, warnings
+
+
+def read_manifest(path: str | Path) -> list[dict[str, str]]:
+    """Rows of a manifest CSV (columns patient, date, path; optional arm, alias). Relative
+    paths are resolved against the manifest's folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "manifest not found", "check the path to the CSV file")
+    with path.open(newline="", encoding="utf-8-sig") as fh:
+        reader = csv.DictReader(fh)
+        header = [h.strip().lower() for h in (reader.fieldnames or [])]
+        missing = [c for c in MANIFEST_COLUMNS if c not in header]
+        if missing:
+            raise InputError(path, f"manifest lacks column(s) {', '.join(missing)} (has {', '.join(header) or 'none'})",
+                             "write a header line: patient,date,path,arm")
+        rows = []
+        for raw in reader:
+            row = {k.strip().lower(): (v or "").strip() for k, v in raw.items() if k is not None}
+            p = Path(row["path"])
+            row["path"] = str(p if p.is_absolute() else (path.parent / p))
+            rows.append(row)
+    return rows
+
+
+def ingest_manifest(
+    manifest: str | Path, store: Any = None, segmenter: Segmenter | None = None, register: bool = True
+) -> Generator[Progress, None, ManifestSummary]:
+    """Ingest every row of a manifest; a bad file is reported and skipped, never fatal.
+
+    Events carry the file in ``item`` and overall progress in ``fraction``; the last event is
+    ``stage="summary"`` whose message lists what failed and why.
+    """
+    from covidtrack.store import Store
+
+    rows = read_manifest(manifest)
+    own_store = store is None
+    if own_store:
+        store = Store.open()
+    ok: list[IngestResult] = []
+    failed: list[tuple[str, str]] = []
+    try:
+        n = max(len(rows), 1)
+        for i, row in enumerate(rows):
+            events = ingest(
+                row["path"], row["patient"], row["date"] or None, arm=row.get("arm") or None, store=store,
+                segmenter=segmenter, register=register, alias=row.get("alias") or None,
+            )
+            try:
+                while True:
+                    try:
+                        ev = next(events)
+                    except StopIteration as stop:
+                        ok.append(stop.value)
+                        break
+                    yield Progress(ev.stage, (i + ev.fraction) / n, f"[{i + 1}/{len(rows)}] {ev.message}", row["path"])
+            except ModelError:
+                raise  # a missing/corrupt model fails every file: stop and say so once
+            except (InputError, StoreError) as err:
+                failed.append((row["path"], str(err)))
+                yield Progress("failed", (i + 1) / n, str(err), row["path"])
+            except Exception as err:  # noqa: BLE001 - one odd file must not stop the others
+                failed.append((row["path"], f"{type(err).__name__}: {err}"))
+                yield Progress("failed", (i + 1) / n, failed[-1][1], row["path"])
+        summary = ManifestSummary(tuple(ok), tuple(failed))
+        yield Progress("summary", 1.0, summary.describe(), str(manifest))
+        return summary
+    finally:
+        if own_store:
+            store.close()
+
+
+def export_metrics(out_dir: str | Path, fmt: str = "csv", all_versions: bool = False, store: Any = None) -> list[Path]:
+    """Write ``metrics_long`` and ``metrics_wide`` (csv or parquet) into ``out_dir``.
+
+    Long: one row per (scan, region, metric, model version) with patient key, alias, arm, date,
+    day since baseline. Wide: one row per scan (and segmentation) with ``<region>_<metric>``
+    columns. By default only the numbers the dashboard shows (active version / corrections);
+    ``all_versions`` exports every stored row.
+    """
+    from covidtrack.store import Store
+
+    if fmt not in ("csv", "parquet"):
+        raise InputError(str(out_dir), f"format {fmt!r} unknown", "use --format csv or --format parquet")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    own_store = store is None
+    if own_store:
+        store = Store.open()
+    try:
+        long = store.cohort_metrics(model_version=None if all_versions else "active")
+    finally:
+        if own_store:
+            store.close()
+    index = ["patient_key", "alias", "arm", "scan_id", "study_date", "day", "model_version", "seg_id", "kind"]
+    if long.empty:
+        wide = pd.DataFrame(columns=index)
+    else:
+        keyed = long.assign(column=long["region"] + "_" + long["metric"], alias=long["alias"].fillna(""), arm=long["arm"].fillna(""))
+        wide = keyed.groupby([*index, "column"], sort=False)["value"].first().unstack("column").reset_index()
+        wide.columns.name = None
+    written = []
+    for name, df in (("metrics_long", long), ("metrics_wide", wide)):
+        path = out / f"{name}.{fmt}"
+        if fmt == "csv":
+            df.to_csv(path, index=False)
+        else:
+            df.to_parquet(path, index=False)
+        written.append(path)
+    return written
+
