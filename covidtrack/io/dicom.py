@@ -137,7 +137,11 @@ def _read_header(path: Path) -> tuple[object | None, str]:
     from pydicom.errors import InvalidDicomError
 
     try:
-        return pydicom.dcmread(path, stop_before_pixels=True), ""
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        if "SeriesInstanceUID" not in ds:
+            # pydicom stops quietly at the end of a truncated file; a real instance always has this
+            return None, "DICOM header is incomplete (no SeriesInstanceUID): the file is probably truncated"
+        return ds, ""
     except InvalidDicomError:
         pass  # no DICM preamble: maybe an old headerless file, maybe not DICOM at all
     except Exception as err:  # noqa: BLE001 - pydicom raises many types on truncated files

@@ -79,6 +79,8 @@ def read_volume_file(path: Path) -> Volume:
     """A NIfTI / NRRD / MHA CT volume -> canonical :class:`Volume` (checks as for DICOM)."""
     import SimpleITK as sitk
 
+    if path.name.lower().endswith((".nii", ".nii.gz")):
+        _check_nifti_complete(path)
     image = read_image(path, "image")
     _geometry_checks(image, path)
     notes: list[str] = []
@@ -110,6 +112,39 @@ def read_volume_file(path: Path) -> Volume:
         meta=meta,
         source=grid,
     )
+
+
+def _check_nifti_complete(path: Path) -> None:
+    """Refuse a truncated NIfTI: ITK pads missing voxel data silently instead of failing.
+
+    The header says how many bytes of voxel data follow ``vox_offset``; for .nii.gz the whole
+    gzip stream is read (and its CRC checked) to count them.
+    """
+    import gzip
+    import zlib
+
+    import nibabel as nib
+
+    fix = "re-export or re-copy the file (the transfer or the export was cut short)"
+    try:
+        header = nib.load(str(path)).header
+        expected = int(header.get_data_offset()) + int(np.prod(header.get_data_shape())) * header.get_data_dtype().itemsize
+    except Exception as err:  # noqa: BLE001 - nibabel raises many types on garbage
+        if path.stat().st_size == 0:
+            raise NoImageDataError(path, "is an empty file (0 bytes)", fix) from err
+        raise UnreadableFileError(path, f"is not a readable NIfTI file ({type(err).__name__}: {err})", fix) from err
+    if path.name.lower().endswith(".gz"):
+        total = 0
+        try:
+            with gzip.open(path, "rb") as stream:
+                while chunk := stream.read(1 << 22):
+                    total += len(chunk)
+        except (EOFError, OSError, zlib.error) as err:
+            raise UnreadableFileError(path, f"the compressed data is truncated or corrupt ({err})", fix) from err
+    else:
+        total = path.stat().st_size
+    if total < expected:
+        raise UnreadableFileError(path, f"holds {total} bytes but its header needs {expected}: the file is truncated", fix)
 
 
 def _nifti_codes(path: Path) -> tuple[int, int] | None:

@@ -10,7 +10,9 @@ real chest CT passes and only clearly wrong inputs are refused):
 2. No negative values at all: raw stored values without RescaleIntercept (if max > 255)
    or 0-255 display values (max <= 255).
 3. Value range narrower than 200 HU: a normalised image (0-1, -1..1) or a label map.
-4. Almost no air: fewer than 0.2 % of voxels between -1150 and -850 HU. A chest CT always
+4. More than 1 % of voxels below -1200 HU that are not one constant padding value: air has
+   been shifted (e.g. the intercept applied twice puts air at -2024).
+5. Almost no air: fewer than 0.2 % of voxels between -1150 and -850 HU. A chest CT always
    contains air (outside the body, trachea, lungs around -850); a volume whose "air" sits
    elsewhere (e.g. -2048 after subtracting the intercept twice) is not in HU.
 """
@@ -31,6 +33,8 @@ HU_FLOOR = -1024  # physical minimum (air); lower values are FOV padding and are
 AIR_BAND_HU = (-1150.0, -850.0)
 MIN_AIR_FRACTION = 0.002
 MIN_RANGE_HU = 200.0
+FAR_BELOW_AIR_HU = -1200.0
+MAX_FAR_BELOW_AIR_FRACTION = 0.01
 
 
 def sample(array: np.ndarray, max_voxels: int = 2_000_000) -> np.ndarray:
@@ -68,6 +72,18 @@ def check_hu(values: np.ndarray, path: str | Path, stored_dtype: np.dtype | None
             f"values span only {vmin:g}..{vmax:g}: a normalised image or a label map, not a CT in HU",
             "load the CT itself in HU (a mask belongs in load_mask / the mask import)",
         )
+    below = vals[vals < FAR_BELOW_AIR_HU]
+    if below.size:
+        # FOV padding is one constant value (-2048, -3024, ...); anything else this low is not HU
+        _, counts = np.unique(below, return_counts=True)
+        spread = (below.size - counts.max()) / vals.size
+        if spread > MAX_FAR_BELOW_AIR_FRACTION:
+            raise IntensityError(
+                path,
+                f"{100 * spread:.1f} % of voxels lie below {FAR_BELOW_AIR_HU:g} HU with varying values (min {vmin:g}); "
+                "air is -1000 HU, so the values look shifted (rescale intercept applied twice?)",
+                "check that the values are HU (RescaleSlope/Intercept applied once); load the original scan",
+            )
     lo, hi = AIR_BAND_HU
     air = float(np.mean((vals >= lo) & (vals <= hi)))
     if air < MIN_AIR_FRACTION:

@@ -1,0 +1,206 @@
+"""Every kind of bad input gives a typed InputError that names the file and the fix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from covidtrack.errors import (
+    GeometryError,
+    InputError,
+    IntensityError,
+    NoImageDataError,
+    NotCTError,
+    UnreadableFileError,
+)
+from covidtrack.io import list_series, load_ct, scan_folder
+
+try:
+    from tests import dicomgen as gen
+except ImportError:  # pytest run without the repo root on sys.path
+    import dicomgen as gen  # type: ignore[no-redef]
+
+
+@pytest.fixture(scope="module")
+def canonical() -> np.ndarray:
+    return gen.phantom_array((12, 16, 16))
+
+
+def _raises(kind: type[InputError], path: Path, *words: str, series_uid: str | None = None) -> InputError:
+    with pytest.raises(kind) as info:
+        load_ct(path, series_uid=series_uid)
+    err = info.value
+    text = str(err).lower()
+    assert err.fix and "fix:" in text, "every error must say what to do"
+    for word in words:
+        assert word.lower() in text, f"{word!r} not in {err}"
+    return err
+
+
+def test_nonexistent_path(tmp_path: Path) -> None:
+    err = _raises(NoImageDataError, tmp_path / "nope", "does not exist")
+    assert err.path.endswith("nope")
+
+
+def test_folder_without_dicom(tmp_path: Path) -> None:
+    (tmp_path / "readme.txt").write_text("hello")
+    (tmp_path / "data.bin").write_bytes(b"not dicom at all" * 20)
+    _raises(NoImageDataError, tmp_path, "no DICOM files")
+
+
+def test_one_truncated_file_among_good_ones_is_named(tmp_path: Path, canonical: np.ndarray) -> None:
+    files = gen.write_series(tmp_path, canonical)
+    bad = files[5]
+    bad.write_bytes(bad.read_bytes()[:-200])  # pixel data cut short
+    err = _raises(UnreadableFileError, tmp_path, bad.name, "truncated")
+    assert err.path == str(bad)
+
+
+def test_corrupt_header_file_is_named(tmp_path: Path, canonical: np.ndarray) -> None:
+    files = gen.write_series(tmp_path, canonical)
+    bad = files[3]
+    bad.write_bytes(bad.read_bytes()[:300])  # cut inside the header
+    err = _raises(UnreadableFileError, tmp_path, bad.name)
+    assert err.path == str(bad)
+    # listing still works and shows the rest; the scan reports the broken file
+    assert list_series(tmp_path)[0].n_slices == len(files) - 1
+    assert [p for p, _ in scan_folder(tmp_path).unreadable] == [bad]
+
+
+def test_garbage_with_dicom_suffix_is_corrupt(tmp_path: Path, canonical: np.ndarray) -> None:
+    gen.write_series(tmp_path, canonical)
+    (tmp_path / "IMXXXX.dcm").write_bytes(b"\x00garbage" * 50)
+    _raises(UnreadableFileError, tmp_path, "IMXXXX.dcm")
+
+
+@pytest.mark.parametrize("modality", ["MR", "PT", "SEG"])
+def test_non_ct_modality(tmp_path: Path, canonical: np.ndarray, modality: str) -> None:
+    gen.write_series(tmp_path, canonical, modality=modality)
+    _raises(NotCTError, tmp_path, modality, "CT")
+    uid = list_series(tmp_path)[0].series_uid
+    _raises(NotCTError, tmp_path, modality, series_uid=uid)  # also when asked for explicitly
+
+
+def test_unknown_series_uid(tmp_path: Path, canonical: np.ndarray) -> None:
+    gen.write_series(tmp_path, canonical)
+    _raises(NoImageDataError, tmp_path, "1.2.3.4", series_uid="1.2.3.4")
+
+
+def test_single_2d_image(tmp_path: Path) -> None:
+    one = gen.write_2d(tmp_path / "folder" / "slice.dcm")
+    _raises(GeometryError, tmp_path / "folder", "single 2D image")
+    _raises(GeometryError, one, "single DICOM file", "folder")  # the file itself
+
+
+def test_single_2d_image_file_format(tmp_path: Path) -> None:
+    path = tmp_path / "slice.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(np.full((16, 16), -1000, dtype=np.int16)), str(path))
+    _raises(GeometryError, path, "2D")
+
+
+def test_fewer_than_ten_slices(tmp_path: Path, canonical: np.ndarray) -> None:
+    gen.write_series(tmp_path, canonical[:7])
+    _raises(GeometryError, tmp_path, "only 7 slices")
+
+
+def test_missing_slice(tmp_path: Path, canonical: np.ndarray) -> None:
+    gen.write_series(tmp_path, canonical, skip_slices=(6,))
+    err = _raises(GeometryError, tmp_path, "missing slices", "IM0005.dcm", "IM0007.dcm")
+    assert "5 mm" in str(err)  # the gap size is reported
+
+
+def test_non_uniform_spacing(tmp_path: Path, canonical: np.ndarray) -> None:
+    gen.write_series(tmp_path, canonical, position_jitter={4: 0.6})  # 2.5 mm steps, one 3.1 / 1.9
+    _raises(GeometryError, tmp_path, "non-uniform slice spacing")
+
+
+def test_small_position_rounding_is_accepted(tmp_path: Path, canonical: np.ndarray) -> None:
+    gen.write_series(tmp_path, canonical, position_jitter={4: 0.02})  # < 2 % of 2.5 mm
+    assert load_ct(tmp_path).shape == canonical.shape
+
+
+def test_duplicate_positions(tmp_path: Path, canonical: np.ndarray) -> None:
+    uid = "1.2.826.0.1.3680043.8.498.1"
+    gen.write_series(tmp_path / "a", canonical, series_uid=uid)
+    gen.write_series(tmp_path / "b", canonical, series_uid=uid)  # a second phase under the same UID
+    _raises(GeometryError, tmp_path, "duplicate slice position")
+
+
+def test_mixed_orientations(tmp_path: Path, canonical: np.ndarray) -> None:
+    oblique = (1.0, 0.0, 0.0, 0.0, float(np.cos(0.3)), float(np.sin(0.3)))
+    gen.write_series(tmp_path, canonical, override_orientation={2: oblique, 3: oblique})
+    err = _raises(GeometryError, tmp_path, "mixed slice orientations")
+    assert "2 slices" in str(err)
+
+
+def test_not_hu_8bit_dicom(tmp_path: Path, canonical: np.ndarray) -> None:
+    display = np.clip((canonical.astype(float) + 1000) / 8, 0, 255).astype(np.int16)
+    gen.write_series(tmp_path, display, bits=8, intercept=0.0)
+    _raises(IntensityError, tmp_path, "8-bit")
+
+
+def test_not_hu_raw_values_without_intercept(tmp_path: Path, canonical: np.ndarray) -> None:
+    gen.write_series(tmp_path, (canonical.astype(np.int32) + 1024).astype(np.int16), intercept=0.0)
+    _raises(IntensityError, tmp_path, "no negative value", "intercept")
+
+
+@pytest.mark.parametrize(
+    "values, words",
+    [
+        ("uint8", ("8-bit",)),
+        ("display", ("0-255",)),
+        ("normalised", ("normalised",)),
+        ("shifted", ("air",)),
+    ],
+)
+def test_not_hu_files(tmp_path: Path, canonical: np.ndarray, values: str, words: tuple[str, ...]) -> None:
+    hu = canonical.astype(np.float32)
+    arr = {
+        "uint8": np.clip((hu + 1000) / 8, 0, 255).astype(np.uint8),
+        "display": np.clip((hu + 1000) / 8, 0, 255).astype(np.int16),  # 0-255 in a 16-bit container
+        "normalised": ((hu - hu.min()) / (hu.max() - hu.min())).astype(np.float32),
+        "shifted": (hu - 1024).astype(np.int16),  # intercept applied twice: air at -2024
+    }[values]
+    path = tmp_path / "scan.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(arr), str(path))
+    _raises(IntensityError, path, *words)
+
+
+@pytest.mark.parametrize("content", [b"", b"this is not a nifti file" * 10, "truncated"])
+def test_unreadable_nifti(tmp_path: Path, canonical: np.ndarray, content: bytes | str) -> None:
+    path = tmp_path / "scan.nii.gz"
+    if content == "truncated":
+        good = tmp_path / "good.nii.gz"
+        sitk.WriteImage(sitk.GetImageFromArray(canonical), str(good))
+        data = good.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    else:
+        path.write_bytes(content)  # type: ignore[arg-type]
+    with pytest.raises(InputError) as info:
+        load_ct(path)
+    assert "scan.nii.gz" in str(info.value) and info.value.fix
+    assert isinstance(info.value, (UnreadableFileError, NoImageDataError))
+
+
+def test_4d_file_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "fourd.nii.gz"
+    img = sitk.JoinSeries([sitk.GetImageFromArray(gen.phantom_array((12, 16, 16)))] * 2)
+    sitk.WriteImage(img, str(path))
+    _raises(GeometryError, path, "4D")
+
+
+def test_unsupported_file_type(tmp_path: Path) -> None:
+    path = tmp_path / "picture.jpg"
+    path.write_bytes(b"\xff\xd8\xff" + b"\0" * 100)
+    _raises(UnreadableFileError, path, "neither DICOM nor a supported image")
+
+
+def test_cli_reports_errors_without_traceback(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from covidtrack.__main__ import main
+
+    assert main(["series", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err
+    assert "does not exist" in err and "Traceback" not in err
