@@ -1,0 +1,32 @@
+"""covidtrack dashboard: ``streamlit run app.py``. A router only; pages live in covidtrack/ui/pages."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import streamlit as st
+
+from covidtrack.ui import startup
+
+HERE = Path(__file__).resolve().parent
+PAGES = Path("covidtrack/ui/pages")
+
+# (file, title, icon, url); pages whose file is absent (not installed yet) are skipped.
+ROUTES = [
+    ("patients.py", "Patients", ":material/groups:", "patients"),
+    ("patient.py", "Patient timeline", ":material/timeline:", "patient"),
+    ("cohort.py", "Cohort", ":material/query_stats:", "cohort"),
+    ("import_data.py", "Import", ":material/upload:", "import"),
+    ("report.py", "Report", ":material/picture_as_pdf:", "report"),
+    ("review.py", "Review", ":material/edit:", "review"),
+    ("models.py", "Models", ":material/model_training:", "models"),
+]
+
+st.set_page_config(page_title="covidtrack", page_icon=":material/pulmonology:", layout="wide")
+if startup.gate():
+    pages = [
+        st.Page(PAGES / name, title=title, icon=icon, url_path=url, default=(url == "patients"))
+        for name, title, icon, url in ROUTES
+        if (HERE / PAGES / name).exists()
+    ]
+    st.navigation(pages).run()

@@ -1,0 +1,113 @@
+"""First start: fill an empty store with the demo cohort through the real pipeline.
+
+The demo cohort is synthetic phantom patients over 3-6 dates in two treatment arms
+(:func:`covidtrack.phantom.write_demo_cohort`) plus one small real CT shipped in ``data/samples``.
+Everything goes through :func:`covidtrack.pipeline.ingest_manifest` (load, segment with the
+shipped models, measure, store, register), so the dashboard opens on real pipeline output.
+
+:func:`bootstrap` is a generator of :class:`~covidtrack.events.Progress` events with the overall
+fraction; the dashboard shows them as a progress bar, ``python -m covidtrack demo --ingest`` style
+callers can print them. Phantom files are written to a scratch folder under
+``$COVIDTRACK_HOME/work`` and removed afterwards (the store keeps its own canonical copies).
+A marker file records that the demo was built, so deleting the demo patients does not bring
+them back on the next start. Set ``COVIDTRACK_NO_DEMO=1`` to never build it.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Generator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from covidtrack.config import SAMPLES, settings
+from covidtrack.events import Progress
+
+REAL_SAMPLE = SAMPLES / "chest4dct_4mm" / "ct_4mm.nii.gz"
+REAL_SAMPLE_PATIENT = "DEMO-REAL-CT"
+REAL_SAMPLE_ARM = "real CT sample"
+REAL_SAMPLE_DATE = "2020-03-02"
+DEMO_PATIENTS = 8
+MARKER = "demo-bootstrap.json"
+
+
+@dataclass(frozen=True)
+class BootstrapResult:
+    """What the first start did: scans stored, files that failed (path, message), wall time (s)."""
+
+    stored: int
+    failed: tuple[tuple[str, str], ...]
+    seconds: float
+
+
+def marker_path() -> Path:
+    return settings().home / MARKER
+
+
+def demo_disabled() -> bool:
+    return os.environ.get("COVIDTRACK_NO_DEMO", "").strip() not in ("", "0", "false", "no")
+
+
+def needs_bootstrap(store: Any) -> bool:
+    """True on a fresh install: no scans stored, no earlier demo build, demo not disabled."""
+    return not demo_disabled() and not marker_path().exists() and store.counts()["scans"] == 0
+
+
+def _with_real_sample(manifest: Path) -> None:
+    """Append the real CT sample to the phantom manifest (absolute path; the manifest may be moved)."""
+    if not REAL_SAMPLE.exists():
+        return  # a trimmed install without data/samples: the phantoms alone still make a demo
+    with manifest.open(newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        fields = list(reader.fieldnames or [])
+        rows = list(reader)
+    row = {k: "" for k in fields}
+    row.update({"patient": REAL_SAMPLE_PATIENT, "date": REAL_SAMPLE_DATE, "path": str(REAL_SAMPLE)})
+    if "arm" in fields:
+        row["arm"] = REAL_SAMPLE_ARM
+    rows.append(row)
+    with manifest.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def bootstrap(store: Any = None, n_patients: int = DEMO_PATIENTS, seed: int = 0) -> Generator[Progress, None, BootstrapResult]:
+    """Build the demo cohort into ``store`` (default: the configured one), yielding progress.
+
+    Overall fraction: 5 % writing phantoms, 95 % ingesting (segmentation dominates).
+    """
+    from covidtrack import phantom, pipeline
+
+    start = time.perf_counter()
+    work = settings().work_dir / f"demo-{uuid.uuid4().hex[:8]}"
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        yield Progress("demo", 0.0, f"writing {n_patients} phantom patients", str(work.name))
+        manifest = Path(phantom.write_demo_cohort(work, n_patients=n_patients, seed=seed))
+        if manifest.is_dir():
+            manifest = manifest / "manifest.csv"
+        _with_real_sample(manifest)
+        yield Progress("demo", 0.05, "ingesting the demo cohort through the pipeline", manifest.name)
+        events = pipeline.ingest_manifest(manifest, store=store)
+        while True:
+            try:
+                ev = next(events)
+            except StopIteration as stop:
+                summary = stop.value
+                break
+            yield Progress(ev.stage, 0.05 + 0.95 * ev.fraction, ev.message, Path(ev.item).name)
+        result = BootstrapResult(stored=len(summary.ok), failed=tuple(summary.failed), seconds=time.perf_counter() - start)
+        marker_path().parent.mkdir(parents=True, exist_ok=True)
+        marker_path().write_text(json.dumps({"stored": result.stored, "failed": [list(f) for f in result.failed],
+                                             "seconds": round(result.seconds, 1), "n_patients": n_patients}, indent=1))
+        yield Progress("done", 1.0, f"demo cohort ready: {result.stored} scans in {result.seconds:.0f} s", "")
+        return result
+    finally:
+        shutil.rmtree(work, ignore_errors=True)

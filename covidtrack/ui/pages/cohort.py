@@ -1,0 +1,87 @@
+"""Cohort: per-arm trajectories (mean, 95 % CI, patients faint), change from baseline at the last
+follow-up with Mann-Whitney U and rank-biserial effect size, and the responders table."""
+
+from __future__ import annotations
+
+import pandas as pd
+import streamlit as st
+
+from covidtrack.report import figures, stats
+from covidtrack.report.data import M
+from covidtrack.ui import resources, widgets
+
+PLOTLY_CONFIG = {"displaylogo": False}
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def _filtered(rev: resources.Revision, arms: tuple[str, ...], lo: object, hi: object, sev: tuple[int, int]) -> pd.DataFrame:
+    return stats.filter_cohort(resources.cohort(rev), list(arms), (lo, hi), sev)
+
+
+def main() -> None:
+    st.title("Cohort")
+    rev = resources.revision()
+    cohort = resources.cohort(rev)
+    if cohort.empty:
+        widgets.empty_store()
+        return
+    arms = sorted(cohort["arm"].dropna().unique())
+    side = st.sidebar
+    chosen = side.multiselect("Arms", arms, default=arms, key="cohort_arms")
+    first, last = cohort["study_date"].min().date(), cohort["study_date"].max().date()
+    dates = side.date_input("Scan dates", (first, last), min_value=first, max_value=last, key="cohort_dates")
+    lo, hi = (dates if isinstance(dates, (tuple, list)) and len(dates) == 2 else (first, last))
+    sev = side.slider("Baseline severity score", 0, 25, (0, 25), key="cohort_severity")
+    bin_days = side.slider("Day bin width (days)", 1, 7, 4, key="cohort_bin", help="Follow-ups fall on different days; means are taken per bin.")
+    frame = _filtered(rev, tuple(chosen), lo, hi, tuple(sev))
+    if frame.empty:
+        st.info("No patient matches these filters.")
+        return
+    counts = frame.groupby("arm")["patient_key"].nunique()
+    cols = st.columns(max(1, len(counts)))
+    for col, (arm, n) in zip(cols, counts.items()):
+        col.metric(f"{arm}", f"{n} patients")
+    c1, c2 = st.columns(2)
+    c1.plotly_chart(figures.cohort_trajectory_figure(frame, M.POI, bin_days=bin_days), key="cohort_poi", config=PLOTLY_CONFIG, width="stretch")
+    c2.plotly_chart(figures.cohort_trajectory_figure(frame, M.INFECTION_ML, bin_days=bin_days), key="cohort_volume", config=PLOTLY_CONFIG, width="stretch")
+    st.subheader("Change from baseline at the last follow-up")
+    changes = stats.change_from_baseline(frame)
+    c1, c2 = st.columns([3, 2])
+    c1.plotly_chart(figures.change_box_figure(changes), key="cohort_change", config=PLOTLY_CONFIG, width="stretch")
+    tests = stats.compare_arms(changes)
+    with c2:
+        if tests:
+            st.markdown("**Mann-Whitney U (two-sided) on POI change**")
+            st.dataframe(
+                pd.DataFrame(
+                    [
+                        {
+                            "arms": f"{t.arm_a} vs {t.arm_b}", "n": f"{t.n_a} / {t.n_b}",
+                            "median change": f"{t.median_a:+.2f} / {t.median_b:+.2f}", "U": t.u, "p": t.p_value,
+                            "rank-biserial r": t.rank_biserial,
+                        }
+                        for t in tests
+                    ]
+                ),
+                hide_index=True, key="cohort_tests",
+                column_config={"p": st.column_config.NumberColumn(format="%.3g"), "rank-biserial r": st.column_config.NumberColumn(format="%+.2f")},
+            )
+            st.caption("r > 0: the first arm tends to have the larger (worse) change in POI; |r| 0.1 small, 0.3 medium, 0.5 large.")
+        else:
+            st.info("A test needs two arms with follow-ups.")
+    resp = stats.responders(changes)
+    st.subheader(f"Responders: POI fell by at least half ({len(resp)} of {len(changes)})")
+    by_arm = changes.groupby("arm")["patient_key"].count().rename("with follow-up").to_frame()
+    by_arm["responders"] = resp.groupby("arm")["patient_key"].count()
+    by_arm["responders"] = by_arm["responders"].fillna(0).astype(int)
+    by_arm["rate %"] = (100 * by_arm["responders"] / by_arm["with follow-up"]).round(1)
+    st.dataframe(by_arm.reset_index(), hide_index=True, key="responder_rates")
+    st.dataframe(
+        resp.rename(columns={"label": "patient", "baseline": "baseline POI %", "last": "last POI %", "last_day": "day", "relative": "last / baseline"}),
+        hide_index=True, width="stretch", key="responders",
+        column_order=("patient", "arm", "baseline POI %", "last POI %", "day", "last / baseline"),
+    )
+    widgets.disclaimer()
+
+
+main()

@@ -1,0 +1,123 @@
+"""Import: upload a zipped DICOM folder or a NIfTI/NRRD/MHA file, or name a server-side folder or
+manifest; the pipeline's progress events drive a progress bar; bad files show their error and
+nothing of them is stored (the pipeline commits one scan per transaction)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import shutil
+import uuid
+from collections.abc import Generator
+from pathlib import Path
+from typing import Any
+
+import streamlit as st
+
+from covidtrack.config import settings
+from covidtrack.errors import CovidtrackError
+from covidtrack.events import Progress
+from covidtrack.ui import resources, uploads, widgets
+
+
+def _run(events: Generator[Progress, None, Any], label: str) -> Any:
+    """Drive a pipeline generator with a progress bar and an event log; return its result."""
+    bar = st.progress(0.0, text=f"{label}: starting")
+    log = st.empty()
+    lines: list[str] = []
+    while True:
+        try:
+            ev = next(events)
+        except StopIteration as stop:
+            bar.progress(1.0, text=f"{label}: done")
+            return stop.value
+        bar.progress(min(1.0, ev.fraction), text=f"{label} · {ev.stage}: {ev.message}"[:200])
+        if ev.stage in ("failed", "done", "summary") or (not lines or not lines[-1].startswith(ev.stage)):
+            lines.append(f"{ev.stage}: {ev.message}")
+            log.code("\n".join(lines[-12:]), language=None)
+
+
+def _fields(prefix: str) -> tuple[str, str, dt.date | None, str]:
+    c1, c2 = st.columns(2)
+    patient = c1.text_input("Patient ID", key=f"{prefix}_patient", help="Pseudonymised (salted hash) before it is stored; the raw ID is never kept.")
+    alias = c2.text_input("Alias shown in the dashboard (optional)", key=f"{prefix}_alias", max_chars=40, help="e.g. a study number; never a name")
+    c3, c4 = st.columns(2)
+    use_file_date = c3.checkbox("Use the study date in the file", value=False, key=f"{prefix}_filedate")
+    date = None if use_file_date else c3.date_input("Study date", value=dt.date.today(), key=f"{prefix}_date")
+    arm = c4.text_input("Arm / group (optional)", key=f"{prefix}_arm")
+    return patient, alias, date, arm
+
+
+def _upload_tab() -> None:
+    limit = uploads.MAX_UPLOAD_BYTES // uploads.MB
+    file = st.file_uploader(
+        f"A zipped DICOM folder, or a NIfTI / NRRD / MHA file (at most {limit} MB)",
+        type=["zip", "nii", "gz", "nrrd", "mha"], key="upload_file", max_upload_size=limit,
+    )
+    patient, alias, date, arm = _fields("up")
+    if st.button("Import upload", type="primary", key="import_upload", disabled=file is None):
+        if not patient.strip():
+            st.error("Enter the patient ID (it is pseudonymised before storing).")
+            return
+        scratch = settings().work_dir / f"upload-{uuid.uuid4().hex[:8]}"
+        try:
+            source = uploads.prepare_upload(file.name, file, scratch)
+            from covidtrack import pipeline
+
+            result = _run(
+                pipeline.ingest(source, patient, date, arm=arm or None, alias=alias or None, store=resources.store()),
+                uploads.safe_name(file.name),
+            )
+            resources.invalidate()
+            st.success(("Stored" if result.created else "Already stored") + f" as scan {result.scan_id}.")
+            for w in result.warnings:
+                st.warning(w)
+            st.session_state[widgets.PATIENT_STATE] = result.patient_key
+            st.session_state.pop("patient_select", None)
+            st.page_link(widgets.PAGES["patient"], label="Open this patient", icon=":material/timeline:")
+        except CovidtrackError as err:
+            st.error(f"Not imported: {err}")
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)  # the store keeps its own canonical copy
+
+
+def _server_tab() -> None:
+    st.caption("A DICOM folder or image file on this server, or a manifest CSV with columns patient, date, path[, arm, alias].")
+    path = st.text_input("Server path", key="server_path", placeholder="/data/ct/patient01/2020-03-14 or /data/manifest.csv")
+    is_manifest = path.lower().endswith(".csv")
+    if not is_manifest:
+        patient, alias, date, arm = _fields("srv")
+    if st.button("Import from server", type="primary", key="import_server", disabled=not path):
+        from covidtrack import pipeline
+
+        p = Path(path).expanduser()
+        try:
+            uploads.check_server_path(p)
+            if is_manifest:
+                summary = _run(pipeline.ingest_manifest(p, store=resources.store()), p.name)
+                resources.invalidate()
+                st.success(f"{len(summary.ok)} scan(s) ok, {len(summary.failed)} failed.")
+                for f, msg in summary.failed:
+                    st.error(f"{f}: {msg}")
+            else:
+                if not patient.strip():
+                    st.error("Enter the patient ID (it is pseudonymised before storing).")
+                    return
+                result = _run(pipeline.ingest(p, patient, date, arm=arm or None, alias=alias or None, store=resources.store()), p.name)
+                resources.invalidate()
+                st.success(("Stored" if result.created else "Already stored") + f" as scan {result.scan_id}.")
+        except CovidtrackError as err:
+            st.error(f"Not imported: {err}")
+
+
+def main() -> None:
+    st.title("Import")
+    st.write("Each scan is loaded, checked, segmented, measured and stored in one step; a follow-up is registered to the "
+             "patient's baseline. A file that fails shows why, and nothing of it is stored.")
+    up, srv = st.tabs(["Upload", "Server folder or manifest"])
+    with up:
+        _upload_tab()
+    with srv:
+        _server_tab()
+
+
+main()

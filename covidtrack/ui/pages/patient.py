@@ -1,0 +1,103 @@
+"""Patient timeline: trajectories, lobe heatmap, the aligned follow-up viewer with change map,
+and the per-date metrics table (CSV download)."""
+
+from __future__ import annotations
+
+import pandas as pd
+import streamlit as st
+
+from covidtrack.report import figures
+from covidtrack.report.data import LOBES, M, select, wide_by_date
+from covidtrack.ui import resources, widgets
+
+PLOTLY_CONFIG = {"displaylogo": False, "modeBarButtonsToRemove": ["lasso2d", "select2d"]}
+
+
+def _tiles(frame: pd.DataFrame) -> None:
+    poi = select(frame, M.POI).drop_duplicates("study_date")["value"].to_numpy()
+    inf = select(frame, M.INFECTION_ML).drop_duplicates("study_date")["value"].to_numpy()
+    sev = select(frame, M.SEVERITY).drop_duplicates("study_date")["value"].to_numpy()
+    cols = st.columns(4)
+    if len(poi):
+        cols[0].metric("Latest POI", f"{poi[-1]:.1f} %", f"{poi[-1] - poi[0]:+.1f} pts vs baseline", delta_color="inverse")
+    if len(inf):
+        cols[1].metric("Infection volume", f"{inf[-1]:.0f} mL", f"{inf[-1] - inf[0]:+.0f} mL vs baseline", delta_color="inverse")
+    if len(sev):
+        cols[2].metric("Severity score", f"{sev[-1]:.0f} / 25", f"{sev[-1] - sev[0]:+.0f} vs baseline", delta_color="inverse")
+    if len(poi):
+        cols[3].metric("Peak POI", f"{poi.max():.1f} %")
+
+
+def _alias_editor(patient_key: str, label: str) -> None:
+    with st.sidebar.expander("Alias"):
+        st.caption("A label you choose (e.g. bed number). Never type a name or a hospital ID.")
+        new = st.text_input("Alias", value="" if label == patient_key else label, key=f"alias_{patient_key}", max_chars=40)
+        if st.button("Save alias", key="save_alias"):
+            resources.store().set_patient(patient_key, alias=new.strip() or None)
+            resources.invalidate()
+            st.rerun()
+
+
+def _viewer(patient_key: str, rev: resources.Revision, lobe_view: bool) -> None:
+    st.subheader("Aligned follow-up viewer")
+    series = resources.aligned(patient_key, rev)
+    c1, c2, c3 = st.columns([1, 2, 3])
+    plane = c1.radio("Plane", ["axial", "coronal"], horizontal=True, key="viewer_plane")
+    overlay_names = {"infection + lobes" if lobe_view else "infection + lungs": "lobes" if lobe_view else "regions", "change vs baseline": "change", "CT only": "none"}
+    overlay = overlay_names[c2.radio("Overlay", list(overlay_names), horizontal=True, key="viewer_overlay")]
+    n = series.n_slices(plane)
+    default = series.key_slice(plane)
+    index = c3.slider(f"Baseline {plane} slice (0-{n - 1})", 0, n - 1, default, key=f"viewer_slice_{plane}")
+    if not all(series.registered):
+        st.warning("Some follow-ups have no usable registration yet; they are shown resized, not anatomically aligned.")
+    st.plotly_chart(figures.viewer_figure(series, plane, index, overlay), key="viewer", config=PLOTLY_CONFIG, width="stretch")
+    with st.expander("Follow-up sequence (animation through the dates)"):
+        st.plotly_chart(figures.viewer_animation(series, plane, index, overlay), key="viewer_animation", config=PLOTLY_CONFIG, width="content")
+
+
+def main() -> None:
+    rev = resources.revision()
+    summary = resources.summary(rev)
+    if summary.empty:
+        st.title("Patient timeline")
+        widgets.empty_store()
+        return
+    key = widgets.current_patient(summary)
+    row = summary[summary["patient_key"] == key].iloc[0]
+    frame = resources.patient(key, rev)
+    st.title(f"Patient {row['label']}")
+    dates = sorted(pd.to_datetime(frame["study_date"]).dt.date.unique()) if len(frame) else []
+    versions = ", ".join(sorted(frame["model_version"].dropna().unique())) if len(frame) else "–"
+    st.caption(
+        f"Key `{key}` · arm **{row['arm']}** · {row['scans']} scans"
+        + (f" from {dates[0]} to {dates[-1]}" if dates else "")
+        + f" · models: {versions}"
+    )
+    _alias_editor(key, str(row["label"]))
+    x = "date" if st.sidebar.radio("Time axis", ["study date", "days since baseline"], key="x_axis") == "study date" else "day"
+    lobe_view = st.sidebar.radio("Regions", ["5-lobe view", "4-region view"], key="region_view") == "5-lobe view"
+    if frame.empty:
+        st.info("No metrics for this patient yet.")
+        return
+    _tiles(frame)
+    st.subheader("Trajectories")
+    st.plotly_chart(figures.trajectory_figure(frame, x=x, lobe_view=lobe_view), key="trajectory", config=PLOTLY_CONFIG, width="stretch")
+    if lobe_view and frame["region"].isin(LOBES).any():
+        st.plotly_chart(figures.lobe_heatmap(frame, x=x), key="lobe_heatmap", config=PLOTLY_CONFIG, width="stretch")
+    _viewer(key, rev, lobe_view)
+    change = resources.change(key, rev)
+    if len(change):
+        st.plotly_chart(figures.change_bar_figure(change), key="change_bars", config=PLOTLY_CONFIG, width="stretch")
+    st.subheader("Metrics per date")
+    table = wide_by_date(frame)
+    if not lobe_view:
+        table = table[~table["region"].isin(LOBES)]
+    st.dataframe(table, hide_index=True, width="stretch", key="metrics_table")
+    st.download_button(
+        "Download CSV", table.to_csv(index=False).encode("utf-8"), file_name=f"covidtrack-{row['label']}-metrics.csv",
+        mime="text/csv", key="download_csv",
+    )
+    widgets.disclaimer()
+
+
+main()

@@ -1,0 +1,84 @@
+"""Cached resources of the dashboard.
+
+The Store (one DuckDB connection per process, which DuckDB requires for a writer) is cached with
+``st.cache_resource``; tables with ``st.cache_data`` keyed by the store revision (row counts), so
+a new import shows up on the next rerun without any manual refresh while warm pages cost no
+queries. Aligned image series are large, so they are cached as resources (no copy per rerun).
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+import streamlit as st
+
+from covidtrack.report import load
+from covidtrack.report.data import patient_summary
+from covidtrack.report.viewer import AlignedSeries
+from covidtrack.store import Store
+
+Revision = tuple[int, ...]
+
+
+@st.cache_resource(show_spinner=False)
+def store() -> Store:
+    """The process-wide store (``COVIDTRACK_HOME``); opened once, migrated if needed."""
+    return Store.open()
+
+
+def revision() -> Revision:
+    """Changes whenever rows are added (a few count(*) queries: milliseconds)."""
+    return load.store_revision(store())
+
+
+@st.cache_data(show_spinner=False, max_entries=8)
+def cohort(rev: Revision) -> pd.DataFrame:
+    """The cohort frame (see covidtrack.report.data); ``rev`` is only the cache key."""
+    del rev
+    return load.cohort_frame(store())
+
+
+@st.cache_data(show_spinner=False, max_entries=8)
+def summary(rev: Revision) -> pd.DataFrame:
+    """One row per patient for the Patients page, including patients without metrics yet."""
+    table = patient_summary(cohort(rev))
+    pats = store().patients()
+    missing = pats[~pats["patient_key"].isin(table["patient_key"])]
+    if len(missing):
+        extra = pd.DataFrame(
+            {
+                "patient_key": missing["patient_key"],
+                "label": [a if isinstance(a, str) and a else k for a, k in zip(missing["alias"], missing["patient_key"])],
+                "arm": missing["arm"].fillna("(no arm)"),
+                "scans": missing["n_scans"].astype(int),
+                "first": pd.to_datetime(missing["first_date"]).dt.date,
+                "last": pd.to_datetime(missing["last_date"]).dt.date,
+                "trend": "·",
+            }
+        )
+        table = pd.concat([table, extra], ignore_index=True)
+    return table
+
+
+@st.cache_data(show_spinner=False, max_entries=32)
+def patient(patient_key: str, rev: Revision) -> pd.DataFrame:
+    del rev
+    return load.patient_frame(store(), patient_key)
+
+
+@st.cache_data(show_spinner=False, max_entries=32)
+def change(patient_key: str, rev: Revision) -> pd.DataFrame:
+    del rev
+    return load.change_table(store(), patient_key)
+
+
+@st.cache_resource(show_spinner="Aligning the follow-ups to the baseline ...", max_entries=6)
+def aligned(patient_key: str, rev: Revision) -> AlignedSeries:
+    """Every timepoint in baseline space (warping costs seconds; done once per patient and revision)."""
+    del rev
+    return load.aligned_series(store(), patient_key)
+
+
+def invalidate() -> None:
+    """Forget cached tables after this process wrote to the store (alias edits, imports)."""
+    st.cache_data.clear()
+    aligned.clear()

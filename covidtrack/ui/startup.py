@@ -1,0 +1,99 @@
+"""First-start gate: on an empty store, build the demo cohort with a visible progress bar.
+
+The build runs in ONE background thread per server process (a cached resource), so a browser
+refresh or a second visitor watches the same job instead of starting another one; each session
+polls the job's latest event and reruns until it is done, then the dashboard opens on the data.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+
+import streamlit as st
+
+from covidtrack import bootstrap
+from covidtrack.events import Progress
+from covidtrack.ui import resources
+
+
+_RUNNING = threading.Event()
+
+
+@dataclass
+class BootstrapJob:
+    """Mutable job state shared by sessions (read-only for them; the worker thread writes)."""
+
+    latest: Progress = field(default_factory=lambda: Progress("demo", 0.0, "starting"))
+    failures: list[tuple[str, str]] = field(default_factory=list)
+    error: str = ""
+    done: bool = False
+    started: float = field(default_factory=time.perf_counter)
+    thread: threading.Thread | None = None
+
+    def run(self) -> None:
+        _RUNNING.set()
+        try:
+            events = bootstrap.bootstrap(store=resources.store())
+            while True:
+                try:
+                    self.latest = next(events)
+                except StopIteration as stop:
+                    self.failures = list(stop.value.failed)
+                    break
+        except Exception as err:  # shown on the page with what to do; the app stays usable
+            self.error = f"{type(err).__name__}: {err}"
+        finally:
+            self.done = True
+            _RUNNING.clear()
+
+
+@st.cache_resource(show_spinner=False)
+def _job() -> BootstrapJob:
+    job = BootstrapJob()
+    job.thread = threading.Thread(target=job.run, name="covidtrack-demo-bootstrap", daemon=True)
+    job.thread.start()
+    return job
+
+
+def gate() -> bool:
+    """Show the bootstrap progress and return False while the demo is being built.
+
+    Returns True when the dashboard can render (data present, demo disabled, or build finished).
+    """
+    if "bootstrap_checked" in st.session_state:
+        return True
+    if not bootstrap.needs_bootstrap(resources.store()) and not _job_running():
+        st.session_state["bootstrap_checked"] = True
+        return True
+    job = _job()
+    st.title("covidtrack")
+    st.subheader("First start: building the demo cohort")
+    st.write(
+        f"{bootstrap.DEMO_PATIENTS} synthetic patients over 3-6 dates in two treatment arms, plus one real CT, "
+        "go through the real pipeline (segmentation, metrics, registration). This runs once; "
+        "the dashboard opens by itself when it is done."
+    )
+    elapsed = time.perf_counter() - job.started
+    ev = job.latest
+    st.progress(min(1.0, ev.fraction), text=f"{ev.fraction:.0%} · {ev.stage}: {ev.message} · {elapsed:.0f} s")
+    if job.done:
+        if job.error:
+            st.error(f"The demo cohort could not be built: {job.error}. Import your own scans on the Import page.")
+        if job.failures:
+            st.warning("Some demo files failed: " + "; ".join(f"{p}: {m}" for p, m in job.failures))
+        resources.invalidate()
+        st.session_state["bootstrap_checked"] = True
+        if not job.error:
+            st.rerun()
+        return True
+    time.sleep(1.0)
+    st.rerun()
+    return False
+
+
+def _job_running() -> bool:
+    """True while a build started by another session is still running in this process (the
+    store is no longer empty then, but the demo is not complete)."""
+    return _RUNNING.is_set()

@@ -1,0 +1,56 @@
+"""Small widgets shared by pages. Patients are shown by alias or pseudonymous key only."""
+
+from __future__ import annotations
+
+import pandas as pd
+import streamlit as st
+
+from covidtrack.report.pdf import DISCLAIMER
+
+PATIENT_STATE = "patient_key"
+PAGES = {
+    "patients": "covidtrack/ui/pages/patients.py",
+    "patient": "covidtrack/ui/pages/patient.py",
+    "cohort": "covidtrack/ui/pages/cohort.py",
+    "import": "covidtrack/ui/pages/import_data.py",
+    "report": "covidtrack/ui/pages/report.py",
+}
+
+
+def disclaimer() -> None:
+    st.caption(DISCLAIMER)
+
+
+def empty_store() -> None:
+    st.info("The store holds no patients yet. Import a scan on the **Import** page.")
+    st.page_link(PAGES["import"], label="Go to Import", icon=":material/upload:")
+
+
+def current_patient(summary: pd.DataFrame, sidebar: bool = True) -> str | None:
+    """The patient to show: ``?patient=KEY`` in the URL, else the last one opened, else the first.
+
+    A selectbox (alias / key labels) lets the user switch; the choice is mirrored to the URL so a
+    link opens the same patient (the key is pseudonymous, so the URL carries no identity).
+    """
+    if summary.empty:
+        return None
+    keys = summary["patient_key"].tolist()
+    labels = dict(zip(summary["patient_key"], summary["label"]))
+    wanted = st.query_params.get("patient") or st.session_state.get(PATIENT_STATE)
+    index = keys.index(wanted) if wanted in keys else 0
+    where = st.sidebar if sidebar else st
+    chosen = where.selectbox(
+        "Patient", keys, index=index, format_func=lambda k: f"{labels[k]}" + ("" if labels[k] == k else f" · {k[:10]}"),
+        key="patient_select",
+    )
+    st.session_state[PATIENT_STATE] = chosen
+    if st.query_params.get("patient") != chosen:
+        st.query_params["patient"] = chosen
+    return chosen
+
+
+def open_patient(patient_key: str) -> None:
+    """Go to the patient page for ``patient_key``."""
+    st.session_state[PATIENT_STATE] = patient_key
+    st.session_state.pop("patient_select", None)  # let the page pick up the new patient
+    st.switch_page(PAGES["patient"], query_params={"patient": patient_key})
