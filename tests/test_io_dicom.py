@@ -9,7 +9,10 @@ import numpy as np
 import pytest
 
 from covidtrack.io import list_series, load_ct, patient_key, volume_hash
-from tests import dicomgen as gen
+try:
+    from tests import dicomgen as gen
+except ImportError:  # pytest run without the repo root on sys.path
+    import dicomgen as gen  # type: ignore[no-redef]
 
 ORIENTATIONS = {
     "axial": gen.AXIAL,

@@ -161,8 +161,12 @@ def apply_hu_floor(array: np.ndarray) -> list[str]:
     Air is -1000 HU; scanners fill the corners outside the field of view with -2048 or -3024,
     which would otherwise distort density statistics. Returns a note when anything changed.
     """
-    below = int(np.count_nonzero(array < HU_FLOOR))
+    below = 0
+    for slab in array:  # slab by slab: no full-size temporary mask on 512x512x600 volumes
+        n = int(np.count_nonzero(slab < HU_FLOOR))
+        if n:
+            below += n
+            np.maximum(slab, HU_FLOOR, out=slab)
     if not below:
         return []
-    np.maximum(array, HU_FLOOR, out=array)
     return [f"{below} voxels below {HU_FLOOR} HU (field-of-view padding) set to {HU_FLOOR} HU"]
