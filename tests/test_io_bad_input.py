@@ -192,6 +192,18 @@ def test_4d_file_is_refused(tmp_path: Path) -> None:
     _raises(GeometryError, path, "4D")
 
 
+def test_enhanced_multiframe_is_refused_with_a_conversion_hint(tmp_path: Path, canonical: np.ndarray) -> None:
+    import pydicom
+
+    files = gen.write_series(tmp_path / "src", canonical)
+    ds = pydicom.dcmread(files[0])
+    ds.NumberOfFrames = len(files)
+    ds.PixelData = b"".join(pydicom.dcmread(f).PixelData for f in files)
+    (tmp_path / "mf").mkdir()
+    ds.save_as(tmp_path / "mf" / "enhanced.dcm", enforce_file_format=True)
+    _raises(UnreadableFileError, tmp_path / "mf", "multi-frame", "dcm2niix")
+
+
 def test_unsupported_file_type(tmp_path: Path) -> None:
     path = tmp_path / "picture.jpg"
     path.write_bytes(b"\xff\xd8\xff" + b"\0" * 100)

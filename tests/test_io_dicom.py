@@ -113,3 +113,14 @@ def test_gantry_tilt_is_resampled_onto_an_orthogonal_grid(tmp_path: Path) -> Non
     row0 = int(rod_rows[0][0])
     y_world = vol.origin[1] + row0 * vol.spacing[1]
     assert y_world == pytest.approx(-20.0 + 14 * dj, abs=1e-3)
+
+
+def test_localizer_in_the_ct_series_is_ignored(tmp_path: Path, canonical: np.ndarray) -> None:
+    uid = "1.2.826.0.1.3680043.8.498.77"
+    gen.write_series(tmp_path / "axial", canonical, series_uid=uid)
+    scout = gen.write_series(tmp_path / "scout", canonical, series_uid=uid, orientation=gen.CORONAL,
+                             image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"), skip_slices=tuple(range(1, 24)))
+    assert len(scout) == 1
+    vol = load_ct(tmp_path)
+    np.testing.assert_array_equal(vol.array, canonical)
+    assert any("localizer" in note for note in vol.meta.notes)

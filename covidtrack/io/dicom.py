@@ -454,6 +454,12 @@ def read_series(scan: DicomScan, info: SeriesInfo) -> tuple[np.ndarray, SourceGr
 
     folder = scan.folder
     headers = scan.headers[info.series_uid]
+    notes: list[str] = []
+    images = tuple(h for h in headers if not set(h.image_type) & _LOCALIZER_WORDS)
+    if images and len(images) < len(headers):
+        # some scanners file the scout in the CT series; it is not part of the volume
+        notes.append(f"{len(headers) - len(images)} localizer image(s) in the series ignored")
+        headers = images
     _check_series_headers(info, headers, folder)
     geo = _stack_geometry(headers, folder)
     first = headers[int(geo.order[0])]
@@ -472,7 +478,6 @@ def read_series(scan: DicomScan, info: SeriesInfo) -> tuple[np.ndarray, SourceGr
         stack[out_k], n_clip = validate.as_int16(np.asarray(hu))
         clipped += n_clip
     validate.check_hu(stack, folder)
-    notes: list[str] = []
     if clipped:
         notes.append(f"{clipped} voxels outside the int16 range clipped")
     notes += validate.apply_hu_floor(stack)
