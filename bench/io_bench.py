@@ -60,8 +60,10 @@ def _case_fn(case: str, arg: str):  # noqa: ANN202 - returns a zero-argument cal
     if case == "phantom":
         from covidtrack.phantom import make_series
 
-        shape = tuple(int(v) for v in arg.split("x"))
-        return lambda: make_series(seed=0, n_timepoints=5, shape=shape)
+        shape_text, spacing_text = arg.split("@")
+        shape = tuple(int(v) for v in shape_text.split("x"))
+        spacing = tuple(float(v) for v in spacing_text.split("x"))
+        return lambda: make_series(seed=0, n_timepoints=5, shape=shape, spacing=spacing)
     raise ValueError(case)
 
 
@@ -148,10 +150,10 @@ def main() -> None:
          "load_ct on the 79-slice 64x64 CIP sample series in data/samples"),
     ]
     if not args.skip_phantom:
-        for shape in ("160x256x256", "80x128x128"):
-            cases.append((f"phantom_{shape}", "phantom", shape,
-                          f"covidtrack.phantom.make_series(seed=0, n_timepoints=5, shape={shape} (z, y, x)): "
-                          "5 volumes with truth and displacement fields"))
+        for shape, spacing in (("160x256x256", "2.0x1.4x1.4"), ("72x128x128", "4.5x2.7x2.7")):
+            cases.append((f"phantom_{shape}", "phantom", f"{shape}@{spacing}",
+                          f"covidtrack.phantom.make_series(seed=0, n_timepoints=5, shape={shape}, spacing={spacing} "
+                          "(z, y, x) mm): 5 volumes with truth (lungs, lobes, infection) and displacement fields"))
     results: dict[str, object] = {}
     for name, case, arg, what in cases:
         if case != "phantom" and not Path(arg).exists():
