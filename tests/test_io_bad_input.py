@@ -117,9 +117,18 @@ def test_non_uniform_spacing(tmp_path: Path, canonical: np.ndarray) -> None:
     _raises(GeometryError, tmp_path, "non-uniform slice spacing")
 
 
-def test_small_position_rounding_is_accepted(tmp_path: Path, canonical: np.ndarray) -> None:
-    gen.write_series(tmp_path, canonical, position_jitter={4: 0.02})  # < 2 % of 2.5 mm
-    assert load_ct(tmp_path).shape == canonical.shape
+def test_non_uniform_spacing_partway(tmp_path: Path, canonical: np.ndarray) -> None:
+    # the pitch changes from 2.5 to 3.0 mm halfway: every step is below the gap limit
+    gen.write_series(tmp_path, canonical, position_jitter={k: 0.5 * (k - 5) for k in range(6, 12)})
+    _raises(GeometryError, tmp_path, "non-uniform slice spacing")
+
+
+def test_positions_rounded_to_a_tenth_of_a_mm_are_accepted(tmp_path: Path, canonical: np.ndarray) -> None:
+    spacing = 0.625  # thin slices whose header positions were rounded to 0.1 mm
+    jitter = {k: round(k * spacing, 1) - k * spacing for k in range(canonical.shape[0])}
+    gen.write_series(tmp_path, canonical, spacing=(spacing, 1.5, 1.5), position_jitter=jitter)
+    vol = load_ct(tmp_path)
+    assert vol.shape == canonical.shape and vol.spacing[0] == pytest.approx(spacing, abs=0.01)
 
 
 def test_duplicate_positions(tmp_path: Path, canonical: np.ndarray) -> None:

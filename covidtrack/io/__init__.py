@@ -53,7 +53,7 @@ def load_ct(path: str | Path, series_uid: str | None = None) -> Volume:
     if path.is_file():
         if image_suffix(path):
             return read_volume_file(path)
-        return _single_dicom_file(path)
+        dicom.refuse_single_file(path, IMAGE_SUFFIXES)
     scan = dicom.scan_folder(path)
     if scan.unreadable:
         bad, reason = scan.unreadable[0]
@@ -72,29 +72,6 @@ def load_ct(path: str | Path, series_uid: str | None = None) -> Volume:
         direction=geo.direction,
         meta=meta,
         source=grid,
-    )
-
-
-def _single_dicom_file(path: Path) -> Volume:
-    from covidtrack.errors import GeometryError
-    from covidtrack.io import dicom
-
-    ds, reason = dicom._read_header(path)
-    if ds is None:
-        if reason:
-            raise UnreadableFileError(path, reason, "re-export or re-copy the file")
-        raise UnreadableFileError(
-            path, "is neither DICOM nor a supported image file",
-            f"pass a DICOM folder or a file ending in {', '.join(IMAGE_SUFFIXES)}",
-        )
-    modality = dicom._text(ds, "Modality").upper()
-    if modality and modality != "CT":
-        from covidtrack.errors import NotCTError
-
-        raise NotCTError(path, f"modality {modality}, not CT", "covidtrack analyses CT scans; load a CT series")
-    raise GeometryError(
-        path, "a single DICOM file (one 2D slice), not a 3D CT volume",
-        f"pass the folder that holds the whole series ({path.parent})",
     )
 
 

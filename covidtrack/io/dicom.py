@@ -186,13 +186,28 @@ def _slice_header(path: Path, ds: object) -> SliceHeader:
     )
 
 
+def _iop_groups(headers: list[SliceHeader] | tuple[SliceHeader, ...], tol: float = 1e-3) -> list[list[SliceHeader]]:
+    """Slices grouped by ImageOrientationPatient (cosines equal within ``tol``; rounding differs by scanner)."""
+    groups: list[list[SliceHeader]] = []
+    for h in headers:
+        if h.orientation is None:
+            continue
+        for group in groups:
+            if np.max(np.abs(np.subtract(group[0].orientation, h.orientation))) <= tol:  # type: ignore[arg-type]
+                group.append(h)
+                break
+        else:
+            groups.append([h])
+    return groups
+
+
 def _orientation_name(headers: list[SliceHeader]) -> str:
-    iops = {tuple(np.round(h.orientation, 3)) for h in headers if h.orientation is not None}
-    if not iops:
+    groups = _iop_groups(headers)
+    if not groups:
         return "unknown"
-    if len(iops) > 1:
+    if len(groups) > 1:
         return "mixed"
-    iop = np.array(next(iter(iops)))
+    iop = np.array(groups[0][0].orientation)
     normal = np.cross(iop[:3], iop[3:])
     axis = int(np.argmax(np.abs(normal)))
     # within ~10 degrees of a main axis counts as that plane (small obliques are common)
@@ -305,6 +320,25 @@ def choose_series(scan: DicomScan, series_uid: str | None) -> SeriesInfo:
     return max(axial, key=lambda s: (s.n_slices, s.series_uid))
 
 
+def refuse_single_file(path: Path, image_suffixes: tuple[str, ...]) -> None:
+    """Explain why a single non-image file cannot be loaded (always raises)."""
+    ds, reason = _read_header(path)
+    if ds is None:
+        if reason:
+            raise UnreadableFileError(path, reason, "re-export or re-copy the file")
+        raise UnreadableFileError(
+            path, "is neither DICOM nor a supported image file",
+            f"pass a DICOM folder or a file ending in {', '.join(image_suffixes)}",
+        )
+    modality = _text(ds, "Modality").upper()
+    if modality and modality != "CT":
+        raise NotCTError(path, f"modality {modality}, not CT", "covidtrack analyses CT scans; load a CT series")
+    raise GeometryError(
+        path, "a single DICOM file (one 2D slice), not a 3D CT volume",
+        f"pass the folder that holds the whole series ({path.parent})",
+    )
+
+
 # --- reading one series -------------------------------------------------------------------------
 def _check_series_headers(info: SeriesInfo, headers: tuple[SliceHeader, ...], folder: Path) -> None:
     if info.modality != "CT":
@@ -330,11 +364,12 @@ def _check_series_headers(info: SeriesInfo, headers: tuple[SliceHeader, ...], fo
             "no ImagePositionPatient / ImageOrientationPatient / PixelSpacing: the slices cannot be placed in 3D",
             "export the original CT images from the scanner or PACS (not secondary captures)",
         )
-    iops = defaultdict(list)
-    for h in headers:
-        iops[tuple(np.round(h.orientation, 3))].append(h)  # type: ignore[arg-type]
-    if len(iops) > 1:
-        parts = "; ".join(f"{len(v)} slices with {list(k)} (e.g. {v[0].path.name})" for k, v in iops.items())
+    groups = _iop_groups(headers)
+    if len(groups) > 1:
+        parts = "; ".join(
+            f"{len(g)} slices with {[round(v, 3) for v in g[0].orientation]} (e.g. {g[0].path.name})"  # type: ignore[union-attr]
+            for g in groups
+        )
         raise GeometryError(
             folder, f"mixed slice orientations in one series: {parts}",
             "export each orientation (axial, coronal, ...) as its own series and load the axial one",

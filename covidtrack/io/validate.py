@@ -27,8 +27,8 @@ from covidtrack.errors import GeometryError, IntensityError
 
 MIN_SLICES = 10
 GAP_FACTOR = 1.5  # a step larger than this times the median spacing means missing slices
-SPACING_REL_TOL = 0.02  # steps may differ from the median by 2 % (+ 0.01 mm rounding)
-SPACING_ABS_TOL_MM = 0.01
+SPACING_REL_TOL = 0.1  # each slice within 10 % of the spacing of one uniform grid ...
+SPACING_ABS_TOL_MM = 0.06  # ... or 0.06 mm (positions rounded to 0.1 mm in some headers)
 HU_FLOOR = -1024  # physical minimum (air); lower values are FOV padding and are clipped to it
 AIR_BAND_HU = (-1150.0, -850.0)
 MIN_AIR_FRACTION = 0.002
@@ -131,17 +131,23 @@ def check_slice_steps(positions_mm: np.ndarray, path: str | Path, names: list[st
             f"first a {steps[i]:.3g} mm step between {label(i)}",
             "re-export the complete series; covidtrack does not interpolate missing slices",
         )
-    tol = SPACING_REL_TOL * median + SPACING_ABS_TOL_MM
-    bad = np.flatnonzero(np.abs(steps - median) > tol)
-    if bad.size:
-        i = int(bad[0])
+    # Uniformity is judged on positions, not steps: headers round positions (sometimes to 0.1 mm),
+    # which makes single steps jitter, but every slice must sit close to one uniform grid.
+    k = np.arange(n, dtype=float)
+    slope, intercept = np.polyfit(k, np.asarray(positions_mm, dtype=float), 1)
+    resid = np.asarray(positions_mm, dtype=float) - (intercept + slope * k)
+    tol = max(SPACING_ABS_TOL_MM, SPACING_REL_TOL * slope)
+    worst = int(np.argmax(np.abs(resid)))
+    if abs(resid[worst]) > tol:
+        where = names[worst] if names else f"slice {worst}"
         raise GeometryError(
             path, f"non-uniform slice spacing: steps from {steps.min():.4g} to {steps.max():.4g} mm "
-            f"(median {median:.4g} mm), first odd step {steps[i]:.4g} mm between {label(i)}",
+            f"(median {median:.4g} mm); {where} lies {resid[worst]:+.3g} mm off a uniform stack "
+            f"(tolerance {tol:.3g} mm)",
             "reconstruct or resample the series to uniform spacing (e.g. in the scanner console, 3D Slicer "
             "or dcm2niix), then load it again",
         )
-    return float(np.mean(steps))
+    return float(slope)
 
 
 def as_int16(values: np.ndarray) -> tuple[np.ndarray, int]:
