@@ -124,3 +124,48 @@ def test_localizer_in_the_ct_series_is_ignored(tmp_path: Path, canonical: np.nda
     vol = load_ct(tmp_path)
     np.testing.assert_array_equal(vol.array, canonical)
     assert any("localizer" in note for note in vol.meta.notes)
+
+
+def test_save_mask_lands_on_the_dicom_slices(tmp_path: Path, canonical: np.ndarray) -> None:
+    """A mask saved for a coronal series overlays the DICOM pixels as stored, slice by slice."""
+    import pydicom
+    import SimpleITK as sitk
+
+    from covidtrack.io import load_mask, save_mask
+
+    files = gen.write_series(tmp_path / "cor", canonical, orientation=gen.CORONAL, reverse_files=True)
+    vol = load_ct(tmp_path / "cor")
+    marker = (vol.array > 500).astype(np.uint8)
+    out = save_mask(marker, vol, tmp_path / "marker.nii.gz")
+    written = sitk.ReadImage(str(out))
+    # the DICOM slices as stored, ordered along their normal (anterior -> posterior for this IOP)
+    datasets = sorted((pydicom.dcmread(f) for f in files), key=lambda d: float(d.ImagePositionPatient[1]))
+    stored = np.stack([d.pixel_array.astype(int) + int(d.RescaleIntercept) for d in datasets])
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(written), (stored > 500).astype(np.uint8))
+    iop = np.asarray(gen.CORONAL)
+    np.testing.assert_allclose(np.asarray(written.GetDirection()).reshape(3, 3)[:, 0], iop[:3], atol=1e-6)
+    np.testing.assert_allclose(np.asarray(written.GetDirection()).reshape(3, 3)[:, 1], iop[3:], atol=1e-6)
+    np.testing.assert_allclose(written.GetOrigin(), [float(v) for v in datasets[0].ImagePositionPatient], atol=1e-4)
+    np.testing.assert_array_equal(load_mask(out, vol), marker)
+
+
+def test_save_mask_without_source_grid_uses_the_canonical_grid(tmp_path: Path, canonical: np.ndarray) -> None:
+    import SimpleITK as sitk
+
+    from covidtrack.io import load_mask, save_mask
+    from covidtrack.volume import Volume
+
+    vol = Volume(array=canonical.copy(), spacing=(2.0, 1.0, 1.5), origin=(1.0, 2.0, 3.0))  # e.g. a phantom
+    labels = (canonical > -500).astype(np.uint8)
+    out = save_mask(labels, vol, tmp_path / "m.nii")
+    written = sitk.ReadImage(str(out))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(written), labels)
+    np.testing.assert_allclose(written.GetSpacing(), (1.5, 1.0, 2.0))
+    np.testing.assert_allclose(written.GetOrigin(), (1.0, 2.0, 3.0), atol=1e-5)
+    np.testing.assert_array_equal(load_mask(out, vol), labels)
+    with pytest.raises(ValueError, match="shape"):
+        save_mask(labels[:-1], vol, tmp_path / "bad.nii.gz")
+    from covidtrack.errors import InputError
+
+    with pytest.raises(InputError, match="nii"):
+        save_mask(labels, vol, tmp_path / "m.png")
