@@ -187,7 +187,7 @@ def viewer_figure(series: AlignedSeries, plane: Plane, index: int, overlay: Over
     _add_legend(fig, overlay)
     fig.update_layout(
         height=height, margin=dict(l=5, r=5, t=50, b=5), font=FONT, template="plotly_white",
-        legend=dict(orientation="h", yanchor="top", y=-0.02, xanchor="left", x=0), plot_bgcolor="black",
+        legend=dict(orientation="h", yanchor="top", y=-0.02, xanchor="left", x=0),
     )
     fig.update_annotations(font_size=11)
     return fig
@@ -307,7 +307,7 @@ def change_box_figure(changes: pd.DataFrame, metric: str = M.POI, height: int = 
             )
         )
     fig.add_hline(y=0, line=dict(color="#888", dash="dot"))
-    fig.update_yaxes(title_text=f"Change in {metric_label(metric)} (last - baseline)")
-    _layout(fig, "Change from baseline at the last follow-up", height)
+    fig.update_yaxes(title_text=f"Change in {metric_label(metric)}<br>(last - baseline)")
+    _layout(fig, None, height)  # pages and the PDF put their own heading above it
     fig.update_layout(hovermode="closest", showlegend=False)
     return fig

@@ -90,30 +90,25 @@ class CaseData:
 # Reading
 # --------------------------------------------------------------------------------------------
 def read_mask_canonical(path: Path) -> tuple[np.ndarray, tuple[float, float, float]]:
-    """A mask file as a canonical ``(z, y, x)`` array and its ``(z, y, x)`` spacing (mm)."""
-    try:
-        from covidtrack.io import load_mask  # type: ignore[attr-defined]
-    except ImportError:
-        load_mask = None
-    if load_mask is not None:
-        try:
-            m = load_mask(path)
-            arr = getattr(m, "array", m)
-            spacing = getattr(m, "spacing", None)
-            if spacing is not None:
-                return np.asarray(arr), tuple(float(s) for s in spacing)  # type: ignore[return-value]
-        except TypeError:
-            pass
+    """A mask file as a canonical ``(z, y, x)`` array and its ``(z, y, x)`` spacing (mm).
+
+    Uses covidtrack.io's lossless axis permutation / flip, so the mask lands on the same
+    canonical grid as a CT loaded from the same geometry by :func:`covidtrack.io.load_ct`.
+    """
     import SimpleITK as sitk
 
     from covidtrack.errors import UnreadableFileError
+    from covidtrack.io import orient
+    from covidtrack.io.files import source_grid
 
     try:
         img = sitk.ReadImage(str(path))
     except RuntimeError as err:
         raise UnreadableFileError(path, f"SimpleITK cannot read it ({err})", "pass a NIfTI, NRRD or MHA mask") from err
-    img = sitk.DICOMOrient(img, "LPS")  # canonical (z, y, x): x -> L, y -> P, z -> S
-    return sitk.GetArrayFromImage(img), tuple(float(s) for s in img.GetSpacing()[::-1])  # type: ignore[return-value]
+    grid = source_grid(img)
+    arr = np.ascontiguousarray(orient.to_canonical(sitk.GetArrayFromImage(img), grid))
+    spacing = orient.canonical_geometry(grid).spacing[::-1]
+    return arr, tuple(float(s) for s in spacing)  # type: ignore[return-value]
 
 
 def max_pool(arr: np.ndarray, f: tuple[int, int, int]) -> np.ndarray:

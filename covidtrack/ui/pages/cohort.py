@@ -57,14 +57,14 @@ def main() -> None:
                     [
                         {
                             "arms": f"{t.arm_a} vs {t.arm_b}", "n": f"{t.n_a} / {t.n_b}",
-                            "median change": f"{t.median_a:+.2f} / {t.median_b:+.2f}", "U": t.u, "p": t.p_value,
-                            "rank-biserial r": t.rank_biserial,
+                            "median Δ": f"{t.median_a:+.2f} / {t.median_b:+.2f}", "p": t.p_value,
+                            "r": t.rank_biserial, "U": t.u,
                         }
                         for t in tests
                     ]
                 ),
-                hide_index=True, key="cohort_tests",
-                column_config={"p": st.column_config.NumberColumn(format="%.3g"), "rank-biserial r": st.column_config.NumberColumn(format="%+.2f")},
+                hide_index=True, key="cohort_tests", width="stretch",
+                column_config={"p": st.column_config.NumberColumn(format="%.3g"), "r": st.column_config.NumberColumn("r (rank-biserial)", format="%+.2f")},
             )
             st.caption("r > 0: the first arm tends to have the larger (worse) change in POI; |r| 0.1 small, 0.3 medium, 0.5 large.")
         else:

@@ -7,10 +7,17 @@ import pandas as pd
 import streamlit as st
 
 from covidtrack.report import figures
-from covidtrack.report.data import LOBES, M, select, wide_by_date
+from covidtrack.report.data import LOBES, M, metric_label, select, wide_by_date
 from covidtrack.ui import resources, widgets
 
+# Columns of the on-screen table (the CSV download has every metric).
+TABLE_METRICS = (M.POI, M.POI_GGO, M.POI_CONS, M.INFECTION_ML, M.GGO_ML, M.CONS_ML, M.LUNG_ML, M.SEVERITY, M.MEAN_HU, M.LESIONS)
+
 PLOTLY_CONFIG = {"displaylogo": False, "modeBarButtonsToRemove": ["lasso2d", "select2d"]}
+
+
+def _delta(value: float, unit: str, fmt: str = "+.1f") -> str | None:
+    return None if abs(value) < 1e-9 else f"{value:{fmt}} {unit} vs baseline"
 
 
 def _tiles(frame: pd.DataFrame) -> None:
@@ -19,11 +26,11 @@ def _tiles(frame: pd.DataFrame) -> None:
     sev = select(frame, M.SEVERITY).drop_duplicates("study_date")["value"].to_numpy()
     cols = st.columns(4)
     if len(poi):
-        cols[0].metric("Latest POI", f"{poi[-1]:.1f} %", f"{poi[-1] - poi[0]:+.1f} pts vs baseline", delta_color="inverse")
+        cols[0].metric("Latest POI", f"{poi[-1]:.1f} %", _delta(poi[-1] - poi[0], "pts"), delta_color="inverse")
     if len(inf):
-        cols[1].metric("Infection volume", f"{inf[-1]:.0f} mL", f"{inf[-1] - inf[0]:+.0f} mL vs baseline", delta_color="inverse")
+        cols[1].metric("Infection volume", f"{inf[-1]:.0f} mL", _delta(inf[-1] - inf[0], "mL", "+.0f"), delta_color="inverse")
     if len(sev):
-        cols[2].metric("Severity score", f"{sev[-1]:.0f} / 25", f"{sev[-1] - sev[0]:+.0f} vs baseline", delta_color="inverse")
+        cols[2].metric("Severity score", f"{sev[-1]:.0f} / 25", _delta(sev[-1] - sev[0], "", "+.0f"), delta_color="inverse")
     if len(poi):
         cols[3].metric("Peak POI", f"{poi.max():.1f} %")
 
@@ -92,9 +99,13 @@ def main() -> None:
     table = wide_by_date(frame)
     if not lobe_view:
         table = table[~table["region"].isin(LOBES)]
-    st.dataframe(table, hide_index=True, width="stretch", key="metrics_table")
+    shown = [c for c in ("study_date", "day", "region", *TABLE_METRICS) if c in table.columns]
+    st.dataframe(
+        table[shown].rename(columns={m: metric_label(m) for m in TABLE_METRICS}), hide_index=True, width="stretch",
+        key="metrics_table", column_config={metric_label(m): st.column_config.NumberColumn(format="%.2f") for m in TABLE_METRICS},
+    )
     st.download_button(
-        "Download CSV", table.to_csv(index=False).encode("utf-8"), file_name=f"covidtrack-{row['label']}-metrics.csv",
+        "Download CSV (all metrics)", table.to_csv(index=False).encode("utf-8"), file_name=f"covidtrack-{row['label']}-metrics.csv",
         mime="text/csv", key="download_csv",
     )
     widgets.disclaimer()

@@ -1,0 +1,327 @@
+"""The lung model: a small 3D MONAI UNet on a coarse grid that labels right (1) and left (2) lung.
+
+- :func:`build_network` defines the network and touches no files.
+- :class:`LungModel` is the one inference class: :meth:`LungModel.load` reads a model version
+  (weights + card), :meth:`LungModel.predict` labels a whole canonical :class:`Volume`.
+
+Geometry: the scan is resampled to the model grid (``LungNetSpec.spacing_mm``, about 3-4 mm:
+lungs are big, so coarse voxels cost nothing in Dice but make a whole chest one cheap forward
+pass on a CPU). The softmax probabilities are interpolated back onto the scan grid (trilinear,
+so borders are sub-voxel smooth, not blocky) and post-processed there: largest components per
+side, hole filling, and a side check by position (canonical x runs patient right -> left).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from covidtrack.config import settings
+from covidtrack.errors import InputError, ModelError
+from covidtrack.events import ProgressCallback, emit
+from covidtrack.labels import LEFT_LUNG, RIGHT_LUNG
+from covidtrack.volume import Volume
+
+if TYPE_CHECKING:
+    import torch
+
+    from covidtrack.modelstore import ModelRef
+
+WEIGHTS_FORMAT = "covidtrack-lungs-3d-1"
+#: HU window the network sees: air (-1024) -> -1, +600 HU (bone, contrast) and above -> about +1.
+HU_LOW, HU_HIGH = -1024.0, 600.0
+
+
+@dataclass(frozen=True)
+class LungNetSpec:
+    """Architecture and input grid of the lung network; stored in ``weights.pt`` and ``card.json``.
+
+    ``spacing_mm`` is the (z, y, x) voxel size of the model grid in mm.
+    """
+
+    channels: tuple[int, ...] = (8, 16, 32, 64)
+    strides: tuple[int, ...] = (2, 2, 2)
+    num_res_units: int = 1
+    spacing_mm: tuple[float, float, float] = (4.0, 3.0, 3.0)
+    out_classes: int = 3  # background, right lung, left lung
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> "LungNetSpec":
+        return cls(
+            channels=tuple(int(c) for c in data["channels"]),
+            strides=tuple(int(s) for s in data["strides"]),
+            num_res_units=int(data["num_res_units"]),
+            spacing_mm=tuple(float(s) for s in data["spacing_mm"]),  # type: ignore[arg-type]
+            out_classes=int(data.get("out_classes", 3)),
+        )
+
+    @property
+    def divisor(self) -> int:
+        """Model-grid sizes must be multiples of this (one factor 2 per stride)."""
+        return int(np.prod(self.strides))
+
+
+def build_network(spec: LungNetSpec) -> "torch.nn.Module":
+    """The MONAI 3D UNet: 1 input channel (normalised HU), ``out_classes`` logits."""
+    from monai.networks.nets import UNet
+
+    return UNet(
+        spatial_dims=3,
+        in_channels=1,
+        out_channels=spec.out_classes,
+        channels=spec.channels,
+        strides=spec.strides,
+        num_res_units=spec.num_res_units,
+    )
+
+
+def normalise_hu(hu: np.ndarray) -> np.ndarray:
+    """HU -> float32 in about [-1, 1] (clipped to [-1024, 600] HU): the one input scaling, train and infer."""
+    x = np.clip(hu.astype(np.float32), HU_LOW, HU_HIGH)
+    return (x - 0.5 * (HU_LOW + HU_HIGH)) / (0.5 * (HU_HIGH - HU_LOW))
+
+
+def model_grid_shape(shape: tuple[int, ...], spacing: tuple[float, float, float], spec: LungNetSpec) -> tuple[int, int, int]:
+    """Size of the model grid covering the same field of view (at least one voxel per axis)."""
+    return tuple(max(1, int(round(n * s / t))) for n, s, t in zip(shape, spacing, spec.spacing_mm))  # type: ignore[return-value]
+
+
+def resample(x: "torch.Tensor", size: tuple[int, int, int], spacing: tuple[float, float, float], target_mm: tuple[float, float, float]) -> "torch.Tensor":
+    """Resample (B, C, z, y, x) to ``size``: box-average by the integer part of the zoom first
+    (anti-aliasing for 1 mm -> 3 mm), then trilinear. Works both ways (upsampling skips the box)."""
+    import torch.nn.functional as F
+
+    kernel = tuple(max(1, int(t // s)) for s, t in zip(spacing, target_mm))
+    if any(k > 1 for k in kernel):
+        x = F.avg_pool3d(x, kernel_size=kernel, stride=kernel, ceil_mode=True, count_include_pad=False)
+    return F.interpolate(x, size=size, mode="trilinear", align_corners=False)
+
+
+def pad_to_multiple(x: "torch.Tensor", divisor: int, value: float) -> tuple["torch.Tensor", tuple[int, int, int]]:
+    """Pad the last three axes at their end to multiples of ``divisor``; returns the original size."""
+    import torch.nn.functional as F
+
+    size = tuple(int(s) for s in x.shape[-3:])
+    pads: list[int] = []
+    for s in reversed(size):
+        pads += [0, (-s) % divisor]
+    return F.pad(x, pads, value=value), size  # type: ignore[return-value]
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def save_weights(network: "torch.nn.Module", spec: LungNetSpec, path: Path) -> str:
+    """Write ``weights.pt`` (float16 tensors: half the size) and return its sha256."""
+    import torch
+
+    state = {k: (v.half() if v.is_floating_point() else v) for k, v in network.state_dict().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"format": WEIGHTS_FORMAT, "net": spec.to_json(), "state_dict": state}, path)
+    return sha256_of(path)
+
+
+def load_network(path: Path) -> tuple["torch.nn.Module", LungNetSpec]:
+    """Read ``weights.pt`` written by :func:`save_weights` (float32 network, eval mode)."""
+    import torch
+
+    if not path.exists():
+        raise ModelError(f"{path}: weights missing; reinstall the model version or run `python -m covidtrack train lungs`")
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for corrupt files
+        raise ModelError(f"{path}: cannot read weights ({err}); the file is corrupt, retrain or restore it") from err
+    if not isinstance(blob, dict) or blob.get("format") != WEIGHTS_FORMAT:
+        raise ModelError(f"{path}: not a lung model (format {blob.get('format') if isinstance(blob, dict) else '?'})")
+    spec = LungNetSpec.from_json(blob["net"])
+    net = build_network(spec)
+    net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in blob["state_dict"].items()})
+    net.eval()
+    return net, spec
+
+
+# --- post-processing (pure numpy, on the scan grid) ---------------------------------------------
+def _fill_holes_per_slice(mask: np.ndarray) -> np.ndarray:
+    out = np.empty_like(mask)
+    for k in range(mask.shape[0]):
+        out[k] = ndi.binary_fill_holes(mask[k]) if mask[k].any() else mask[k]
+    return out
+
+
+def _bbox(mask: np.ndarray, margin: int = 1) -> tuple[slice, ...]:
+    idx = np.nonzero(mask)
+    return tuple(slice(max(0, int(i.min()) - margin), min(n, int(i.max()) + margin + 1)) for i, n in zip(idx, mask.shape))
+
+
+def postprocess(p_right: np.ndarray, p_left: np.ndarray, min_fraction: float = 0.02) -> np.ndarray:
+    """Probabilities of right / left lung on the scan grid -> uint8 label map (0 / 1 right / 2 left).
+
+    1. lung = P(right) + P(left) > 0.5; components smaller than ``min_fraction`` of the largest are
+       dropped (bowel gas, noise), so one lung, two separate lungs or touching lungs all survive.
+    2. side = the more probable one; per side only its largest component stays, and fragments
+       that touch the other lung join it (this is what makes the split robust where the lungs
+       touch at the junction lines: the network's side call is local, the cleanup is global).
+    3. a side whose centre lies on the wrong half is swapped (canonical x: right lung = low x).
+    4. holes are filled per side in 3D and per axial slice (vessels, bronchi inside the lung).
+    """
+    lung = (p_right + p_left) > 0.5
+    out = np.zeros(lung.shape, dtype=np.uint8)
+    if not lung.any():
+        return out
+    box = _bbox(lung)
+    lung = lung[box]
+    right = p_right[box] >= p_left[box]
+    lab, n = ndi.label(lung)
+    sizes = ndi.sum_labels(lung, lab, index=np.arange(1, n + 1))
+    lung = np.isin(lab, np.nonzero(sizes >= min_fraction * sizes.max())[0] + 1)
+
+    sides = np.zeros(lung.shape, dtype=np.uint8)
+    sides[lung & right] = RIGHT_LUNG
+    sides[lung & ~right] = LEFT_LUNG
+    clean = np.zeros_like(sides)
+    cores: dict[int, np.ndarray] = {}
+    for side in (RIGHT_LUNG, LEFT_LUNG):
+        lab, n = ndi.label(sides == side)
+        if n:
+            sizes = ndi.sum_labels(sides == side, lab, index=np.arange(1, n + 1))
+            cores[side] = lab == (int(np.argmax(sizes)) + 1)
+            clean[cores[side]] = side
+    # fragments: give each to the lung core it touches (by a one-voxel dilation), else drop it
+    frag = lung & (clean == 0)
+    if frag.any() and cores:
+        lab, n = ndi.label(frag)
+        for idx, sl in enumerate(ndi.find_objects(lab), start=1):
+            if sl is None:
+                continue
+            grown = tuple(slice(max(0, s.start - 1), s.stop + 1) for s in sl)
+            piece = lab[grown] == idx
+            ring = ndi.binary_dilation(piece) & ~piece
+            touch = {side: int((core[grown] & ring).sum()) for side, core in cores.items()}
+            best = max(touch, key=touch.get)
+            if touch[best] > 0:
+                clean[grown][piece] = best
+    # side check by position: the network could swap sides on a mirrored or odd scan
+    if len(cores) == 2:
+        cx = {side: float(np.nonzero(clean == side)[2].mean()) for side in (RIGHT_LUNG, LEFT_LUNG)}
+        if cx[RIGHT_LUNG] > cx[LEFT_LUNG]:
+            clean = np.where(clean > 0, 3 - clean, 0).astype(np.uint8)
+    for side in (RIGHT_LUNG, LEFT_LUNG):
+        m = clean == side
+        if not m.any():
+            continue
+        sb = _bbox(m)
+        filled = _fill_holes_per_slice(ndi.binary_fill_holes(m[sb]))
+        target = clean[sb]
+        target[filled & (target == 0)] = side
+    out[box] = clean
+    return out
+
+
+class LungModel:
+    """Inference with one lung model version. Build with :meth:`load`; ``version`` is ``"lungs/vN"``."""
+
+    def __init__(self, network: "torch.nn.Module", spec: LungNetSpec, version: str) -> None:
+        self.network = network.eval()
+        self.spec = spec
+        self.version = version
+
+    @classmethod
+    def load(cls, ref: "ModelRef | None" = None) -> "LungModel":
+        """Load a version (``None``: the active one of task "lungs"), checking it against its card."""
+        import torch
+
+        from covidtrack import modelstore
+
+        ref = ref or modelstore.active("lungs")
+        card = ref.card()
+        if card.get("task") != "lungs":
+            raise ModelError(f"{ref.path / 'card.json'}: task is {card.get('task')!r}, expected 'lungs'")
+        expected = card.get("weights_sha256")
+        if expected and sha256_of(ref.weights) != expected:
+            raise ModelError(f"{ref.weights}: checksum differs from card.json; the file was changed, restore or retrain it")
+        torch.set_num_threads(settings().threads)
+        net, spec = load_network(ref.weights)
+        return cls(net, spec, ref.name)
+
+    def probabilities(self, hu: np.ndarray, spacing: tuple[float, float, float]) -> "torch.Tensor":
+        """Softmax (1, 3, z, y, x) on the MODEL grid for a canonical HU array with (z, y, x) spacing in mm."""
+        import torch
+
+        size = model_grid_shape(hu.shape, spacing, self.spec)
+        x = torch.from_numpy(normalise_hu(hu))[None, None]
+        x = resample(x, size, spacing, self.spec.spacing_mm)
+        x, _ = pad_to_multiple(x, self.spec.divisor, value=-1.0)  # pad with air
+        with torch.inference_mode():
+            probs = torch.softmax(self.network(x), dim=1)
+        return probs[..., : size[0], : size[1], : size[2]]
+
+    def predict(self, volume: Volume, progress: ProgressCallback | None = None) -> np.ndarray:
+        """Label the lungs of a canonical volume: uint8 (z, y, x), 0 background, 1 right, 2 left."""
+        if min(volume.shape) < 2:
+            raise InputError(volume.meta.source_name or "<volume>", f"shape {volume.shape} is not a 3D CT", "load a CT series with several slices")
+        emit(progress, "lungs", 0.05, "lungs: resampling to the model grid")
+        probs = self.probabilities(volume.array, volume.spacing)
+        emit(progress, "lungs", 0.5, "lungs: network done, mapping back to the scan grid")
+        # map back only the lungs' bounding box (plus a model voxel) to save time and memory
+        coarse = (probs[0, 1] + probs[0, 2]) > 0.25
+        out = np.zeros(volume.shape, dtype=np.uint8)
+        if not bool(coarse.any()):
+            emit(progress, "lungs", 1.0, "lungs: none found")
+            return out
+        cz = coarse.nonzero()
+        lo = [int(c.min()) for c in cz.T]
+        hi = [int(c.max()) + 1 for c in cz.T]
+        full_box: list[slice] = []
+        for axis in range(3):
+            n_full, n_model = volume.shape[axis], probs.shape[2 + axis]
+            scale = n_full / n_model
+            a = max(0, int(np.floor((lo[axis] - 1) * scale)))
+            b = min(n_full, int(np.ceil((hi[axis] + 1) * scale)))
+            full_box.append(slice(a, b))
+        # trilinear on the whole model grid, sampled only inside the box: exact same values as a
+        # full upsampling, without the full-size tensor
+        up = _upsample_box(probs[0, 1:3], volume.shape, full_box)
+        out[tuple(full_box)] = postprocess(up[0], up[1]) if up.size else 0
+        emit(progress, "lungs", 1.0, "lungs: done")
+        return out
+
+
+def _upsample_box(probs: "torch.Tensor", shape: tuple[int, int, int], box: list[slice]) -> np.ndarray:
+    """(C, z, y, x) model-grid probabilities -> (C, *box) values on the scan grid (trilinear).
+
+    Uses the align_corners=False mapping of ``F.interpolate`` (the one used for downsampling),
+    evaluated with ``grid_sample`` only at the box's voxel centres.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    axes = []
+    for axis in range(3):
+        n_full, n_model = shape[axis], probs.shape[1 + axis]
+        i = torch.arange(box[axis].start, box[axis].stop, dtype=torch.float32)
+        src = (i + 0.5) * (n_model / n_full) - 0.5  # model-grid index of each scan voxel centre
+        axes.append(2.0 * (src + 0.5) / n_model - 1.0)  # to grid_sample's [-1, 1] (align_corners=False)
+    gz, gy, gx = torch.meshgrid(*axes, indexing="ij")
+    grid = torch.stack((gx, gy, gz), dim=-1)[None]  # grid_sample wants (x, y, z) order
+    with torch.inference_mode():
+        out = F.grid_sample(probs[None], grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return out[0].numpy()
+
+
+def write_card(folder: Path, card: dict) -> None:
+    """Write ``card.json`` (sorted keys, so cards diff cleanly)."""
+    (folder / "card.json").write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")

@@ -1,0 +1,155 @@
+"""Streamlit AppTest smoke test of every dashboard page on a small store (no browser)."""
+
+from __future__ import annotations
+
+import io
+import zipfile
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("streamlit")
+import streamlit as st
+from streamlit.testing.v1 import AppTest
+
+from covidtrack.errors import InputError
+from covidtrack.report import synthetic
+from covidtrack.store import Store
+from covidtrack.ui import uploads
+
+REPO = Path(__file__).resolve().parent.parent
+APP = str(REPO / "app.py")
+PAGES = ["patients", "patient", "cohort", "import_data", "report"]
+
+
+@pytest.fixture
+def small_store(covidtrack_home: Path) -> list[str]:
+    st.cache_resource.clear()  # the cached Store belongs to the previous test's home
+    st.cache_data.clear()
+    with Store.open() as store:
+        keys = synthetic.populate_store(store, n_patients=4, n_scans=3, shape=(16, 48, 48))
+        store.set_patient(keys[0], alias="bed 12")
+    yield keys
+    st.cache_resource.clear()
+
+
+def _open(page: str, **query: str) -> AppTest:
+    at = AppTest.from_file(APP, default_timeout=60)
+    for k, v in query.items():
+        at.query_params[k] = v
+    at.run()
+    if page != "patients":
+        at.switch_page(f"covidtrack/ui/pages/{page}.py")
+        at.run()
+    return at
+
+
+def _texts(at: AppTest) -> str:
+    parts = [e.value for e in (*at.title, *at.subheader, *at.markdown, *at.caption, *at.info, *at.success, *at.error)]
+    return "\n".join(str(p) for p in parts)
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_page_renders(small_store: list[str], page: str) -> None:
+    at = _open(page)
+    assert not at.exception, [e.value for e in at.exception]
+    titles = [t.value for t in at.title]
+    expected = {"patients": "Patients", "patient": "Patient", "cohort": "Cohort", "import_data": "Import", "report": "Trend reports"}[page]
+    assert any(expected in t for t in titles), titles
+
+
+def test_patients_lists_alias_and_no_raw_ids(small_store: list[str]) -> None:
+    at = _open("patients")
+    table = at.dataframe[0].value
+    assert len(table) == 4
+    assert "bed 12" in set(table["patient"])
+    assert {"arm A", "arm B"} <= set(table["arm"])
+    assert set(table["scans"]) == {3}
+
+
+def test_patient_page_shows_trajectory_viewer_and_table(small_store: list[str]) -> None:
+    at = _open("patient", patient=small_store[1])
+    assert not at.exception
+    assert f"Patient {small_store[1]}" in [t.value for t in at.title]
+    keys = {e.proto.id for e in at.get("plotly_chart")}
+    assert len(keys) >= 3  # trajectory, heatmap, viewer (+ animation)
+    assert at.get("download_button"), "metrics CSV download missing"
+    table = at.dataframe[-1].value
+    assert set(table["region"]) >= {"whole", "RUL", "LLL"}
+    # the 4-region view hides lobe rows
+    at.sidebar.radio(key="region_view").set_value("4-region view").run()
+    assert not at.exception
+    assert not set(at.dataframe[-1].value["region"]) & {"RUL", "LLL"}
+    # coronal plane and change overlay render too
+    at.radio(key="viewer_plane").set_value("coronal").run()
+    at.radio(key="viewer_overlay").set_value("change vs baseline").run()
+    assert not at.exception
+
+
+def test_cohort_page_has_test_and_responders(small_store: list[str]) -> None:
+    at = _open("cohort")
+    assert not at.exception
+    text = _texts(at)
+    assert "Mann-Whitney" in text
+    assert "Responders" in text
+    at.sidebar.multiselect(key="cohort_arms").set_value(["arm A"]).run()
+    assert not at.exception
+
+
+def test_empty_store_with_demo_disabled_points_to_import(covidtrack_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COVIDTRACK_NO_DEMO", "1")
+    st.cache_resource.clear()
+    st.cache_data.clear()
+    at = _open("patients")
+    assert not at.exception
+    assert any("no patients" in i.value for i in at.info)
+    st.cache_resource.clear()
+
+
+# --- uploads: size limits and safe unpacking ---------------------------------------------------
+
+
+def _zip(members: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    return buf.getvalue()
+
+
+def test_zip_is_unpacked_inside_the_folder(tmp_path: Path) -> None:
+    data = _zip({"series/IMG1.dcm": b"a" * 10, "series/IMG2.dcm": b"b" * 10})
+    out = uploads.prepare_upload("../../evil name.zip", io.BytesIO(data), tmp_path / "scratch")
+    assert out == tmp_path / "scratch" / "unpacked"
+    assert sorted(p.name for p in out.rglob("*.dcm")) == ["IMG1.dcm", "IMG2.dcm"]
+    assert not (tmp_path / "scratch" / "evil_name.zip").exists()  # only one copy is kept
+
+
+@pytest.mark.parametrize("name", ["../outside.dcm", "/etc/passwd", "a/../../outside.dcm", "C:/windows.dcm"])
+def test_zip_path_traversal_is_refused(tmp_path: Path, name: str) -> None:
+    archive = tmp_path / "bad.zip"
+    archive.write_bytes(_zip({"ok.dcm": b"x", name: b"y"}))
+    with pytest.raises(InputError, match="outside|escapes"):
+        uploads.safe_extract(archive, tmp_path / "dest")
+    assert not (tmp_path / "dest").exists()
+    assert not (tmp_path / "outside.dcm").exists()
+
+
+def test_zip_limits(tmp_path: Path) -> None:
+    archive = tmp_path / "many.zip"
+    archive.write_bytes(_zip({f"f{i}.dcm": b"x" for i in range(20)}))
+    with pytest.raises(InputError, match="20 files"):
+        uploads.safe_extract(archive, tmp_path / "d1", max_files=10)
+    bomb = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(bomb, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("big.dcm", b"\0" * (3 * uploads.MB))
+    with pytest.raises(InputError, match="MB"):
+        uploads.safe_extract(bomb, tmp_path / "d2", max_bytes=1 * uploads.MB)
+
+
+def test_upload_size_limit_and_type(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="larger than"):
+        uploads.save_upload("x.nii.gz", io.BytesIO(b"0" * (2 * uploads.MB + 1)), tmp_path, max_bytes=2 * uploads.MB)
+    assert not list(tmp_path.iterdir())
+    with pytest.raises(InputError, match="unsupported"):
+        uploads.prepare_upload("notes.txt", io.BytesIO(b"hello"), tmp_path / "s")
