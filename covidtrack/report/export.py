@@ -14,6 +14,7 @@ import datetime as dt
 import io
 import logging
 import shutil
+import warnings
 from contextlib import AbstractContextManager
 from typing import Literal
 
@@ -70,7 +71,10 @@ class FigureExporter(AbstractContextManager["FigureExporter"]):
         """PNG bytes of ``fig`` at ``width`` x ``height`` CSS pixels (times ``scale``)."""
         if self._server:
             try:
-                data = fig.to_image(format="png", width=width, height=height, scale=self.scale)
+                with warnings.catch_warnings():
+                    # plotly warns that per-call kaleido options are ignored with a server: expected
+                    warnings.filterwarnings("ignore", message="The kopts argument is ignored")
+                    data = fig.to_image(format="png", width=width, height=height, scale=self.scale)
                 self.engine_used = "kaleido"
                 return data
             except Exception as err:

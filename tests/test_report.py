@@ -1,0 +1,164 @@
+"""Trend report: cohort statistics with known answers, viewer rendering, figures, and the PDFs
+(rendered with poppler's pdftoppm and read back with pdftotext)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from covidtrack.__main__ import main as cli
+from covidtrack.report import data, figures, load, stats, synthetic, viewer
+from covidtrack.report.data import M
+from covidtrack.store import Store
+
+POPPLER = shutil.which("pdftoppm") and shutil.which("pdftotext")
+
+
+def _cohort(changes: dict[str, list[tuple[float, float]]]) -> pd.DataFrame:
+    """A cohort frame with two scans per patient: (baseline POI, last POI) per patient and arm."""
+    rows = []
+    for arm, pairs in changes.items():
+        for i, (b, last) in enumerate(pairs):
+            key = f"{arm}-{i}"
+            for day, v in ((0, b), (7, last)):
+                rows.append(dict(patient_key=key, label=key, arm=arm, scan_id=f"{key}-{day}", study_date=pd.Timestamp("2020-03-01") + pd.Timedelta(days=day),
+                                 day=day, region="whole", metric=M.POI, value=v, unit="%", model_version="m"))
+    return pd.DataFrame(rows)
+
+
+def test_change_test_and_effect_size_known_answer() -> None:
+    # arm A always worsens more than arm B: complete separation -> U = n_a * n_b, r = +1
+    frame = _cohort({"A": [(10, 20), (10, 18), (10, 25)], "B": [(10, 5), (10, 2), (10, 9), (10, 4)]})
+    ch = stats.change_from_baseline(frame)
+    assert sorted(ch.loc[ch.arm == "A", "change"]) == [8, 10, 15]
+    (res,) = stats.compare_arms(ch)
+    assert (res.n_a, res.n_b) == (3, 4)
+    assert res.u == 12.0 and res.rank_biserial == pytest.approx(1.0)
+    assert res.p_value < 0.06
+    resp = stats.responders(ch)
+    assert set(resp["patient_key"]) == {"B-0", "B-1", "B-3"}  # 5 <= 5, 2, 4; not 9
+
+
+def test_mean_ci_matches_t_interval() -> None:
+    frame = _cohort({"A": [(1, 2), (3, 4), (5, 9)]})
+    s = stats.per_patient_series(frame, M.POI)
+    out = stats.mean_ci(s, bin_days=7)
+    base = out[out.day == 0].iloc[0]
+    assert base["n"] == 3 and base["mean"] == pytest.approx(3.0)
+    half = 4.302652729911275 * 2.0 / np.sqrt(3)  # t(0.975, 2) * sd / sqrt(n)
+    assert base["lo"] == pytest.approx(3 - half) and base["hi"] == pytest.approx(3 + half)
+
+
+def test_filters_and_summary() -> None:
+    cohort = synthetic.cohort_frame(12, seed=1)
+    only_a = stats.filter_cohort(cohort, arms=["arm A"])
+    assert set(only_a.arm) == {"arm A"}
+    base = stats.baseline_values(cohort)
+    kept = stats.filter_cohort(cohort, baseline_severity=(0, float(base.median())))
+    assert set(kept.patient_key) == set(base[base <= base.median()].index)
+    summary = data.patient_summary(cohort)
+    assert len(summary) == 12 and summary["trend"].str.len().gt(0).all()
+    assert data.trend_arrow([5, 9]) == "↑ worse" and data.trend_arrow([9, 5]) == "↓ better" and data.trend_arrow([5, 5.5]) == "→ stable"
+
+
+def test_lobe_table_has_scores_per_date() -> None:
+    frame = synthetic.patient_frame(4)
+    table = data.lobe_table(frame)
+    assert len(table) == 4
+    assert {f"{lobe} score" for lobe in data.LOBES} <= set(table.columns)
+    total = frame[(frame.region == "whole") & (frame.metric == M.SEVERITY)].sort_values("study_date")["value"].astype(int).tolist()
+    assert table["Total score"].tolist() == total
+
+
+def test_viewer_render_colours_and_orientation() -> None:
+    s = synthetic.aligned_series(3, shape=(20, 40, 40))
+    k = s.key_slice("axial")
+    assert (s.infection[2][k] > 0).any()  # the key slice shows infection
+    img = viewer.render(s, 2, "axial", k, "lobes", max_px=1000)
+    assert img.shape == (40, 40, 3) and img.dtype == np.uint8
+    # a consolidation voxel is tinted red; GGO amber (more green than red-only)
+    cons = np.argwhere(s.infection[2][k] == 2)[0]
+    r, g, b = img[tuple(cons)].astype(int)
+    assert r > g + 60 and r > b + 60
+    # coronal: square pixels (5 mm slices vs 1.5 mm rows -> taller image) and the head at the top
+    cor = viewer.render(s, 0, "coronal", 20, "none", max_px=1000)
+    assert cor.shape[0] == round(20 * 5.0 / 1.5)
+    marker = s.ct[0].copy()
+    marker[-1, 20, :] = 3000  # top axial slice (head end) made bright
+    top = viewer.take_slice(marker, "coronal", 20)
+    assert (top[0] == 3000).all()
+
+
+def test_change_overlay_uses_change_map() -> None:
+    s = synthetic.aligned_series(3, shape=(20, 40, 40))
+    k = s.key_slice("axial")
+    img = viewer.render(s, 1, "axial", k, "change", max_px=1000)
+    new = np.argwhere(s.change[1][k] == 1)
+    assert len(new)
+    r, g, b = img[tuple(new[0])].astype(int)
+    assert r > g and r > b  # new infection is red
+
+
+def test_figures_have_expected_traces() -> None:
+    frame = synthetic.patient_frame(5)
+    traj = figures.trajectory_figure(frame)
+    names = {t.name for t in traj.data}
+    assert {"infection volume", "POI whole", "POI RLL", "severity score"} <= names
+    heat = figures.lobe_heatmap(frame)
+    assert np.asarray(heat.data[0].z).shape == (5, 5)
+    s = synthetic.aligned_series(4)
+    view = figures.viewer_figure(s, "axial", 10)
+    assert sum(t.type == "image" for t in view.data) == 4
+    anim = figures.viewer_animation(s, "coronal", 30, "change")
+    assert len(anim.frames) == 4
+    coh = figures.cohort_trajectory_figure(synthetic.cohort_frame(30))
+    assert len(coh.data) <= 6  # patients share one trace per arm
+
+
+@pytest.fixture
+def store_with_patients(covidtrack_home: Path) -> list[str]:
+    with Store.open() as store:
+        keys = synthetic.populate_store(store, n_patients=3, n_scans=3, shape=(16, 48, 48))
+        store.set_patient(keys[0], alias="Zoë bed 7")  # non-Latin-1 alias must print
+    return keys
+
+
+def _pdf_text(path: Path, tmp: Path) -> str:
+    subprocess.run(["pdftoppm", "-r", "40", "-png", str(path), str(tmp / "page")], check=True, timeout=60)
+    assert list(tmp.glob("page*.png")), "pdftoppm rendered no page"
+    return subprocess.run(["pdftotext", "-layout", str(path), "-"], check=True, capture_output=True, text=True, timeout=60).stdout
+
+
+@pytest.mark.skipif(not POPPLER, reason="poppler-utils (pdftoppm, pdftotext) not installed")
+def test_patient_pdf_via_cli(store_with_patients: list[str], tmp_path: Path) -> None:
+    out = tmp_path / "patient.pdf"
+    assert cli(["report", "--patient", "Zoë bed 7", "--out", str(out)]) == 0
+    text = _pdf_text(out, tmp_path)
+    key = store_with_patients[0]
+    assert "Zoë bed 7" in text and key in text
+    with Store.open() as store:
+        frame = load.patient_frame(store, key)
+    poi0 = frame[(frame.region == "whole") & (frame.metric == M.POI)].sort_values("study_date")["value"].iloc[0]
+    assert f"{poi0:.2f}" in text  # the baseline whole-lung POI appears in the per-date table
+    assert "not a diagnosis" in text
+    assert not list(tmp_path.glob(".patient.pdf.*"))  # no temporary file left behind
+
+
+@pytest.mark.skipif(not POPPLER, reason="poppler-utils (pdftoppm, pdftotext) not installed")
+def test_cohort_pdf_with_matplotlib_fallback(store_with_patients: list[str], tmp_path: Path) -> None:
+    out = tmp_path / "cohort.pdf"
+    assert cli(["report", "--cohort", "--arm", "arm A", "--arm", "arm B", "--out", str(out), "--engine", "matplotlib"]) == 0
+    text = _pdf_text(out, tmp_path)
+    assert "Cohort report" in text and "Mann-Whitney" in text
+    assert "arm A" in text and "arm B" in text
+
+
+def test_unknown_patient_is_a_clear_error(store_with_patients: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli(["report", "--patient", "nobody", "--out", str(tmp_path / "x.pdf")]) == 2
+    assert "no patient" in capsys.readouterr().err
+    assert not (tmp_path / "x.pdf").exists()
