@@ -225,3 +225,13 @@ def test_cli_reports_errors_without_traceback(tmp_path: Path, capsys: pytest.Cap
     assert main(["series", str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err
     assert "does not exist" in err and "Traceback" not in err
+
+
+def test_nan_voxels_in_a_float_file_become_air_with_a_note(tmp_path: Path, canonical: np.ndarray) -> None:
+    arr = canonical.astype(np.float32)
+    arr[0, :2, :2] = np.nan
+    path = tmp_path / "scan.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(arr), str(path))
+    vol = load_ct(path)
+    assert (vol.array[0, :2, :2] == -1024).all()
+    assert any("NaN" in note for note in vol.meta.notes)

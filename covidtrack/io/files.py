@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from covidtrack.config import settings
 from covidtrack.errors import GeometryError, InputError, IntensityError, NoImageDataError, UnreadableFileError
 from covidtrack.io import orient, validate
 from covidtrack.volume import ScanMeta, SourceGrid, Volume
@@ -97,7 +98,18 @@ def read_volume_file(path: Path) -> Volume:
     if stored.dtype == np.uint8 or stored.dtype == bool:
         validate.check_hu(np.zeros(0), path, stored_dtype=stored.dtype)
     validate.check_hu(stored, path)
-    array, clipped = validate.as_int16(sitk.GetArrayFromImage(image))
+    raw = sitk.GetArrayFromImage(image)
+    if np.issubdtype(raw.dtype, np.floating):
+        not_finite = ~np.isfinite(raw)
+        if path.name.lower().endswith((".nii", ".nii.gz")):
+            not_finite |= _nifti_nan_mask(path, raw.shape)
+        n_nan = int(np.count_nonzero(not_finite))
+        if n_nan:
+            raw[not_finite] = np.nan
+            # NaN/inf appear where a resampler had no data (outside the scanned field): call it air
+            np.nan_to_num(raw, copy=False, nan=validate.HU_FLOOR, posinf=validate.HU_FLOOR, neginf=validate.HU_FLOOR)
+            notes.append(f"{n_nan} NaN/inf voxels set to {validate.HU_FLOOR} HU")
+    array, clipped = validate.as_int16(raw)
     if clipped:
         notes.append(f"{clipped} voxels outside the int16 range clipped")
     notes += validate.apply_hu_floor(array)
@@ -145,6 +157,18 @@ def _check_nifti_complete(path: Path) -> None:
         total = path.stat().st_size
     if total < expected:
         raise UnreadableFileError(path, f"holds {total} bytes but its header needs {expected}: the file is truncated", fix)
+
+
+def _nifti_nan_mask(path: Path, shape: tuple[int, ...]) -> np.ndarray:
+    """NaN/inf voxels of a float NIfTI in ITK array order (ITK's reader turns NaN into 0 silently)."""
+    import nibabel as nib
+
+    img = nib.load(str(path))
+    if img.header.get_data_dtype().kind != "f":
+        return np.zeros(shape, dtype=bool)
+    data = np.asanyarray(img.dataobj)
+    mask = ~np.isfinite(data.reshape(data.shape[:3]))
+    return np.ascontiguousarray(mask.T)  # nibabel (i, j, k) -> ITK numpy (k, j, i)
 
 
 def _nifti_codes(path: Path) -> tuple[int, int] | None:
@@ -243,6 +267,7 @@ def load_mask(path: str | Path, volume: Volume) -> np.ndarray:
     if _same_grid(geo, volume):
         return np.ascontiguousarray(orient.to_canonical(sitk.GetArrayFromImage(image), grid)).astype(np.uint8)
     _check_covers(image, volume, path)
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(settings().threads)
     reference = volume.to_sitk(np.zeros(volume.shape, dtype=np.uint8))
     resampled = sitk.Resample(image, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
     return sitk.GetArrayFromImage(resampled).astype(np.uint8)
