@@ -1,0 +1,98 @@
+"""Real-browser check: the dashboard served by Streamlit, opened in headless Debian Chromium via
+Selenium (chromedriver given explicitly, so Selenium Manager never downloads anything).
+Skips cleanly when chromium or chromedriver is absent."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from covidtrack.report import synthetic
+from covidtrack.store import Store
+
+REPO = Path(__file__).resolve().parent.parent
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+N_SCANS = 4
+
+pytestmark = pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="chromium and chromium-driver not installed")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def server(covidtrack_home: Path) -> Iterator[tuple[str, str]]:
+    with Store.open() as store:
+        keys = synthetic.populate_store(store, n_patients=2, n_scans=N_SCANS, shape=(16, 48, 48))
+    port = _free_port()
+    env = {**os.environ, "COVIDTRACK_HOME": str(covidtrack_home), "COVIDTRACK_NO_DEMO": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port), "--server.address", "127.0.0.1",
+         "--server.headless", "true", "--browser.gatherUsageStats", "false"],
+        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"streamlit did not start: {proc.stderr.read().decode()[-2000:] if proc.stderr else ''}")
+            time.sleep(0.5)
+        yield url, keys[1]
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def test_patient_page_shows_trajectory_and_viewer(server: tuple[str, str]) -> None:
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    url, key = server
+    profile = tempfile.mkdtemp(prefix="covidtrack-chromium-")
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                "--no-first-run", "--disable-sync", "--disable-quic", "--window-size=1400,2000", f"--user-data-dir={profile}"):
+        opts.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=opts)
+    try:
+        driver.get(f"{url}/patient?patient={key}")
+        wait = WebDriverWait(driver, 90)
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".st-key-trajectory .main-svg"))
+        traj = driver.find_element(By.CSS_SELECTOR, ".st-key-trajectory")
+        assert "POI" in traj.text and "Infection volume" in traj.text
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".st-key-viewer .main-svg image")) >= N_SCANS)
+        viewer = driver.find_element(By.CSS_SELECTOR, ".st-key-viewer")
+        assert "day 0" in viewer.text
+        assert viewer.size["height"] > 150 and viewer.size["width"] > 400
+        heading = driver.find_element(By.TAG_NAME, "h1").text
+        assert key in heading
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
