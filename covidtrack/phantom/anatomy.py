@@ -261,7 +261,7 @@ def _ribs(p: AnatomyParams, grid: Grid) -> list[Segment]:
         pts = []
         for th in thetas:
             z = z_back - 0.33 * hgt * (th / 2.5) ** 1.4
-            a, b, yc = (float(v) for v in _cavity(p, np.array([min(max(z, zb + 0.05 * hgt), zb + 0.97 * hgt)])))
+            a, b, yc = (float(v[0]) for v in _cavity(p, np.array([min(max(z, zb + 0.05 * hgt), zb + 0.97 * hgt)])))
             r_rib = 5.0 * s
             pts.append((z, yc + (b + r_rib + 1.5 * s) * np.cos(th), (a + r_rib + 1.5 * s) * np.sin(th)))
         for sign in (-1.0, 1.0):
