@@ -30,6 +30,9 @@ PRIOR_SIGMA_MM = 18.0  # how far the prior is trusted (mm) when no fissure is se
 PRIOR_WEIGHT = 0.05
 P1, P2 = 0.1, 1.5
 IN_PLANE_PENALTY = 2.0  # 2: a sheet 30 deg off the expected normal keeps 1/4 of its score
+EXTEND_SIGMA = 5.0  # columns (~10 mm)
+SEEN_LEVEL = 0.3
+FADE_WEIGHT = 0.02
 REFINE_PASSES = ((BAND_MM, PRIOR_SIGMA_MM), (10.0, 10.0))  # (band, prior sigma) in mm per pass
 EVIDENCE_PERCENTILE = 90.0  # semi-global matching: one-voxel step, larger jump (in units of the data cost)
 
@@ -202,10 +205,28 @@ def refine_surface(
         cost = np.where(below, 1.0, cost)  # a horizontal fissure under the oblique is impossible
     cost = np.where(cols[..., None], cost, prior_cost[None, None, :]).astype(np.float32)
     total = _sgm(cost, P1, P2)
-    best = offsets[np.argmin(total, axis=-1)].astype(float)
-    best = ndi.median_filter(best, size=3)
-    best = ndi.gaussian_filter(best, 1.0)  # no staircase between neighbouring columns
+    choice = np.argmin(total, axis=-1)
+    best = ndi.median_filter(offsets[choice].astype(float), size=3)
+    seen = np.take_along_axis(evidence, choice[..., None], axis=-1)[..., 0] * cols
+    best = _extend_offsets(best, seen)
     return np.where(cols, h0 + best, np.nan)
+
+
+def _extend_offsets(offset: np.ndarray, seen: np.ndarray) -> np.ndarray:
+    """Keep offsets where the fissure was seen, carry them smoothly to where it was not.
+
+    Normalised convolution: columns without evidence take the evidence-weighted mean offset of
+    their surroundings (``EXTEND_SIGMA`` columns), fading back to the prior (offset 0) with
+    distance. A fissure that is visible in the back of the lung thus also shifts its unseen
+    anterior end, instead of snapping back to the prior at the edge of visibility.
+    """
+    w = np.clip(seen, 0.0, 1.0)
+    anchor = w >= SEEN_LEVEL
+    num = ndi.gaussian_filter(offset * w, EXTEND_SIGMA)
+    den = ndi.gaussian_filter(w, EXTEND_SIGMA)
+    fill = num / (den + FADE_WEIGHT)
+    out = np.where(anchor, offset, fill)
+    return ndi.gaussian_filter(out, 1.0)  # no staircase between neighbouring columns
 
 
 def refine_passes(
