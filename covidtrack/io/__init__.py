@@ -64,15 +64,7 @@ def load_ct(path: str | Path, series_uid: str | None = None) -> Volume:
         )
     info = dicom.choose_series(scan, series_uid)
     array, grid, meta = dicom.read_series(scan, info)
-    geo = orient.canonical_geometry(grid)
-    return Volume(
-        array=np.ascontiguousarray(orient.to_canonical(array, grid)),
-        spacing=geo.spacing[::-1],  # type: ignore[arg-type]
-        origin=geo.origin,
-        direction=geo.direction,
-        meta=meta,
-        source=grid,
-    )
+    return orient.canonical_volume(array, grid, meta)
 
 
 def volume_hash(volume: Volume) -> str:

@@ -113,17 +113,9 @@ def read_volume_file(path: Path) -> Volume:
     if clipped:
         notes.append(f"{clipped} voxels outside the int16 range clipped")
     notes += validate.apply_hu_floor(array)
-    geo = orient.canonical_geometry(grid)
     suffix = image_suffix(path)
     meta = ScanMeta(source_format=_FORMAT.get(suffix, suffix.lstrip(".")), source_name=path.name, notes=tuple(notes))
-    return Volume(
-        array=np.ascontiguousarray(orient.to_canonical(array, grid)),
-        spacing=geo.spacing[::-1],  # type: ignore[arg-type]
-        origin=geo.origin,
-        direction=geo.direction,
-        meta=meta,
-        source=grid,
-    )
+    return orient.canonical_volume(array, grid, meta)
 
 
 def _check_nifti_complete(path: Path) -> None:

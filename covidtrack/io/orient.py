@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from covidtrack.volume import Mat3, SourceGrid, Vec3
+from covidtrack.volume import Mat3, ScanMeta, SourceGrid, Vec3, Volume
 
 
 @dataclass(frozen=True)
@@ -137,3 +137,16 @@ def orientation_code(direction: Mat3 | tuple[float, ...]) -> str:
         src = amap.src_axis[world]
         code[src] = letters[world][1 if amap.flip[world] else 0]
     return "".join(code)
+
+
+def canonical_volume(array: np.ndarray, grid: SourceGrid, meta: ScanMeta) -> Volume:
+    """Wrap an int16 HU array on its source grid as a canonical :class:`Volume` (keeps ``grid``)."""
+    geo = canonical_geometry(grid)
+    return Volume(
+        array=np.ascontiguousarray(to_canonical(array, grid)),
+        spacing=geo.spacing[::-1],  # type: ignore[arg-type]  # (x, y, z) -> (z, y, x)
+        origin=geo.origin,
+        direction=geo.direction,
+        meta=meta,
+        source=grid,
+    )
