@@ -18,16 +18,20 @@ from __future__ import annotations
 import csv
 import json
 import os
+import queue
 import shutil
+import threading
 import time
 import uuid
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from covidtrack.config import SAMPLES, settings
-from covidtrack.events import Progress
+from covidtrack.events import Progress, ProgressCallback
+
+T = TypeVar("T")
 
 REAL_SAMPLE = SAMPLES / "chest4dct_4mm" / "ct_4mm.nii.gz"
 REAL_SAMPLE_PATIENT = "DEMO-REAL-CT"
@@ -35,6 +39,7 @@ REAL_SAMPLE_ARM = "real CT sample"
 REAL_SAMPLE_DATE = "2020-03-02"
 DEMO_PATIENTS = 8
 MARKER = "demo-bootstrap.json"
+PHANTOM_SHARE = 0.2  # of the progress bar: phantom synthesis is ~1/4 of the first start on 2 cores
 
 
 @dataclass(frozen=True)
@@ -78,10 +83,36 @@ def _with_real_sample(manifest: Path) -> None:
         writer.writerows(rows)
 
 
+def _live(fn: Callable[[ProgressCallback], T], lo: float, hi: float) -> Generator[Progress, None, T]:
+    """Run ``fn(callback)`` in a worker thread and yield its events live, fraction mapped to [lo, hi]."""
+    events: queue.Queue[Progress] = queue.Queue()
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["result"] = fn(events.put)
+        except BaseException as err:  # re-raised in the caller's thread
+            box["error"] = err
+
+    worker = threading.Thread(target=target, name="covidtrack-demo-phantoms", daemon=True)
+    worker.start()
+    while worker.is_alive() or not events.empty():
+        try:
+            ev = events.get(timeout=0.1)
+        except queue.Empty:
+            continue
+        yield Progress("demo", lo + (hi - lo) * ev.fraction, ev.message or "writing phantom patients", ev.item)
+    worker.join()
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
+
+
 def bootstrap(store: Any = None, n_patients: int = DEMO_PATIENTS, seed: int = 0) -> Generator[Progress, None, BootstrapResult]:
     """Build the demo cohort into ``store`` (default: the configured one), yielding progress.
 
-    Overall fraction: 5 % writing phantoms, 95 % ingesting (segmentation dominates).
+    Overall fraction: :data:`PHANTOM_SHARE` writing phantoms, the rest ingesting (segmentation
+    dominates).
     """
     from covidtrack import phantom, pipeline
 
@@ -90,11 +121,14 @@ def bootstrap(store: Any = None, n_patients: int = DEMO_PATIENTS, seed: int = 0)
     work.mkdir(parents=True, exist_ok=True)
     try:
         yield Progress("demo", 0.0, f"writing {n_patients} phantom patients", str(work.name))
-        manifest = Path(phantom.write_demo_cohort(work, n_patients=n_patients, seed=seed))
+        manifest = yield from _live(
+            lambda cb: Path(phantom.write_demo_cohort(work, n_patients=n_patients, seed=seed, with_truth=False, progress=cb)),
+            0.0, PHANTOM_SHARE,
+        )
         if manifest.is_dir():
             manifest = manifest / "manifest.csv"
         _with_real_sample(manifest)
-        yield Progress("demo", 0.05, "ingesting the demo cohort through the pipeline", manifest.name)
+        yield Progress("demo", PHANTOM_SHARE, "ingesting the demo cohort through the pipeline", manifest.name)
         events = pipeline.ingest_manifest(manifest, store=store)
         while True:
             try:
@@ -102,7 +136,7 @@ def bootstrap(store: Any = None, n_patients: int = DEMO_PATIENTS, seed: int = 0)
             except StopIteration as stop:
                 summary = stop.value
                 break
-            yield Progress(ev.stage, 0.05 + 0.95 * ev.fraction, ev.message, Path(ev.item).name)
+            yield Progress(ev.stage, PHANTOM_SHARE + (1 - PHANTOM_SHARE) * ev.fraction, ev.message, Path(ev.item).name)
         result = BootstrapResult(stored=len(summary.ok), failed=tuple(summary.failed), seconds=time.perf_counter() - start)
         marker_path().parent.mkdir(parents=True, exist_ok=True)
         marker_path().write_text(json.dumps({"stored": result.stored, "failed": [list(f) for f in result.failed],
