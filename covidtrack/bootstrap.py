@@ -108,10 +108,20 @@ def _live(fn: Callable[[ProgressCallback], T], lo: float, hi: float) -> Generato
     return box["result"]
 
 
-def bootstrap(store: Any = None, n_patients: int = DEMO_PATIENTS, seed: int = 0) -> Generator[Progress, None, BootstrapResult]:
+def bootstrap(
+    store: Any = None,
+    n_patients: int = DEMO_PATIENTS,
+    seed: int = 0,
+    *,
+    shape: tuple[int, int, int] | None = None,
+    spacing: tuple[float, float, float] | None = None,
+    segmenter: Any = None,
+    register: bool = True,
+) -> Generator[Progress, None, BootstrapResult]:
     """Build the demo cohort into ``store`` (default: the configured one), yielding progress.
 
-    Overall fraction: :data:`PHANTOM_SHARE` writing phantoms, the rest ingesting (segmentation
+    ``shape`` / ``spacing`` (phantom grid, mm), ``segmenter`` and ``register`` pass through to the phantom writer
+    and the pipeline (tests use a small grid and a fast segmenter). Overall fraction: :data:`PHANTOM_SHARE` writing phantoms, the rest ingesting (segmentation
     dominates).
     """
     from covidtrack import phantom, pipeline
@@ -120,16 +130,18 @@ def bootstrap(store: Any = None, n_patients: int = DEMO_PATIENTS, seed: int = 0)
     work = settings().work_dir / f"demo-{uuid.uuid4().hex[:8]}"
     work.mkdir(parents=True, exist_ok=True)
     try:
+        grid = {k: v for k, v in (("shape", shape), ("spacing", spacing)) if v is not None}
         yield Progress("demo", 0.0, f"writing {n_patients} phantom patients", str(work.name))
         manifest = yield from _live(
-            lambda cb: Path(phantom.write_demo_cohort(work, n_patients=n_patients, seed=seed, with_truth=False, progress=cb)),
+            lambda cb: Path(phantom.write_demo_cohort(work, n_patients=n_patients, seed=seed, with_truth=False, progress=cb,
+                                                      **grid)),
             0.0, PHANTOM_SHARE,
         )
         if manifest.is_dir():
             manifest = manifest / "manifest.csv"
         _with_real_sample(manifest)
         yield Progress("demo", PHANTOM_SHARE, "ingesting the demo cohort through the pipeline", manifest.name)
-        events = pipeline.ingest_manifest(manifest, store=store)
+        events = pipeline.ingest_manifest(manifest, store=store, segmenter=segmenter, register=register)
         while True:
             try:
                 ev = next(events)

@@ -153,3 +153,50 @@ def test_upload_size_limit_and_type(tmp_path: Path) -> None:
     assert not list(tmp_path.iterdir())
     with pytest.raises(InputError, match="unsupported"):
         uploads.prepare_upload("notes.txt", io.BytesIO(b"hello"), tmp_path / "s")
+
+
+# --- first start: the demo cohort through the real pipeline ------------------------------------
+
+
+def _threshold_segmenter(volume, callback=None):  # type: ignore[no-untyped-def]
+    """A fast stand-in for the networks: air-like voxels inside the body are lung, split at the midline."""
+    import numpy as np
+    from scipy import ndimage
+
+    from covidtrack.segment.types import Segmentation
+
+    hu = volume.array
+    air = hu < -400
+    outside, _ = ndimage.label(air)
+    border = set(np.unique(np.concatenate([outside[:, 0].ravel(), outside[:, -1].ravel(), outside[:, :, 0].ravel(), outside[:, :, -1].ravel()])))
+    lung = air & ~np.isin(outside, list(border - {0}))
+    lungs = np.zeros(hu.shape, np.uint8)
+    half = hu.shape[2] // 2
+    lungs[:, :, :half][lung[:, :, :half]] = 1
+    lungs[:, :, half:][lung[:, :, half:]] = 2
+    infection = np.where(lung & (hu > -750) & (hu < -300), 1, 0).astype(np.uint8)
+    infection[lung & (hu >= -300)] = 2
+    return Segmentation(lungs=lungs, infection=infection, model_versions={"lungs": "test/threshold", "infection": "test/threshold"})
+
+
+def test_bootstrap_builds_demo_through_pipeline(covidtrack_home: Path) -> None:
+    from covidtrack import bootstrap
+
+    with Store.open() as store:
+        assert bootstrap.needs_bootstrap(store)
+        events = bootstrap.bootstrap(store, n_patients=2, shape=(36, 48, 48), spacing=(5.0, 4.2, 4.2), segmenter=_threshold_segmenter, register=False)
+        fractions = []
+        while True:
+            try:
+                fractions.append(next(events).fraction)
+            except StopIteration as stop:
+                result = stop.value
+                break
+        assert not result.failed, result.failed
+        assert fractions[-1] == 1.0 and max(fractions[:-1]) <= 1.0
+        pats = store.patients()
+        assert len(pats) == 3  # two phantom patients + the real CT sample
+        assert set(pats["arm"]) >= {bootstrap.REAL_SAMPLE_ARM}
+        assert (pats["n_scans"] >= 1).all() and pats["n_scans"].sum() == result.stored
+        assert not bootstrap.needs_bootstrap(store)  # the marker prevents a second build
+    assert not list((covidtrack_home / "work").glob("demo-*"))  # scratch phantoms removed
