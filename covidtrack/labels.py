@@ -29,6 +29,12 @@ LOBE_FULL_NAMES: dict[str, str] = {
 INFECTION_LABELS: dict[int, str] = {1: "GGO", 2: "consolidation"}
 GGO, CONSOLIDATION = 1, 2
 
+# Change of infection between the baseline and a registered follow-up (covidtrack.change),
+# on the baseline grid: new = infected only in the follow-up, resolved = only in the baseline,
+# persistent = in both.
+CHANGE_LABELS: dict[int, str] = {1: "new", 2: "resolved", 3: "persistent"}
+CHANGE_NEW, CHANGE_RESOLVED, CHANGE_PERSISTENT = 1, 2, 3
+
 # Metric regions, in display order
 REGIONS: tuple[str, ...] = ("whole", "right", "left", "RUL", "RML", "RLL", "LUL", "LLL")
 

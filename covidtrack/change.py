@@ -1,0 +1,106 @@
+"""Change of infection between the baseline and a follow-up registered onto it (pure functions).
+
+Both label maps live on the baseline's canonical grid (the follow-up's infection is warped with
+:meth:`covidtrack.register.Registration.warp_labels`). The change map uses
+:data:`covidtrack.labels.CHANGE_LABELS`: 0 no infection in either scan, 1 new (follow-up only),
+2 resolved (baseline only), 3 persistent (both). GGO and consolidation both count as infection;
+a GGO that consolidates is persistent.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from covidtrack.labels import (
+    CHANGE_LABELS,
+    CHANGE_NEW,
+    CHANGE_PERSISTENT,
+    CHANGE_RESOLVED,
+    LEFT_LOBES,
+    LEFT_LUNG,
+    LOBE_LABELS,
+    RIGHT_LOBES,
+    RIGHT_LUNG,
+)
+
+METRIC_UNIT = "mL"
+
+
+def change_map(
+    baseline_infection: np.ndarray,
+    warped_followup_infection: np.ndarray,
+    lungs: np.ndarray | None = None,
+) -> np.ndarray:
+    """uint8 change labels (1 new, 2 resolved, 3 persistent) on the baseline grid.
+
+    ``lungs`` (baseline lung labels) optionally restricts the map to the baseline lungs, which
+    drops warped follow-up infection that lands outside them (registration error at the pleura).
+    """
+    if baseline_infection.shape != warped_followup_infection.shape:
+        raise ValueError(
+            f"baseline infection {baseline_infection.shape} and warped follow-up infection "
+            f"{warped_followup_infection.shape} must share the baseline grid; warp the follow-up first"
+        )
+    before = baseline_infection > 0
+    after = warped_followup_infection > 0
+    out = np.zeros(before.shape, dtype=np.uint8)
+    out[after & ~before] = CHANGE_NEW
+    out[before & ~after] = CHANGE_RESOLVED
+    out[before & after] = CHANGE_PERSISTENT
+    if lungs is not None:
+        if lungs.shape != out.shape:
+            raise ValueError(f"lungs {lungs.shape} must share the baseline grid {out.shape}")
+        out[lungs == 0] = 0
+    return out
+
+
+def _region_masks(shape: tuple[int, ...], lobes: np.ndarray | None, lungs: np.ndarray | None) -> dict[str, np.ndarray | None]:
+    """Region name -> boolean mask (None = everything) for whole, right, left and the lobes."""
+    regions: dict[str, np.ndarray | None] = {"whole": None}
+    if lungs is not None:
+        regions["right"] = lungs == RIGHT_LUNG
+        regions["left"] = lungs == LEFT_LUNG
+    elif lobes is not None:
+        regions["right"] = np.isin(lobes, RIGHT_LOBES)
+        regions["left"] = np.isin(lobes, LEFT_LOBES)
+    if lobes is not None:
+        for lab, name in LOBE_LABELS.items():
+            regions[name] = lobes == lab
+    for name, mask in regions.items():
+        if mask is not None and mask.shape != shape:
+            raise ValueError(f"{name} mask {mask.shape} must share the change map's grid {shape}")
+    return regions
+
+
+def change_metrics(
+    change: np.ndarray,
+    lobes: np.ndarray | None,
+    spacing: tuple[float, float, float],
+    lungs: np.ndarray | None = None,
+) -> pd.DataFrame:
+    """Long rows (region, metric, value, unit) of infection change in mL.
+
+    Regions: ``whole``, ``right`` / ``left`` (from ``lungs`` if given, else from ``lobes``) and
+    the five lobes when ``lobes`` is given (baseline lobes: change is measured in baseline
+    anatomy). Metrics per region: ``new_ml``, ``resolved_ml``, ``persistent_ml``,
+    ``baseline_infection_ml`` (resolved + persistent), ``followup_infection_ml`` (new +
+    persistent) and ``net_change_ml`` (new - resolved). ``spacing`` is (z, y, x) mm.
+    """
+    voxel_ml = float(np.prod(spacing)) / 1000.0  # mm^3 -> mL
+    # One bincount per region: counts of labels 0..3.
+    rows: list[tuple[str, str, float, str]] = []
+    for region, mask in _region_masks(change.shape, lobes, lungs).items():
+        values = change if mask is None else change[mask]
+        counts = np.bincount(values.ravel(), minlength=len(CHANGE_LABELS) + 1).astype(np.float64) * voxel_ml
+        new, resolved, persistent = counts[CHANGE_NEW], counts[CHANGE_RESOLVED], counts[CHANGE_PERSISTENT]
+        for metric, value in (
+            ("new_ml", new),
+            ("resolved_ml", resolved),
+            ("persistent_ml", persistent),
+            ("baseline_infection_ml", resolved + persistent),
+            ("followup_infection_ml", new + persistent),
+            ("net_change_ml", new - resolved),
+        ):
+            rows.append((region, metric, float(value), METRIC_UNIT))
+    return pd.DataFrame(rows, columns=["region", "metric", "value", "unit"])

@@ -1,0 +1,212 @@
+"""Register a patient's follow-ups to the baseline and store the change of infection per lobe.
+
+The baseline is the patient's earliest scan (``Store.baseline_scan``). For each follow-up:
+load both canonical volumes and their final segmentations (a human correction wins over the
+model output) from the store, :func:`covidtrack.register.register`, warp the follow-up infection
+into the baseline, compute the change map and the change per region
+(:mod:`covidtrack.change`), and store the registration and the change rows.
+
+Files: ``<store folder>/registrations/<fixed>_<moving>/`` holds the transforms,
+``registration.json`` and ``change_map.nii.gz`` (uint8, baseline canonical grid). With the store
+in ``COVIDTRACK_HOME`` (the default) that is ``$COVIDTRACK_HOME/registrations``. A registration
+is computed in a ``.tmp-*`` folder and swapped in only when complete, so a failure never leaves a
+half-written pair behind.
+
+Idempotent: a pair whose stored registration was computed from the same two segmentations
+(their ``seg_id``) is not recomputed unless ``force=True``. When an earlier scan arrives later
+it becomes the baseline; :func:`register_patient` (and the pipeline, which calls
+:func:`register_followup` for every other scan) then re-registers all follow-ups to it, and
+pairs registered to the former baseline are removed.
+"""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from covidtrack.errors import StoreError
+from covidtrack.events import ProgressCallback, emit
+
+if TYPE_CHECKING:
+    from covidtrack.register import Registration
+    from covidtrack.store import Store
+
+CHANGE_MAP_FILE = "change_map.nii.gz"
+
+
+@dataclass(frozen=True)
+class FollowupResult:
+    """What :func:`register_followup` did for one pair.
+
+    ``reused``: the stored registration was still valid and nothing was recomputed;
+    ``qa``: the QA figures stored with the registration (Dice 0..1, distances mm);
+    ``folder``: where the transforms and the change map are.
+    """
+
+    fixed_scan: str
+    moving_scan: str
+    reg_id: str
+    ok: bool
+    qa: dict[str, float]
+    folder: Path
+    reused: bool
+
+
+def registrations_root(store: "Store") -> Path:
+    return Path(store.home) / "registrations"
+
+
+def pair_folder(store: "Store", fixed_scan: str, moving_scan: str) -> Path:
+    return registrations_root(store) / f"{fixed_scan}_{moving_scan}"
+
+
+def _patient_of(store: "Store", scan_id: str) -> str:
+    scans = store.scans()
+    row = scans[scans["scan_id"] == scan_id]
+    if row.empty:
+        raise StoreError(f"{store.path}: scan {scan_id} not found. Fix: ingest it first (python -m covidtrack ingest)")
+    return str(row["patient_key"].iloc[0])
+
+
+def _stored_pair(store: "Store", patient_key: str, fixed_scan: str, moving_scan: str) -> dict[str, Any] | None:
+    regs = store.registrations(patient_key)
+    rows = regs[(regs["fixed_scan"] == fixed_scan) & (regs["moving_scan"] == moving_scan)]
+    return None if rows.empty else rows.iloc[0].to_dict()
+
+
+def _reusable(row: dict[str, Any] | None, fixed_seg: str, moving_seg: str) -> "Registration | None":
+    """The stored registration if it was made from these segmentations and its files exist."""
+    from covidtrack.register import Registration
+
+    if row is None:
+        return None
+    transforms = row["transforms"]
+    path = transforms.get("registration") if isinstance(transforms, dict) else None
+    change = row.get("change_map_path")
+    if path is None or change is None or not Path(change).exists():
+        return None
+    try:
+        reg = Registration.load(path)
+    except Exception:  # noqa: BLE001 - any unreadable leftover simply means "recompute"
+        return None
+    if reg.params.get("fixed_seg") != fixed_seg or reg.params.get("moving_seg") != moving_seg:
+        return None
+    return reg
+
+
+def _drop_stale(store: "Store", patient_key: str, baseline: str) -> None:
+    """Remove pairs registered to a scan that is no longer the baseline (an earlier scan came
+    in later). Needs ``Store.remove_registration``; older stores keep the rows, which the
+    report ignores because it only reads pairs whose fixed scan is the baseline."""
+    regs = store.registrations(patient_key)
+    stale = regs[regs["fixed_scan"] != baseline]
+    for _, row in stale.iterrows():
+        remove = getattr(store, "remove_registration", None)
+        if remove is None:
+            return
+        remove(str(row["fixed_scan"]), str(row["moving_scan"]))
+        shutil.rmtree(pair_folder(store, str(row["fixed_scan"]), str(row["moving_scan"])), ignore_errors=True)
+
+
+def register_followup(
+    store: "Store", scan_id: str, progress: ProgressCallback | None = None, force: bool = False
+) -> FollowupResult | None:
+    """Register stored scan ``scan_id`` to its patient's baseline and store the change rows.
+
+    Returns None when ``scan_id`` is itself the baseline (nothing to register). ``force``
+    recomputes even when the stored registration is still valid.
+    """
+    from covidtrack.change import change_map, change_metrics
+    from covidtrack.register import register
+    from covidtrack.store import write_canonical
+
+    key = _patient_of(store, scan_id)
+    baseline = store.baseline_scan(key)
+    _drop_stale(store, key, str(baseline))
+    if baseline is None or baseline == scan_id:
+        return None
+    fixed_rec = store.segmentation(baseline, "final")
+    moving_rec = store.segmentation(scan_id, "final")
+    final = pair_folder(store, baseline, scan_id)
+    row = _stored_pair(store, key, baseline, scan_id)
+    if not force:
+        reg = _reusable(row, fixed_rec.seg_id, moving_rec.seg_id)
+        if reg is not None and row is not None:
+            emit(progress, "register", 1.0, "registration up to date", scan_id)
+            return FollowupResult(baseline, scan_id, str(row["reg_id"]), bool(row["ok"]), dict(row["qa"]), final, True)
+
+    emit(progress, "register", 0.0, "loading baseline and follow-up", scan_id)
+    fixed, moving = store.load_volume(baseline), store.load_volume(scan_id)
+    fixed_seg, moving_seg = store.load_segmentation(baseline), store.load_segmentation(scan_id)
+    work = registrations_root(store) / f".tmp-{baseline}_{scan_id}-{uuid.uuid4().hex[:8]}"
+    try:
+        emit(progress, "register", 0.1, "registering (affine + SyN)", scan_id)
+        reg = register(fixed, fixed_seg, moving, moving_seg, work)
+        emit(progress, "register", 0.8, "change map", scan_id)
+        warped_inf = reg.warp_labels(moving_seg.infection)
+        change = change_map(fixed_seg.infection, warped_inf, lungs=fixed_seg.lungs)
+        table = change_metrics(change, fixed_seg.lobes, fixed.spacing, lungs=fixed_seg.lungs)
+        write_canonical(work / CHANGE_MAP_FILE, fixed, change)
+        reg = _with_inputs(reg, fixed_rec.seg_id, moving_rec.seg_id)
+        # Swap the finished folder in (a crash before this line leaves only a .tmp-* folder).
+        if final.exists():
+            shutil.rmtree(final)
+        work.rename(final)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    from covidtrack.register import Registration
+
+    reg = Registration.load(final)
+    transforms: dict[str, Path] = {"registration": final / "registration.json"}
+    transforms.update({f"forward_{i}": p for i, p in enumerate(reg.transform_paths)})
+    transforms.update({f"inverse_{i}": p for i, p in enumerate(reg.inverse_transform_paths)})
+    qa = _qa_dict(reg)
+    emit(progress, "register", 0.95, "storing registration and change", scan_id)
+    reg_id = store.add_registration(baseline, scan_id, transforms, qa, reg.ok, change_map=final / CHANGE_MAP_FILE)
+    store.add_change_metrics(baseline, scan_id, table)
+    emit(progress, "register", 1.0, "registered" if reg.ok else "registered, QA failed: " + "; ".join(reg.qa.problems), scan_id)
+    return FollowupResult(baseline, scan_id, reg_id, reg.ok, qa, final, False)
+
+
+def _with_inputs(reg: "Registration", fixed_seg: str, moving_seg: str) -> "Registration":
+    """Record which segmentations the registration was made from (for idempotence) and save."""
+    from dataclasses import replace
+
+    out = replace(reg, params={**reg.params, "fixed_seg": fixed_seg, "moving_seg": moving_seg})
+    out.save()
+    return out
+
+
+def _qa_dict(reg: "Registration") -> dict[str, float]:
+    from dataclasses import asdict
+
+    qa = {k: float(v) for k, v in asdict(reg.qa).items()}
+    qa["seconds"] = float(reg.seconds)
+    return qa
+
+
+def register_patient(
+    store: "Store", patient_key: str, progress: ProgressCallback | None = None, force: bool = False
+) -> list[FollowupResult]:
+    """Register every follow-up of a patient to the current baseline (see module docstring)."""
+    scans = store.scans(patient_key)
+    if scans.empty:
+        raise StoreError(f"{store.path}: patient {patient_key} has no scans. Fix: check the ID (python -m covidtrack ingest first)")
+    baseline = store.baseline_scan(patient_key)
+    follow = [str(s) for s in scans["scan_id"] if s != baseline]
+    results = []
+    for i, scan_id in enumerate(follow):
+
+        def sub(ev: Any, i: int = i) -> None:
+            emit(progress, ev.stage, (i + ev.fraction) / len(follow), ev.message, ev.item)
+
+        res = register_followup(store, scan_id, progress=sub, force=force)
+        if res is not None:
+            results.append(res)
+    if not follow:
+        _drop_stale(store, patient_key, str(baseline))
+    return results
