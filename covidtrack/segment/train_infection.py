@@ -74,8 +74,8 @@ class TrainConfig:
     extra: tuple[tuple[np.ndarray, np.ndarray], ...] = ()
     init_weights: Path | None = None
     exclude: tuple[str, ...] = ()
-    iterations: int = 600
-    student_iterations: int = 400
+    iterations: int = 400
+    student_iterations: int = 250
     batch_size: int = 8
     lr: float = 2e-3
     seed: int = 0
@@ -233,7 +233,7 @@ def _fit(
         loss.backward()
         opt.step()
         sched.step()
-        history.append(float(loss))
+        history.append(float(loss.detach()))
         if (it + 1) % 50 == 0 or it + 1 == iterations:
             log(f"[{tag}] step {it + 1}/{iterations} loss {np.mean(history[-50:]):.4f} ({time.time() - t0:.0f} s)")
     net.eval()
@@ -263,6 +263,7 @@ def fit_recipe(
     unlabeled: Sequence[np.ndarray],
     cfg: TrainConfig,
     log: Log = print,
+    on_teacher: Callable[["torch.nn.Module"], None] | None = None,
 ) -> tuple["torch.nn.Module", dict]:
     """Train teacher (and student when ``unlabeled`` and ``cfg.student_iterations``) in memory.
 
@@ -289,6 +290,8 @@ def fit_recipe(
     hist = _fit(net, real, None, cfg.iterations, cfg, gen, log, "teacher")
     info["teacher_s"] = round(time.time() - t0, 1)
     info["teacher_final_loss"] = float(np.mean(hist[-50:])) if hist else None
+    if on_teacher is not None:  # e.g. the cross-validation bench scores the teacher alone
+        on_teacher(net)
     if unlabeled and cfg.student_iterations > 0:
         t1 = time.time()
         u_img = torch.from_numpy(np.stack([to_network_grid(u, None, size)[0] for u in unlabeled]))[:, None]
@@ -473,11 +476,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--unlabeled", type=Path, default=SHARED_COVID2D / "unlabeled_slices", help="unlabelled slices for self-training")
     parser.add_argument("--no-self-training", action="store_true", help="teacher only, no pseudo-labels")
     parser.add_argument("--unlabeled-stride", type=int, default=2, help="use every n-th unlabelled slice")
-    parser.add_argument("--iterations", type=int, default=600, help="teacher optimiser steps")
-    parser.add_argument("--student-iterations", type=int, default=400, help="student optimiser steps")
+    parser.add_argument("--iterations", type=int, default=400, help="teacher optimiser steps")
+    parser.add_argument("--student-iterations", type=int, default=250, help="student optimiser steps")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--size", type=int, default=256, help="network input side (px)")
+    parser.add_argument("--size", type=int, default=224, help="network input side (px)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--exclude", default="", help="comma-separated slice names to hold out and score")
     parser.add_argument("--init-weights", type=Path, help="start from these weights.pt (fine-tuning)")
