@@ -135,6 +135,10 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
     3: (
         "ALTER TABLE segmentations ADD COLUMN has_metrics BOOLEAN DEFAULT false",
         "UPDATE segmentations SET has_metrics = true WHERE seg_id IN (SELECT DISTINCT seg_id FROM metrics)",
+        # cache of the "active" segmentation per scan (rebuilt when segmentations or the active
+        # models change; see Store._active_source)
+        "CREATE TABLE active_segs (scan_id VARCHAR NOT NULL, seg_id VARCHAR NOT NULL, kind VARCHAR NOT NULL)",
+        "CREATE TABLE active_state (cache_key VARCHAR NOT NULL)",
     ),
 }
 
@@ -343,7 +347,7 @@ class Store:
         columns); DATE columns become datetime64 like TIMESTAMP ones."""
         cur = self._cursor()
         try:
-            return cur.execute(sql, list(params)).to_arrow_table().to_pandas(date_as_object=False)
+            return cur.sql(sql, params=list(params) or None).to_arrow_table().to_pandas(date_as_object=False)
         finally:
             cur.close()
 
@@ -517,7 +521,7 @@ class Store:
         ``volume_path`` is the absolute path (str) of the canonical NIfTI; ``geometry`` and
         ``meta`` are JSON text."""
         where, params = ("WHERE s.patient_key = ?", [patient_key]) if patient_key else ("", [])
-        df = self._df(
+        return self._df(
             f"""SELECT s.scan_id, s.patient_key, p.alias, p.arm, s.study_date,
                        date_diff('day', min(s.study_date) OVER (PARTITION BY s.patient_key), s.study_date) AS day,
                        s.content_hash, s.source_name, {self._abs_sql("s.volume_path")} AS volume_path,
@@ -681,19 +685,53 @@ class Store:
         if model_version != "active":
             return ("SELECT m.*, g.kind FROM metrics m JOIN segmentations g USING (seg_id) "
                     "WHERE m.model_version = ?"), [model_version]
-        # One segmentation per scan: correction > all-active-models > latest (module docstring).
-        sql = """
-            SELECT m.*, c.kind FROM metrics m JOIN (
-                SELECT seg_id, kind FROM (
-                    SELECT g.seg_id, g.kind, row_number() OVER (
+        return f"SELECT m.*, c.kind FROM metrics m JOIN ({self._active_source()}) c USING (seg_id)", []
+
+    _CHOSEN_SQL = """
+                SELECT scan_id, seg_id, kind FROM (
+                    SELECT g.scan_id, g.seg_id, g.kind, row_number() OVER (
                         PARTITION BY g.scan_id ORDER BY (g.kind = 'corrected') DESC,
                         list_contains(?::VARCHAR[], g.model_tag) DESC,
                         g.created_at DESC, g.seg_id DESC) AS rk
                     FROM segmentations g
                     WHERE g.has_metrics
-                ) WHERE rk = 1
-            ) c USING (seg_id)"""
-        return sql, [self._active_tags()]
+                ) WHERE rk = 1"""
+
+    def _active_source(self) -> str:
+        """SQL of (scan_id, seg_id, kind): the one segmentation per scan whose numbers are shown.
+
+        One segmentation per scan: correction > all-active-models > latest (module docstring).
+        The choice is cached in ``active_segs`` and rebuilt only when its key (segmentation
+        count, how many have metrics, active model tags) changes, so dashboard queries join a
+        10,000-row table instead of ranking every segmentation each time.
+        """
+        tags = self._active_tags()
+        cur = self._cursor()
+        try:
+            n, n_metrics = cur.execute("SELECT count(*), count(*) FILTER (WHERE has_metrics) FROM segmentations").fetchone()
+            key = _json([n, n_metrics, sorted(tags)])
+            row = cur.execute("SELECT cache_key FROM active_state").fetchone()
+            if row is not None and row[0] == key:
+                return "SELECT scan_id, seg_id, kind FROM active_segs"
+            if self.read_only:
+                return self._inline_chosen(tags)
+            try:
+                cur.begin()
+                cur.execute("DELETE FROM active_segs")
+                cur.execute(f"INSERT INTO active_segs {self._CHOSEN_SQL}", [tags])
+                cur.execute("DELETE FROM active_state")
+                cur.execute("INSERT INTO active_state VALUES (?)", [key])
+                cur.commit()
+            except duckdb.TransactionException:
+                cur.rollback()  # another thread rebuilt it at the same moment: compute inline
+                return self._inline_chosen(tags)
+            return "SELECT scan_id, seg_id, kind FROM active_segs"
+        finally:
+            cur.close()
+
+    def _inline_chosen(self, tags: list[str]) -> str:
+        quoted = ", ".join("'" + t.replace("'", "''") + "'" for t in tags)
+        return self._CHOSEN_SQL.replace("?::VARCHAR[]", f"[{quoted}]::VARCHAR[]")
 
     def _active_tags(self) -> list[str]:
         """Stored model tags made only of currently active models (a handful of distinct tags,
@@ -774,32 +812,37 @@ class Store:
         """All metric rows of one patient's scans, with dates and ``day`` (see cohort_metrics)."""
         return self.cohort_metrics(model_version=model_version, patient_key=patient_key)
 
-    def latest_per_patient(self, region: str = "whole", model_version: str | None = "active") -> pd.DataFrame:
+    def latest_per_patient(
+        self, region: str = "whole", metrics: Sequence[str] | None = None, model_version: str | None = "active"
+    ) -> pd.DataFrame:
         """One row per patient: the latest scan (scan_id, study_date, day, n_scans, alias, arm)
-        and every metric of ``region`` of that scan as a column named by the metric."""
+        and the metrics of ``region`` of that scan as columns named by the metric (``metrics``
+        None = all stored)."""
         rows_sql, params = self._metric_rows_sql(model_version)
-        df = self._df(
-            f"""WITH sd AS (
-                    SELECT scan_id, patient_key, study_date,
-                           date_diff('day', min(study_date) OVER (PARTITION BY patient_key), study_date) AS day,
-                           count(*) OVER (PARTITION BY patient_key) AS n_scans,
-                           row_number() OVER (PARTITION BY patient_key ORDER BY study_date DESC, created_at DESC) AS rk
-                    FROM scans)
-                SELECT s.patient_key, p.alias, p.arm, s.scan_id, s.study_date, s.day, s.n_scans,
-                       r.metric, r.value
-                FROM sd s JOIN patients p USING (patient_key)
-                LEFT JOIN ({rows_sql}) r ON r.scan_id = s.scan_id AND r.region = ?
-                WHERE s.rk = 1""",
-            [*params, region],
+        latest_sql = """
+            WITH sd AS (
+                SELECT scan_id, patient_key, study_date,
+                       date_diff('day', min(study_date) OVER (PARTITION BY patient_key), study_date) AS day,
+                       count(*) OVER (PARTITION BY patient_key) AS n_scans,
+                       row_number() OVER (PARTITION BY patient_key ORDER BY study_date DESC, created_at DESC) AS rk
+                FROM scans)
+            SELECT s.patient_key, p.alias, p.arm, s.scan_id, s.study_date, s.day, s.n_scans
+            FROM sd s JOIN patients p USING (patient_key) WHERE s.rk = 1"""
+        latest = self._df(latest_sql + " ORDER BY p.arm NULLS LAST, s.patient_key")
+        where, mparams = "", []
+        if metrics is not None:
+            where, mparams = "AND list_contains(?::VARCHAR[], r.metric)", [list(metrics)]
+        # long rows, pivoted in pandas: measured faster here than SQL PIVOT / FILTER aggregates
+        vals = self._df(
+            f"""SELECT r.scan_id, r.metric, r.value FROM ({rows_sql}) r
+                WHERE r.region = ? {where} AND r.scan_id IN (SELECT scan_id FROM ({latest_sql}))""",
+            [*params, region, *mparams],
         )
-        index = ["patient_key", "alias", "arm", "scan_id", "study_date", "day", "n_scans"]
-        if df.empty:
-            return pd.DataFrame(columns=index)
-        base = df[index].drop_duplicates("patient_key").set_index("patient_key")
-        vals = df.dropna(subset=["metric"]).groupby(["patient_key", "metric"])["value"].first().unstack("metric")
-        vals.columns.name = None
-        out = base.join(vals).reset_index()
-        return out.sort_values(["arm", "patient_key"], na_position="last").reset_index(drop=True)
+        if vals.empty:
+            return latest
+        wide = vals.drop_duplicates(["scan_id", "metric"]).pivot(index="scan_id", columns="metric", values="value")
+        wide.columns.name = None
+        return latest.join(wide, on="scan_id")
 
     # -- registrations and change ----------------------------------------------------------
     def add_registration(

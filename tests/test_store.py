@@ -58,7 +58,7 @@ def test_round_trip_and_queries() -> None:
 
         scans = store.scans("pA")
         assert list(scans.scan_id) == [a1, a2] and list(scans.day) == [0, 7]
-        assert scans.volume_path.iloc[0].exists()
+        assert Path(scans.volume_path.iloc[0]).exists()
         assert json.loads(scans.geometry.iloc[0]) == {"shape": [4, 5, 6]}
 
         long = store.metrics([a1])
@@ -104,7 +104,7 @@ def test_resegmentation_adds_rows_and_active_prefers_corrections(tmp_path: Path)
         fin = store.segmentation(scan_id, "corrected")
         # lungs come from the original segmentation named in the correction; the model output stays
         assert fin.infection_path == tmp_path / "c.nii.gz"
-        assert fin.lungs_path == store.scans().volume_path.item().parent.parent / "masks" / f"{seg1}_lungs.nii.gz"
+        assert fin.lungs_path == Path(store.scans().volume_path.item()).parent.parent / "masks" / f"{seg1}_lungs.nii.gz"
         assert store.counts()["segmentations"] == 3
 
 
@@ -219,3 +219,15 @@ def test_one_connection_per_process() -> None:
         assert b.patients().arm.item() == "x"
     with pytest.raises(StoreError, match="closed"):
         a.patients()
+
+
+def test_correction_without_metrics_waits_for_them(tmp_path: Path) -> None:
+    with S.Store.open() as store:
+        scan_id, seg1 = _add(store, "pA", "2020-03-01", 10.0)
+        _, seg2 = store.add_correction(scan_id, "dr. y", 10.0, 5, 1, tmp_path / "c.nii.gz")
+        assert set(store.metrics().seg_id) == {seg1}  # no numbers yet: the model's stay shown
+        assert store.segmentation(scan_id).seg_id == seg2  # but the final masks are the correction
+        store.add_metrics(seg2, _metrics(11.0))
+        assert set(store.metrics().seg_id) == {seg2}
+        with pytest.raises(StoreError, match="already has metrics"):
+            store.add_metrics(seg2, _metrics(12.0))
