@@ -565,7 +565,7 @@ class Store:
     def add_segmentation(self, seg: SegRecord, metrics: pd.DataFrame) -> None:
         """Add a (re-)segmentation of a stored scan with its metrics in one transaction."""
         with self.transaction() as cur:
-            if not cur.execute("SELECT 1 FROM scans WHERE scan_id = ?", [seg.scan_id]).fetchone():
+            if not cur.execute("SELECT 1 FROM scans WHERE scan_id = ?", [seg.scan_id]).fetchall():
                 raise StoreError(f"{self.path}: scan {seg.scan_id} not found. Fix: ingest the scan first")
             self._insert_seg(cur, seg, metrics)
 
@@ -708,10 +708,10 @@ class Store:
         tags = self._active_tags()
         cur = self._cursor()
         try:
-            n, n_metrics = cur.execute("SELECT count(*), count(*) FILTER (WHERE has_metrics) FROM segmentations").fetchone()
+            n, n_metrics = cur.execute("SELECT count(*), count(*) FILTER (WHERE has_metrics) FROM segmentations").fetchall()[0]
             key = _json([n, n_metrics, sorted(tags)])
-            row = cur.execute("SELECT cache_key FROM active_state").fetchone()
-            if row is not None and row[0] == key:
+            row = cur.execute("SELECT cache_key FROM active_state").fetchall()
+            if row and row[0][0] == key:
                 return "SELECT scan_id, seg_id, kind FROM active_segs"
             if self.read_only:
                 return self._inline_chosen(tags)
@@ -864,7 +864,7 @@ class Store:
         reg_id = "reg-" + uuid.uuid4().hex[:16]
         with self.transaction() as cur:
             for sid in (fixed_scan, moving_scan):
-                if not cur.execute("SELECT 1 FROM scans WHERE scan_id = ?", [sid]).fetchone():
+                if not cur.execute("SELECT 1 FROM scans WHERE scan_id = ?", [sid]).fetchall():
                     raise StoreError(f"{self.path}: scan {sid} not found. Fix: ingest it before registering")
             cur.execute("DELETE FROM registrations WHERE fixed_scan = ? AND moving_scan = ?", [fixed_scan, moving_scan])
             cur.execute(
@@ -1005,7 +1005,7 @@ class Store:
         recorded before its numbers were computed)."""
         seg = self._seg_by_id(seg_id)
         with self.transaction() as cur:
-            if cur.execute("SELECT has_metrics FROM segmentations WHERE seg_id = ?", [seg_id]).fetchone()[0]:
+            if cur.execute("SELECT has_metrics FROM segmentations WHERE seg_id = ?", [seg_id]).fetchall()[0][0]:
                 raise StoreError(f"{self.path}: segmentation {seg_id} already has metrics. Fix: metrics are immutable; "
                                  "store a new segmentation instead")
             self._insert_metrics(cur, seg, metrics)
