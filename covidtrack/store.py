@@ -935,6 +935,15 @@ class Store:
             params,
         )
 
+    # --- added for covidtrack.longitudinal (issue 6, registration engineer) -------------------
+    def remove_registration(self, fixed_scan: str, moving_scan: str) -> None:
+        """Delete one pair's registration row and change rows (used when an earlier scan becomes
+        the baseline). The pair's files are removed by the caller (covidtrack.longitudinal)."""
+        with self.transaction() as cur:
+            cur.execute("DELETE FROM registrations WHERE fixed_scan = ? AND moving_scan = ?", [fixed_scan, moving_scan])
+            cur.execute("DELETE FROM change_metrics WHERE fixed_scan = ? AND moving_scan = ?", [fixed_scan, moving_scan])
+    # --- end of issue-6 block ----------------------------------------------------------------
+
     # -- corrections (HITL) ----------------------------------------------------------------
     def add_correction(
         self,
