@@ -283,63 +283,84 @@ def downsample_mean(arr: np.ndarray, f: tuple[int, int, int]) -> np.ndarray:
 # Labelling
 # --------------------------------------------------------------------------------------------
 def _label_side(lobes: np.ndarray, side_mask: np.ndarray, side: int, heights: dict[str, np.ndarray]) -> None:
-    """Write lobe labels of one lung given fissure heights (z index per column, full grid)."""
-    zz, yy, xx = np.nonzero(side_mask)
-    z = zz.astype(np.float32)
+    """Write lobe labels of one lung given fissure heights (z index per column, same grid)."""
+    z = np.arange(side_mask.shape[0], dtype=np.float32)[:, None, None]
     if side == RIGHT_LUNG:
-        obl = heights["right_oblique"][yy, xx]
-        hor = np.maximum(heights["right_horizontal"][yy, xx], obl)
-        lab = np.where(z < obl, 3, np.where(z < hor, 2, 1))
+        obl = heights["right_oblique"][None]
+        hor = np.maximum(heights["right_horizontal"], heights["right_oblique"])[None]
+        lab = np.where(z < obl, np.uint8(3), np.where(z < hor, np.uint8(2), np.uint8(1)))
     else:
-        obl = heights["left_oblique"][yy, xx]
-        lab = np.where(z < obl, 5, 4)
-    lobes[zz, yy, xx] = lab.astype(np.uint8)
+        lab = np.where(z < heights["left_oblique"][None], np.uint8(5), np.uint8(4))
+    lobes[side_mask] = lab[side_mask]
 
 
-def enforce_connectivity(lobes: np.ndarray, lungs: np.ndarray, max_rounds: int = 4) -> np.ndarray:
-    """Make each lobe one connected piece (26-connectivity is not used: faces only).
+def enforce_connectivity(lobes: np.ndarray, lungs: np.ndarray, max_rounds: int = 3) -> np.ndarray:
+    """Make each lobe one connected piece (face connectivity).
 
-    Stray pieces of a lobe are given to the lobe of the same lung that borders them most. A
-    piece of lung that touches no other lobe of its side (a lung fragment cut off from the
-    rest) keeps its label, since no relabelling could connect it.
+    All but the largest piece of a lobe are handed to the neighbouring lobes of the same lung,
+    growing those into the stray voxels one voxel layer at a time, so each stray voxel joins a
+    lobe it touches. A piece of lung cut off from the rest of its lung (no neighbouring lobe to
+    join) keeps its label, since no relabelling could connect it.
     """
     out = lobes.copy()
-    for _ in range(max_rounds):
-        changed = False
-        for lab in range(1, 6):
-            comp, n = ndi.label(out == lab)
-            if n <= 1:
-                continue
-            sizes = np.bincount(comp.ravel())[1:]
-            keep = int(np.argmax(sizes)) + 1
-            side_labels = (1, 2, 3) if lab <= 3 else (4, 5)
-            for i, sl in enumerate(ndi.find_objects(comp), start=1):
-                if i == keep or sl is None:
-                    continue
-                grow = tuple(slice(max(s.start - 1, 0), s.stop + 1) for s in sl)
-                piece = comp[grow] == i
-                ring = ndi.binary_dilation(piece) & ~piece
-                neigh = out[grow][ring]
-                neigh = neigh[np.isin(neigh, side_labels) & (neigh != lab)]
-                if neigh.size == 0:
-                    continue
-                new = np.bincount(neigh).argmax()
-                region = out[grow]
-                region[piece] = new
-                changed = True
-        if not changed:
-            break
+    for side_labels in ((1, 2, 3), (4, 5)):
+        side = lungs == (RIGHT_LUNG if side_labels[0] == 1 else LEFT_LUNG)
+        boxes = ndi.find_objects(side.astype(np.uint8))
+        if not boxes or boxes[0] is None:
+            continue
+        sl = boxes[0]
+        sub = out[sl]  # a view: fixes land in ``out``
+        for _ in range(max_rounds):
+            stray = np.zeros(sub.shape, bool)
+            for lab in side_labels:
+                comp, n = ndi.label(sub == lab)
+                if n > 1:
+                    keep = int(np.argmax(np.bincount(comp.ravel())[1:])) + 1
+                    stray |= (comp > 0) & (comp != keep)
+            if not stray.any() or not _absorb(sub, stray, side_labels):
+                break
     return out
+
+
+def _absorb(out: np.ndarray, stray: np.ndarray, side_labels: tuple[int, ...]) -> bool:
+    """Relabel ``stray`` voxels from the touching lobes of the same lung (in place).
+
+    Returns whether anything changed."""
+    sl = tuple(slice(max(s.start - 1, 0), s.stop + 1) for s in ndi.find_objects(stray.astype(np.uint8))[0])
+    sub = out[sl]
+    todo = stray[sl].copy()
+    work = np.where(np.isin(sub, side_labels) & ~todo, sub, 0).astype(np.uint8)
+    for _ in range(max(todo.shape)):
+        if not todo.any():
+            break
+        grown = ndi.grey_dilation(work, size=(3, 3, 3))
+        take = todo & (grown > 0)
+        if not take.any():
+            break  # an isolated fragment: keep its own label
+        work[take] = grown[take]
+        todo &= ~take
+    fill = stray[sl] & ~todo
+    sub[fill] = work[fill]
+    return bool(fill.any())
 
 
 def lobes_from_heights(lungs: np.ndarray, heights: dict[str, np.ndarray]) -> np.ndarray:
     """Lobe labels from fissure heights (z index per ``(y, x)`` column, on the lungs' grid)."""
     lobes = np.zeros(lungs.shape, np.uint8)
+    boxes = ndi.find_objects((lungs > 0).astype(np.uint8))
+    if not boxes or boxes[0] is None:
+        return lobes
+    box = boxes[0]  # work inside the lungs' bounding box: half the voxels of a chest CT
+    sub_lungs = lungs[box]
+    sub = np.zeros(sub_lungs.shape, np.uint8)
     for side in (RIGHT_LUNG, LEFT_LUNG):
-        m = lungs == side
+        m = sub_lungs == side
         if m.any():
-            _label_side(lobes, m, side, heights)
-    return enforce_connectivity(lobes, lungs)
+            z0 = box[0].start
+            h = {k: v[box[1], box[2]] - z0 for k, v in heights.items()}
+            _label_side(sub, m, side, h)
+    lobes[box] = enforce_connectivity(sub, sub_lungs)
+    return lobes
 
 
 # --------------------------------------------------------------------------------------------

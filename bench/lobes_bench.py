@@ -1,0 +1,173 @@
+"""Lobe benchmark: accuracy of the fissure prior (LIDC leave-one-out), phantom Dice, lobe shares
+and time on the real CTs, lobe shares on 20 real lung masks; figures for visual inspection.
+
+Run: ``nice -n 5 python bench/lobes_bench.py`` (needs ../shared/data beside the repo).
+Writes ``bench/results/lobes_bench.json`` and ``bench/figures/lobes_*.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from covidtrack.config import settings  # noqa: E402
+from covidtrack.labels import LOBE_LABELS  # noqa: E402
+from covidtrack.segment.eval_fissures import leave_one_out, lobe_dice, lobe_shares, naive_height_split  # noqa: E402
+from covidtrack.segment.lobes import load_prior, lobes_from_lung_mask, split_lungs  # noqa: E402
+from covidtrack.segment.train_lobes import case_points, load_case, read_mask_canonical  # noqa: E402
+
+SHARED = REPO.parent / "shared" / "data"
+FIGS = REPO / "bench" / "figures"
+RESULTS = REPO / "bench" / "results" / "lobes_bench.json"
+COLORS = {1: (0.95, 0.75, 0.1), 2: (0.2, 0.8, 0.3), 3: (0.2, 0.5, 1.0), 4: (0.9, 0.3, 0.8), 5: (0.1, 0.85, 0.85)}
+
+
+def lidc_loo() -> dict:
+    cases = [load_case(p) for p in sorted((SHARED / "masks" / "lidc_lung_fissure_masks").iterdir())]
+    points = [case_points(c) for c in cases]
+    return leave_one_out(cases, points)
+
+
+def phantoms(seeds: tuple[int, ...] = (0, 1, 2)) -> dict:
+    from covidtrack.phantom.series import make_phantom
+
+    out = {}
+    for seed in seeds:
+        vol, truth = make_phantom(seed)  # default 160 x 256 x 256 at 2.0 x 1.4 x 1.4 mm, disease at peak
+        row = {"shape": list(vol.shape), "spacing_mm": list(vol.spacing)}
+        for mode, ct in (("mask_only", None), ("with_ct", vol.array)):
+            t0 = time.perf_counter()
+            lobes = lobes_from_lung_mask(truth.lungs, vol.spacing, ct)
+            row[mode] = {"dice": lobe_dice(lobes, truth.lobes), "seconds": round(time.perf_counter() - t0, 2)}
+        row["truth_shares_pct"] = lobe_shares(truth.lobes)
+        out[f"seed{seed}"] = row
+    return out
+
+
+def lung_mask_for(volume) -> tuple[np.ndarray, str]:
+    """The product's lung model where it is shipped, else the classical extraction."""
+    try:
+        from covidtrack.segment.lungs import LungModel
+
+        return LungModel.load().predict(volume), "covidtrack.segment.lungs.LungModel"
+    except Exception as err:  # no shipped lung model yet: use the classical one, and say so
+        from covidtrack.segment.lung_targets import extract_lungs
+
+        mask, _ = extract_lungs(volume)
+        return mask.astype(np.uint8), f"classical threshold lungs (lung_targets; LungModel unavailable: {type(err).__name__})"
+
+
+def overlay_figure(name: str, hu: np.ndarray, spacing, lungs: np.ndarray, results: dict[str, np.ndarray]) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    zz, yy, xx = np.nonzero(lungs)
+    y_c = int(np.percentile(yy, 55))
+    x_r = int(np.percentile(xx[lungs[zz, yy, xx] == 1], 50))
+    x_l = int(np.percentile(xx[lungs[zz, yy, xx] == 2], 50))
+    sz, sy, sx = spacing
+    views = [("coronal", lambda a: a[:, y_c, :], sz / sx), ("sagittal right", lambda a: a[:, :, x_r], sz / sy),
+             ("sagittal left", lambda a: a[:, :, x_l], sz / sy)]
+    fig, axes = plt.subplots(len(results), 3, figsize=(15, 5 * len(results)), squeeze=False)
+    for r, (title, lobes) in enumerate(results.items()):
+        for c, (vname, cut, aspect) in enumerate(views):
+            ax = axes[r, c]
+            img = np.clip((cut(hu).astype(float) + 1000) / 900, 0, 1)
+            rgb = np.repeat(img[..., None], 3, axis=-1)
+            lab = cut(lobes)
+            for k, col in COLORS.items():
+                m = lab == k
+                rgb[m] = 0.6 * rgb[m] + 0.4 * np.array(col)
+            ax.imshow(rgb, origin="lower", aspect=aspect)
+            ax.set_title(f"{name}: {vname} ({title})", fontsize=9)
+            ax.axis("off")
+    fig.tight_layout()
+    path = FIGS / f"lobes_{name}.png"
+    fig.savefig(path, dpi=70)
+    plt.close(fig)
+    return path
+
+
+def real_cts() -> dict:
+    from covidtrack.io import load_ct
+
+    scans = {
+        "chest4dct_phase00": SHARED / "ct" / "chest4dct_phase00" / "dicom",
+        "lung-pet-ct-dx_A0001": SHARED / "ct" / "lung-pet-ct-dx_A0001" / "dicom",
+        "cip_copdgene_ct64": SHARED / "ct" / "cip_copdgene_ct64" / "ct-64.nrrd",
+    }
+    out = {}
+    for name, path in scans.items():
+        vol = load_ct(path)
+        lungs, lung_source = lung_mask_for(vol)
+        row = {"shape": list(vol.shape), "spacing_mm": list(vol.spacing), "lung_mask": lung_source}
+        res = {}
+        for mode, ct in (("mask only", None), ("with CT", vol.array)):
+            t0 = time.perf_counter()
+            lobes = lobes_from_lung_mask(lungs, vol.spacing, ct)
+            secs = time.perf_counter() - t0
+            res[mode] = lobes
+            row[mode.replace(" ", "_")] = {"seconds": round(secs, 2), "shares_pct": lobe_shares(lobes)}
+        changed = (res["mask only"] != res["with CT"]) & (lungs > 0)
+        row["voxels_moved_by_ct_pct"] = 100.0 * float(changed.sum()) / max(int((lungs > 0).sum()), 1)
+        row["figure"] = str(overlay_figure(name, vol.array, vol.spacing, lungs, res).relative_to(REPO))
+        out[name] = row
+    return out
+
+
+def dirlab_shares() -> dict:
+    rows = {}
+    for path in sorted((SHARED / "masks" / "dirlab_copd_lung_masks").glob("*.nii.gz")):
+        mask, spacing = read_mask_canonical(path)
+        lungs = split_lungs((mask > 0).astype(np.uint8))
+        rows[path.name.replace("_mask.nii.gz", "")] = lobe_shares(lobes_from_lung_mask(lungs, spacing))
+    names = list(LOBE_LABELS.values())
+    mean = {n: float(np.mean([r[n] for r in rows.values()])) for n in names}
+    std = {n: float(np.std([r[n] for r in rows.values()])) for n in names}
+    return {"per_mask": rows, "mean_pct": mean, "std_pct": std}
+
+
+def main() -> None:
+    import torch
+
+    torch.set_num_threads(settings().threads)
+    FIGS.mkdir(parents=True, exist_ok=True)
+    prior = load_prior()
+    t0 = time.time()
+    result = {
+        "what": "five-lobe partition (covidtrack.segment.lobes): fissure distance + Dice of the shape prior "
+                "(LIDC leave-one-out), phantom Dice, lobe shares and time on real CT, shares on real masks",
+        "model": prior.version,
+        "hardware": {"processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+                     "note": "2 CPU cores shared with other jobs", "threads": settings().threads},
+        "lidc_leave_one_out": lidc_loo(),
+        "phantoms": phantoms(),
+        "real_ct": real_cts(),
+        "dirlab_masks_mask_only": dirlab_shares(),
+        "expected_shares_pct": {"RUL": 20, "RML": "8-10", "RLL": 25, "LUL": 22, "LLL": 22},
+    }
+    result["wall_s"] = round(time.time() - t0, 1)
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(result, indent=2))
+    s = result["lidc_leave_one_out"]["summary"]
+    print(json.dumps(s, indent=1))
+    for k, v in result["phantoms"].items():
+        print(k, {m: {n: round(d, 3) for n, d in v[m]["dice"].items()} for m in ("mask_only", "with_ct")})
+    for k, v in result["real_ct"].items():
+        print(k, v["with_CT"], v["mask_only"]["seconds"], round(v["voxels_moved_by_ct_pct"], 1))
+    print("dirlab", {n: round(x, 1) for n, x in result["dirlab_masks_mask_only"]["mean_pct"].items()})
+
+
+if __name__ == "__main__":
+    main()
