@@ -333,7 +333,7 @@ def _absorb(out: np.ndarray, stray: np.ndarray, side_labels: tuple[int, ...]) ->
     for _ in range(max(todo.shape)):
         if not todo.any():
             break
-        grown = ndi.grey_dilation(work, size=(3, 3, 3))
+        grown = ndi.grey_dilation(work, footprint=ndi.generate_binary_structure(3, 1))  # faces only
         take = todo & (grown > 0)
         if not take.any():
             break  # an isolated fragment: keep its own label
