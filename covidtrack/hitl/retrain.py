@@ -1,0 +1,718 @@
+"""Fine-tune the active infection model on corrected scans; version, evaluate, promote, roll back.
+
+Flow (the Models page and ``python -m covidtrack train infection --from-corrections``):
+
+1. :func:`export_corrections` (in the process that owns the store): the latest correction of each
+   corrected scan becomes axial training slices -- the CT in HU through the shared lung window
+   (:func:`covidtrack.segment.intensity.window_hu`), cropped to the square around the lungs
+   exactly as :meth:`InfectionModel.predict` sees a volume -- written to ``samples.npz`` in a job
+   folder ``$COVIDTRACK_HOME/hitl/jobs/<run_id>/``.
+2. :func:`start_retrain` launches ``python -m covidtrack.hitl.retrain JOB`` in the background
+   (DuckDB allows one writer per file, so the job never opens the store). :func:`run_job`
+   fine-tunes the active model (:func:`covidtrack.segment.train_infection.train` with
+   ``init_weights`` and ``extra`` samples) on the corrected slices plus the original training
+   slices, writing progress to ``status.json`` (the UI polls :func:`job_status`).
+3. Both the old and the new model are scored on a fixed validation set (:func:`validation_set`:
+   real held-out MedSeg slices shipped in ``data/samples/hitl_validation`` plus deterministic
+   phantom slices); the result goes into the new card, and the version folder
+   ``$COVIDTRACK_HOME/models/infection/vN`` appears atomically, immutable from then on.
+4. Nothing changes for users until :func:`promote` (``modelstore.set_active`` + ``models`` row);
+   :func:`rollback` restores the previous active version; :func:`resegment` re-runs the infection
+   model on stored scans and adds segmentations whose metric rows carry the new version.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from covidtrack.config import REPO_ROOT, SAMPLES, settings
+from covidtrack.errors import ModelError, StoreError
+
+if TYPE_CHECKING:
+    from covidtrack.modelstore import ModelRef
+    from covidtrack.segment.infection import InfectionModel
+    from covidtrack.store import Store
+
+TASK = "infection"
+#: Real validation slices shipped with the code (see its PROVENANCE.md).
+VALIDATION_DIR = SAMPLES / "hitl_validation"
+#: Phantom part of the validation set: seeds, grid (z, y, x) voxels and spacing mm, slices per phantom.
+PHANTOM_SEEDS: tuple[int, ...] = (9101, 9102, 9103)
+PHANTOM_SHAPE: tuple[int, int, int] = (32, 128, 128)
+PHANTOM_SPACING: tuple[float, float, float] = (6.0, 1.5, 1.5)
+PHANTOM_SLICES = 3
+_PHANTOM_CACHE_KEY = "v1"  # bump when the phantom recipe above changes
+
+
+@dataclass(frozen=True)
+class RetrainConfig:
+    """A fine-tuning run. ``iterations`` are optimiser steps of ``batch_size`` slices;
+    ``lr`` is lower than for training from scratch (the start is already good).
+    ``max_slices_per_scan`` caps how many axial slices one corrected scan contributes (slices the
+    reviewer changed first, then infected ones, then the rest evenly). ``original_images`` is a
+    MedSeg-layout ``Imgs/`` folder of the original training slices (``None``: :func:`default_original_data`)."""
+
+    iterations: int = 150
+    batch_size: int = 8
+    lr: float = 5e-4
+    seed: int = 0
+    max_slices_per_scan: int = 24
+    original_images: Path | None = None
+    use_original: bool = True
+    version: str | None = None
+    notes: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["original_images"] = str(self.original_images) if self.original_images else None
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "RetrainConfig":
+        d = dict(d)
+        d["original_images"] = Path(d["original_images"]) if d.get("original_images") else None
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class RetrainJob:
+    """A background run: its folder (``status.json``, ``log.txt``, ``config.json``) and process id."""
+
+    run_id: str
+    folder: Path
+    pid: int | None
+
+    @property
+    def status_path(self) -> Path:
+        return self.folder / "status.json"
+
+
+# --- training slices from corrected scans --------------------------------------------------------
+def pick_slices(lungs: np.ndarray, infection: np.ndarray, changed: np.ndarray | None, limit: int) -> list[int]:
+    """Axial slice indices to train on: lung slices, the reviewer's changed slices first, then
+    infected slices, then lung-only slices (spread evenly), at most ``limit``, sorted."""
+    lung_z = np.nonzero(lungs.any(axis=(1, 2)))[0]
+    if lung_z.size == 0 or limit <= 0:
+        return []
+    groups = []
+    changed_z = set(np.nonzero(changed.any(axis=(1, 2)))[0]) if changed is not None else set()
+    infected_z = set(np.nonzero(infection.any(axis=(1, 2)))[0])
+    groups.append([z for z in lung_z if z in changed_z])
+    groups.append([z for z in lung_z if z not in changed_z and z in infected_z])
+    groups.append([z for z in lung_z if z not in changed_z and z not in infected_z])
+    chosen: list[int] = []
+    for g in groups:
+        room = limit - len(chosen)
+        if room <= 0:
+            break
+        if len(g) > room:  # evenly spread over the group, not the first slices of it
+            g = [g[i] for i in np.linspace(0, len(g) - 1, room).round().astype(int)]
+        chosen += [int(z) for z in g]
+    return sorted(set(chosen))
+
+
+def volume_slices(
+    ct_hu: np.ndarray, lungs: np.ndarray, infection: np.ndarray, spacing: Sequence[float], size: int, zs: Sequence[int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Slices ``zs`` of a HU volume as the network sees them: lung window -> [0, 1], the square
+    around the lungs (+ margin, mm-isotropic) resampled to ``size`` px; labels nearest-neighbour.
+
+    Returns images (n, size, size) float32 and labels (n, size, size) uint8.
+    """
+    import torch
+
+    from covidtrack.segment.infection import SquareView, resample_to_view
+    from covidtrack.segment.intensity import window_hu
+
+    if not len(zs):
+        return np.zeros((0, size, size), np.float32), np.zeros((0, size, size), np.uint8)
+    inside = lungs > 0
+    lung_z = np.nonzero(inside.any(axis=(1, 2)))[0]
+    view = SquareView.around_mask(inside[lung_z], (float(spacing[1]), float(spacing[2])))
+    z = np.asarray(zs, dtype=int)
+    img = resample_to_view(torch.from_numpy(window_hu(ct_hu[z]))[:, None], view, size)
+    lab = resample_to_view(torch.from_numpy(infection[z].astype(np.float32))[:, None], view, size, mode="nearest")
+    return img[:, 0].numpy().astype(np.float32), lab[:, 0].numpy().round().astype(np.uint8)
+
+
+def latest_corrections(store: "Store") -> list[dict[str, Any]]:
+    """The latest correction row of each corrected scan (older ones were superseded by the reviewer)."""
+    df = store.corrections()
+    if df.empty:
+        return []
+    df = df.sort_values("created_at").groupby("scan_id", sort=False).tail(1)
+    return df.to_dict("records")
+
+
+def export_corrections(store: "Store", out: Path, size: int, max_slices_per_scan: int = 24) -> dict[str, Any]:
+    """Write the training slices of every corrected scan to ``out`` (npz: images, labels, scan).
+
+    Returns ``{"scans": [...], "slices": n, "correction_ids": [...]}``. Raises StoreError when
+    nothing was corrected yet.
+    """
+    from covidtrack.store import read_canonical
+
+    rows = latest_corrections(store)
+    if not rows:
+        raise StoreError(f"{store.path}: no corrected scans yet. Fix: correct scans on the Review page first")
+    images, labels, owners = [], [], []
+    for row in rows:
+        scan_id = row["scan_id"]
+        volume = store.load_volume(scan_id)
+        corrected = read_canonical(Path(row["mask_path"]))[0].astype(np.uint8)
+        original = store._seg_by_id(row["original_seg_id"]) if row.get("original_seg_id") else store.segmentation(scan_id, "model")
+        lungs = read_canonical(original.lungs_path)[0].astype(np.uint8)
+        model_inf = read_canonical(original.infection_path)[0].astype(np.uint8)
+        zs = pick_slices(lungs, corrected, corrected != model_inf, max_slices_per_scan)
+        im, lab = volume_slices(volume.array, lungs, corrected, volume.spacing, size, zs)
+        images.append(im)
+        labels.append(lab)
+        owners += [scan_id] * len(zs)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(out, images=np.concatenate(images), labels=np.concatenate(labels), scan=np.asarray(owners))
+    return {"scans": [r["scan_id"] for r in rows], "slices": len(owners), "correction_ids": [r["correction_id"] for r in rows]}
+
+
+# --- the fixed validation set ----------------------------------------------------------------------
+@dataclass(frozen=True, eq=False)
+class ValItem:
+    """One validation slice: unit image in [0, 1], labels 0/1/2, source "real" or "phantom"."""
+
+    name: str
+    image: np.ndarray
+    classes: np.ndarray
+    source: str
+
+
+def phantom_slices(seeds: Sequence[int] = PHANTOM_SEEDS, per_phantom: int = PHANTOM_SLICES, size: int = 128) -> list[ValItem]:
+    """Deterministic phantom validation slices: the most infected axial slices of a few small
+    phantoms at their disease peak, cropped around the lungs like a real volume."""
+    from covidtrack.phantom import make_phantom
+
+    items = []
+    for seed in seeds:
+        vol, truth = make_phantom(seed, shape=PHANTOM_SHAPE, spacing=PHANTOM_SPACING)
+        per_z = truth.infection.reshape(truth.infection.shape[0], -1).astype(bool).sum(axis=1)
+        zs = sorted(int(z) for z in np.argsort(-per_z, kind="stable")[:per_phantom])
+        im, lab = volume_slices(vol.array, truth.lungs, truth.infection.astype(np.uint8), vol.spacing, size, zs)
+        items += [ValItem(f"phantom-{seed}-z{z}", im[i], lab[i], "phantom") for i, z in enumerate(zs)]
+    return items
+
+
+def validation_set(real_dir: Path | None = VALIDATION_DIR, with_phantoms: bool = True) -> list[ValItem]:
+    """The fixed validation set: real held-out slices (canonical orientation) + phantom slices.
+
+    Phantom slices are cached in ``$COVIDTRACK_HOME/hitl/validation_phantoms.npz`` (generating
+    them costs ~15 s on 2 cores).
+    """
+    from covidtrack.segment.intensity import unit_from_uint8
+    from covidtrack.segment.slices import read_medseg_folder
+
+    items: list[ValItem] = []
+    if real_dir is not None and Path(real_dir).is_dir():
+        d = Path(real_dir)
+        for s in read_medseg_folder(d / "Imgs", d / "GT", d / "GT_multiclass"):
+            items.append(ValItem(f"real-{s.name}", unit_from_uint8(s.image), s.classes, "real"))  # type: ignore[arg-type]
+    if with_phantoms:
+        cache = settings().home / "hitl" / "validation_phantoms.npz"
+        ph: list[ValItem] = []
+        if cache.exists():
+            data = np.load(cache, allow_pickle=False)
+            if str(data["key"]) == _PHANTOM_CACHE_KEY:
+                ph = [ValItem(str(n), im, lab, "phantom") for n, im, lab in zip(data["names"], data["images"], data["labels"])]
+        if not ph:
+            ph = phantom_slices()
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=cache.parent, suffix=".npz")
+            os.close(fd)
+            np.savez_compressed(tmp, key=_PHANTOM_CACHE_KEY, names=np.array([p.name for p in ph]),
+                                images=np.stack([p.image for p in ph]), labels=np.stack([p.classes for p in ph]))
+            os.replace(tmp, cache)
+        items += ph
+    return items
+
+
+def real_validation_names(real_dir: Path | None = VALIDATION_DIR) -> list[str]:
+    """File stems of the real validation slices (held out of every fine-tuning run)."""
+    if real_dir is None or not (Path(real_dir) / "Imgs").is_dir():
+        return []
+    from covidtrack.segment.slices import list_images
+
+    return list(list_images(Path(real_dir) / "Imgs"))
+
+
+def evaluate(model: "InfectionModel", items: Sequence[ValItem]) -> dict[str, Any]:
+    """Dice (infection), Dice GGO / consolidation, sensitivity, specificity per source and overall."""
+    from covidtrack.segment.eval_slices import score_slice, summarize
+
+    preds = model.predict_slices([it.image for it in items])
+    scores = [score_slice(it.name, lab, it.classes > 0, it.classes) for it, (lab, _) in zip(items, preds)]
+    out: dict[str, Any] = {"model": model.version, "n": len(items)}
+    for source in ("real", "phantom"):
+        sel = [s for s, it in zip(scores, items) if it.source == source]
+        if sel:
+            out[source] = summarize(sel)
+    out["all"] = summarize(scores)
+    out["per_item"] = {s.name: (None if np.isnan(s.dice) else round(s.dice, 4)) for s in scores}
+    return out
+
+
+def headline(evaluation: dict[str, Any]) -> dict[str, float | None]:
+    """The few numbers the Models page shows: mean Dice on real, phantom and all slices."""
+    def mean(part: str) -> float | None:
+        m = evaluation.get(part, {}).get("dice", {}).get("mean")
+        return None if m is None else round(float(m), 4)
+
+    return {"dice_real": mean("real"), "dice_phantom": mean("phantom"), "dice_all": mean("all")}
+
+
+# --- original training data --------------------------------------------------------------------
+def default_original_data() -> Path | None:
+    """Where the original training slices (MedSeg layout) are, if anywhere.
+
+    1. ``$COVIDTRACK_HOME/training/medseg/Imgs`` (a site copies them there; their licence is
+       non-commercial, so they are not shipped in full);
+    2. the development checkout's ``../shared/data/covid2d/medseg_train/Imgs``.
+    Without either, fine-tuning replays phantom slices instead (recorded in the card).
+    """
+    for p in (settings().home / "training" / "medseg" / "Imgs", REPO_ROOT.parent / "shared" / "data" / "covid2d" / "medseg_train" / "Imgs"):
+        if p.is_dir():
+            return p
+    return None
+
+
+# --- job folder and status ---------------------------------------------------------------------
+def jobs_dir() -> Path:
+    return settings().home / "hitl" / "jobs"
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".json")
+    with os.fdopen(fd, "w") as fh:
+        json.dump(data, fh, indent=2, default=str)
+    os.replace(tmp, path)  # the UI polls the file: it must never see half of it
+
+
+def _update_status(folder: Path, **fields: Any) -> dict[str, Any]:
+    path = folder / "status.json"
+    data = json.loads(path.read_text()) if path.exists() else {}
+    data.update(fields, updated_utc=_now())
+    _write_json(path, data)
+    return data
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        done, _ = os.waitpid(pid, os.WNOHANG)  # reap our own finished child (else it stays a zombie)
+        if done == pid:
+            return False
+    except ChildProcessError:
+        pass  # not our child (e.g. another app process started it): fall back to a signal probe
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def job_status(folder: Path) -> dict[str, Any]:
+    """The job's status: state (queued|running|done|failed), fraction 0..1, message, version,
+    result (when done), error (when failed). A job whose process died without a result reads
+    as failed, with the end of its log."""
+    path = Path(folder) / "status.json"
+    if not path.exists():
+        return {"state": "missing", "fraction": 0.0, "message": f"{path} not found"}
+    data = json.loads(path.read_text())
+    if data.get("state") in ("queued", "running") and data.get("pid") and not _alive(int(data["pid"])):
+        time.sleep(0.2)  # the process may have written its final status just now
+        data = json.loads(path.read_text())
+        if data.get("state") in ("queued", "running"):
+            log = (Path(folder) / "log.txt")
+            tail = log.read_text()[-1500:] if log.exists() else ""
+            data = _update_status(Path(folder), state="failed", error=f"the training process ended without a result. Log:\n{tail}")
+    return data
+
+
+def latest_job() -> RetrainJob | None:
+    """The most recently started job (by folder name, which starts with a UTC timestamp)."""
+    root = jobs_dir()
+    if not root.is_dir():
+        return None
+    folders = sorted(p for p in root.iterdir() if (p / "status.json").exists())
+    if not folders:
+        return None
+    st = json.loads((folders[-1] / "status.json").read_text())
+    return RetrainJob(run_id=folders[-1].name, folder=folders[-1], pid=st.get("pid"))
+
+
+def running_job() -> RetrainJob | None:
+    job = latest_job()
+    if job is not None and job_status(job.folder).get("state") in ("queued", "running"):
+        return job
+    return None
+
+
+def prepare_job(store: "Store", cfg: RetrainConfig) -> RetrainJob:
+    """Export the corrected slices and the config into a new job folder (in the store's process)."""
+    from covidtrack import modelstore
+
+    if running_job() is not None:
+        raise ModelError(f"{jobs_dir()}: a retraining run is still going. Fix: wait for it to finish (Models page)")
+    base = modelstore.active(TASK)
+    card = base.card()
+    size = int(card["net"]["input_size"])
+    run_id = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
+    folder = jobs_dir() / run_id
+    folder.mkdir(parents=True)
+    try:
+        exported = export_corrections(store, folder / "samples.npz", size, cfg.max_slices_per_scan)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    _write_json(folder / "config.json", {"config": cfg.to_json(), "base": {"version": base.version, "path": str(base.path),
+                                          "shipped": base.shipped}, "exported": exported})
+    _update_status(folder, state="queued", fraction=0.0, message=f"{exported['slices']} slices from {len(exported['scans'])} corrected scans",
+                   base_version=base.name, started_utc=_now())
+    return RetrainJob(run_id=run_id, folder=folder, pid=None)
+
+
+def start_retrain(store: "Store", cfg: RetrainConfig = RetrainConfig()) -> RetrainJob:
+    """Prepare a job and run it in a background process; returns at once (poll :func:`job_status`)."""
+    job = prepare_job(store, cfg)
+    log = open(job.folder / "log.txt", "ab")  # noqa: SIM115 - handed to the child process
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "covidtrack.hitl.retrain", str(job.folder)],
+            cwd=str(REPO_ROOT), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env={**os.environ, "COVIDTRACK_HOME": str(settings().home)},
+            start_new_session=True,  # a Streamlit rerun or Ctrl-C in the app does not kill training
+        )
+    finally:
+        log.close()
+    _update_status(job.folder, pid=proc.pid)
+    return replace(job, pid=proc.pid)
+
+
+def cancel(job: RetrainJob) -> None:
+    """Stop a running job (its partial output is discarded; no version is written)."""
+    st = job_status(job.folder)
+    pid = st.get("pid")
+    if st.get("state") in ("queued", "running") and pid and _alive(int(pid)):
+        os.kill(int(pid), signal.SIGTERM)
+    _update_status(job.folder, state="failed", error="cancelled by the user")
+
+
+# --- the job itself (background process or in-process for the CLI) -------------------------------
+def _progress_log(folder: Path, echo: bool) -> Callable[[str], None]:
+    """A ``log`` callback for train(): mirrors lines to log.txt/stdout and maps steps to a fraction."""
+    import re
+
+    pattern = re.compile(r"\[(teacher|student)\] step (\d+)/(\d+)")
+
+    def log(line: str) -> None:
+        if echo:
+            print(line, flush=True)
+        m = pattern.search(line)
+        if m:
+            frac = 0.10 + 0.75 * int(m.group(2)) / max(1, int(m.group(3)))
+            _update_status(folder, state="running", fraction=round(frac, 3), message=line)
+
+    return log
+
+
+def run_job(folder: Path, echo: bool = True) -> dict[str, Any]:
+    """Fine-tune, evaluate old and new, and write the new version folder. Returns the result dict
+    (also stored in status.json). Never touches the store or the active pointer."""
+    import torch
+
+    from covidtrack import modelstore
+    from covidtrack.segment.infection import InfectionModel, NetSpec
+    from covidtrack.segment.train_infection import TrainConfig, train
+
+    folder = Path(folder)
+    meta = json.loads((folder / "config.json").read_text())
+    cfg = RetrainConfig.from_json(meta["config"])
+    base = modelstore.ModelRef(task=TASK, version=meta["base"]["version"], path=Path(meta["base"]["path"]), shipped=meta["base"]["shipped"])
+    _update_status(folder, state="running", pid=os.getpid(), fraction=0.02, message="loading data")
+    torch.set_num_threads(settings().threads)
+    t0 = time.time()
+    base_card = base.card()
+    spec = NetSpec.from_json(base_card["net"])
+    data = np.load(folder / "samples.npz", allow_pickle=False)
+    extra = tuple((im, lab) for im, lab in zip(data["images"], data["labels"]))
+    held = real_validation_names()
+    images = cfg.original_images or (default_original_data() if cfg.use_original else None)
+    replay_note = ""
+    if images is not None:
+        exclude = tuple(n for n in held if any((Path(images) / f"{n}{s}").exists() for s in (".jpg", ".jpeg", ".png")))
+        parent = Path(images).parent
+        masks = parent / "GT" if (parent / "GT").is_dir() else None
+        multiclass = parent / "GT_multiclass" if (parent / "GT_multiclass").is_dir() else None
+    else:
+        exclude, masks, multiclass = (), None, None
+        replay = phantom_slices(seeds=(9201, 9202, 9203, 9204), per_phantom=6, size=spec.input_size)
+        extra = extra + tuple((p.image, p.classes) for p in replay)
+        replay_note = f"original training slices not found; replayed {len(replay)} phantom slices instead. "
+    _update_status(folder, fraction=0.05, message=f"scoring the current model {base.name} on the validation set")
+    val = validation_set()
+    old_eval = evaluate(InfectionModel.load(base), val)
+    version = cfg.version or modelstore.next_version(TASK)
+    staging = folder / "staging"
+    tcfg = TrainConfig(
+        images=Path(images) if images is not None else None, masks=masks, multiclass=multiclass, unlabeled=None,
+        extra=extra, init_weights=base.weights, exclude=exclude, iterations=cfg.iterations, student_iterations=0,
+        batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed, spec=spec, out_root=staging, version=version,
+        notes=(f"Fine-tuned from {base.name} on {len(meta['exported']['scans'])} corrected scans "
+               f"({meta['exported']['slices']} axial slices) by covidtrack.hitl.retrain. {replay_note}{cfg.notes}").strip(),
+    )
+    result = train(tcfg, log=_progress_log(folder, echo))
+    _update_status(folder, fraction=0.9, message=f"scoring the new model {version} on the validation set")
+    new_model = InfectionModel.load(result.ref)
+    new_eval = evaluate(new_model, val)
+    card = result.ref.card()
+    card["hitl"] = {
+        "base_version": base.name,
+        "corrected_scans": meta["exported"]["scans"],
+        "correction_ids": meta["exported"]["correction_ids"],
+        "corrected_slices": meta["exported"]["slices"],
+        "config": cfg.to_json(),
+        "validation_set": {"real": [f"real-{n}" for n in held], "phantom_seeds": list(PHANTOM_SEEDS),
+                           "note": "real slices from data/samples/hitl_validation, held out of this run"},
+        "evaluation": {"old": old_eval, "new": new_eval, "old_headline": headline(old_eval), "new_headline": headline(new_eval)},
+    }
+    final = _publish(result.ref.path, card, version)
+    wall = round(time.time() - t0, 1)
+    out = {"version": final.name, "path": str(final), "base_version": base.name, "wall_s": wall,
+           "old": headline(old_eval), "new": headline(new_eval), "slices": meta["exported"]["slices"]}
+    _update_status(folder, state="done", fraction=1.0, message=f"wrote {TASK}/{final.name} in {wall:.0f} s", result=out,
+                   finished_utc=_now())
+    (folder / "samples.npz").unlink(missing_ok=True)  # training copies of patient images: not kept
+    shutil.rmtree(staging, ignore_errors=True)
+    return out
+
+
+def _publish(staged: Path, card: dict[str, Any], version: str) -> Path:
+    """Move the staged version folder (with the HITL card) into ``$COVIDTRACK_HOME/models/infection/``
+    atomically; a version that appeared meanwhile is never replaced (the next number is used)."""
+    from covidtrack import modelstore
+    from covidtrack.segment.infection import write_card
+    from covidtrack.segment.train_infection import model_card_markdown
+
+    root = settings().models_dir / TASK
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{version}.", dir=root))
+    try:
+        shutil.copy2(staged / "weights.pt", tmp / "weights.pt")
+        final = root / version
+        if final.exists() or any(r.version == version for r in modelstore.list_versions(TASK)):
+            version = modelstore.next_version(TASK)
+            final = root / version
+        card = {**card, "version": version}
+        write_card(tmp, card)
+        (tmp / "MODEL_CARD.md").write_text(model_card_markdown(card) + hitl_card_markdown(card))
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def hitl_card_markdown(card: dict[str, Any]) -> str:
+    """The HITL section of MODEL_CARD.md: base version, corrections used, old vs new Dice."""
+    h = card.get("hitl")
+    if not h:
+        return ""
+    old, new = h["evaluation"]["old_headline"], h["evaluation"]["new_headline"]
+
+    def f(v: float | None) -> str:
+        return "n/a" if v is None else f"{v:.3f}"
+
+    return "\n".join([
+        "",
+        "## Human-in-the-loop fine-tuning",
+        f"- started from {h['base_version']}; {len(h['corrected_scans'])} corrected scans, {h['corrected_slices']} axial slices",
+        f"- fixed validation set: {len(h['validation_set']['real'])} real held-out slices + phantom slices (seeds {h['validation_set']['phantom_seeds']})",
+        "",
+        "| Dice (infection) | old | new |",
+        "|---|---|---|",
+        f"| real slices | {f(old['dice_real'])} | {f(new['dice_real'])} |",
+        f"| phantom slices | {f(old['dice_phantom'])} | {f(new['dice_phantom'])} |",
+        f"| all | {f(old['dice_all'])} | {f(new['dice_all'])} |",
+        "",
+    ])
+
+
+# --- versions, promotion, rollback ---------------------------------------------------------------
+def register_version(store: "Store", ref: "ModelRef", active: bool = False) -> None:
+    """Record a version in the store's ``models`` table with its validation headline."""
+    card = ref.card()
+    h = card.get("hitl", {}).get("evaluation", {})
+    metrics = {"new": h.get("new_headline"), "old": h.get("old_headline"), "holdout": card.get("holdout_metrics")}
+    store.upsert_model(ref.task, ref.version, card, metrics=metrics, active=active)
+
+
+def sync_versions(store: "Store") -> list[str]:
+    """Record every infection version on disk that the store does not know yet (e.g. written by a
+    background job); returns the versions added."""
+    from covidtrack import modelstore
+
+    known = set(store.models(TASK)["version"]) if len(store.models(TASK)) else set()
+    try:
+        active_version = modelstore.active(TASK).version
+    except ModelError:
+        active_version = None
+    added = []
+    for ref in modelstore.list_versions(TASK):
+        if ref.version not in known:
+            register_version(store, ref, active=ref.version == active_version)
+            added.append(ref.version)
+    return added
+
+
+def promote(store: "Store", version: str) -> "ModelRef":
+    """Make ``version`` the active infection model (explicit; new scans use it from now on)."""
+    from covidtrack import modelstore
+
+    ref = modelstore.set_active(TASK, version)
+    register_version(store, ref, active=True)
+    return ref
+
+
+def rollback(store: "Store") -> "ModelRef":
+    """Re-activate the infection version that was active before the last promotion."""
+    from covidtrack import modelstore
+
+    ref = modelstore.rollback(TASK)
+    register_version(store, ref, active=True)
+    return ref
+
+
+def resegment(
+    store: "Store",
+    scan_ids: Sequence[str] | None = None,
+    progress: Callable[[int, int, str], None] | None = None,
+) -> list[str]:
+    """Re-run the ACTIVE infection model on stored scans; returns the new segmentation ids.
+
+    Lungs and lobes are reused from each scan's latest model segmentation (they do not depend on
+    the infection model); the new segmentation's metric rows carry the new model tag, so earlier
+    numbers stay in the store and traceable. Scans already segmented with the active infection
+    version are skipped.
+    """
+    from covidtrack import metrics
+    from covidtrack.segment.infection import InfectionModel
+    from covidtrack.segment.types import Segmentation
+    from covidtrack.store import FileStage, SegRecord, new_seg_id, read_canonical, write_canonical
+
+    model = InfectionModel.load()
+    segs = store.segmentations()
+    done = {
+        r.scan_id for r in segs.itertuples()
+        if r.kind == "model" and _versions(r.model_versions).get(TASK) == model.version
+    }
+    todo = [s for s in (scan_ids if scan_ids is not None else list(store.scans()["scan_id"])) if s not in done]
+    new_ids = []
+    for i, scan_id in enumerate(todo):
+        base = store.segmentation(scan_id, "model")
+        volume = store.load_volume(scan_id)
+        lungs = read_canonical(base.lungs_path)[0].astype(np.uint8)
+        lobes = read_canonical(base.lobes_path)[0].astype(np.uint8) if base.lobes_path else None
+        infection, _ = model.predict(volume.array, lungs, volume.spacing)
+        infection = np.where(lungs > 0, infection, 0).astype(np.uint8)
+        versions = {**base.model_versions, TASK: model.version}
+        table = metrics.scan_metrics(volume, Segmentation(lungs=lungs, infection=infection, lobes=lobes, model_versions=versions))
+        seg_id = new_seg_id()
+        with FileStage() as stage:
+            path = stage.put(store.mask_path_for(seg_id, "infection"), lambda p: write_canonical(p, volume, infection))
+            store.add_segmentation(
+                SegRecord(seg_id=seg_id, scan_id=scan_id, kind="model", model_versions=versions, lungs_path=base.lungs_path,
+                          infection_path=path, lobes_path=base.lobes_path),
+                table,
+            )
+        new_ids.append(seg_id)
+        if progress is not None:
+            progress(i + 1, len(todo), scan_id)
+    return new_ids
+
+
+def _versions(value: Any) -> dict[str, str]:
+    return json.loads(value) if isinstance(value, str) else dict(value or {})
+
+
+# --- CLI (python -m covidtrack train infection --from-corrections) --------------------------------
+def run_cli(args: argparse.Namespace) -> int:
+    """Foreground fine-tuning from the store's corrections (this process owns the store)."""
+    from covidtrack import modelstore
+    from covidtrack.store import Store
+
+    cfg = RetrainConfig(
+        iterations=int(getattr(args, "finetune_iterations", None) or RetrainConfig.iterations),
+        seed=int(getattr(args, "seed", 0) or 0),
+        version=getattr(args, "version", None),
+        notes=getattr(args, "notes", "") or "",
+    )
+    with Store.open() as store:
+        job = prepare_job(store, cfg)
+        print(f"job {job.folder}: {job_status(job.folder)['message']}")
+        try:
+            result = run_job(job.folder, echo=True)
+        except BaseException as err:
+            _update_status(job.folder, state="failed", error=f"{type(err).__name__}: {err}")
+            raise
+        ref = modelstore.get(TASK, result["version"])
+        register_version(store, ref, active=False)
+    print(f"{TASK}/{result['version']} written to {result['path']} ({result['wall_s']:.0f} s)")
+    print(f"validation Dice old {result['old']} -> new {result['new']}")
+    print(f"not active yet: promote it on the Models page or with `python -m covidtrack hitl promote {result['version']}`")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the background process: ``python -m covidtrack.hitl.retrain JOB_FOLDER``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) != 1:
+        print("usage: python -m covidtrack.hitl.retrain JOB_FOLDER", file=sys.stderr)
+        return 2
+    folder = Path(argv[0])
+
+    def on_term(signum: int, frame: object) -> None:
+        raise SystemExit(143)
+
+    signal.signal(signal.SIGTERM, on_term)
+    try:
+        run_job(folder, echo=True)
+        return 0
+    except BaseException as err:  # noqa: BLE001 - the UI must learn why, whatever happened
+        _update_status(folder, state="failed", error=f"{type(err).__name__}: {err}", traceback=traceback.format_exc()[-4000:])
+        shutil.rmtree(folder / "staging", ignore_errors=True)
+        (folder / "samples.npz").unlink(missing_ok=True)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
