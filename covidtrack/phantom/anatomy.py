@@ -37,13 +37,14 @@ HU_FISSURE = -650.0
 HU_BONE_CORTEX = 900.0
 HU_BONE_MARROW = 420.0
 HU_DISC = 90.0
+HU_CARTILAGE = 120.0
 HU_TABLE = 120.0
 
 T_OUT, T_FAT, T_SOFT, T_BONE = TISSUE_IDS["outside"], TISSUE_IDS["fat"], TISSUE_IDS["soft"], TISSUE_IDS["bone"]
 T_LUNG, T_VESSEL, T_AIRWAY, T_TABLE = TISSUE_IDS["lung"], TISSUE_IDS["vessel"], TISSUE_IDS["airway"], TISSUE_IDS["table"]
 
 # Extent the default anatomy needs (mm): body width and depth incl. table, chest height with margins
-_NEED_X, _NEED_Y, _NEED_Z = 345.0, 300.0, 290.0
+_NEED_X, _NEED_Y, _NEED_Z = 340.0, 330.0, 295.0
 MIN_SCALE = 0.55
 
 
@@ -65,7 +66,7 @@ class AnatomyParams:
     heart_z: float
     heart_axes: tuple[float, float, float]  # long axis, short axis, height (semi-axes)
     heart_yaw_deg: float
-    oblique_right: tuple[float, float]  # fissure height anteriorly / posteriorly (fraction of height)
+    oblique_right: tuple[float, float]  # fissure height at 30 % depth / posteriorly (fraction of height)
     oblique_left: tuple[float, float]
     horizontal: float  # right horizontal fissure height (fraction of lung height)
 
@@ -86,8 +87,8 @@ def sample_params(grid: Grid, rng: np.random.Generator) -> AnatomyParams:
             f"(shape x spacing), e.g. shape (72, 128, 128) at spacing (4.5, 2.7, 2.7)"
         )
     s = scale
-    height = 240.0 * s * rng.uniform(0.95, 1.04)
-    depth = 90.0 * s * rng.uniform(0.93, 1.07)
+    height = 250.0 * s * rng.uniform(0.95, 1.04)
+    depth = 95.0 * s * rng.uniform(0.93, 1.05)
     width = 132.0 * s * rng.uniform(0.95, 1.03)
     cavity_y = -0.06 * depth
     z_base = (ez - height) * rng.uniform(0.42, 0.55)
@@ -98,17 +99,19 @@ def sample_params(grid: Grid, rng: np.random.Generator) -> AnatomyParams:
         cavity_half_width=width,
         cavity_half_depth=depth,
         cavity_y=cavity_y,
-        fat_mm=rng.uniform(6.0, 26.0) * s,
-        dome_right=rng.uniform(0.29, 0.35),
-        dome_left=rng.uniform(0.24, 0.29),
+        # subcutaneous fat, as much as the field of view leaves room for (big patients get cut
+        # at the FOV edge on real scanners too, but a clean outline is more useful here)
+        fat_mm=float(np.clip(rng.uniform(6.0, 26.0) * s, 3.0, max(3.0, ex / 2 - 6.0 - width - 16.0 * s))),
+        dome_right=rng.uniform(0.24, 0.29),
+        dome_left=rng.uniform(0.20, 0.25),
         heart_x=0.20 * width * rng.uniform(0.8, 1.2),
         heart_y=cavity_y - 0.30 * depth,
         heart_z=z_base + height * rng.uniform(0.36, 0.42),
         heart_axes=(62.0 * s * rng.uniform(0.92, 1.1), 45.0 * s * rng.uniform(0.92, 1.1), 52.0 * s),
         heart_yaw_deg=rng.uniform(28.0, 42.0),
-        oblique_right=(rng.uniform(-0.02, 0.04), rng.uniform(0.64, 0.7)),
-        oblique_left=(rng.uniform(-0.02, 0.04), rng.uniform(0.68, 0.74)),
-        horizontal=rng.uniform(0.47, 0.55),
+        oblique_right=(rng.uniform(0.24, 0.30), rng.uniform(0.66, 0.72)),
+        oblique_left=(rng.uniform(0.25, 0.31), rng.uniform(0.69, 0.75)),
+        horizontal=rng.uniform(0.52, 0.58),
     )
 
 
@@ -134,15 +137,23 @@ def _height_fraction(p: AnatomyParams, z: np.ndarray) -> np.ndarray:
 def _cavity(p: AnatomyParams, z: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Half-width, half-depth and y-centre (mm) of the thoracic cavity at heights ``z``.
 
-    Widest at the base, narrowing to rounded apices; the apices sit a little posterior.
+    Widest at the base, narrowing towards the thoracic inlet; the apices sit a little posterior.
+    The rounded apex of each lung is cut by :func:`_apex_cap`.
     """
     h = np.clip(_height_fraction(p, z), 0.0, 1.0)
-    w = np.sqrt(np.clip(1.0 - h**2.3, 0.0, None)) * (0.93 + 0.07 * (1.0 - h))
-    d = np.clip(1.0 - h**3.2, 0.0, None) ** 0.45
+    w = np.sqrt(1.0 - 0.7 * h**2.5) * (0.93 + 0.07 * (1.0 - h))  # thoracic inlet ~half as wide
+    d = np.sqrt(1.0 - 0.55 * h**3)
     a = p.cavity_half_width * w
     b = p.cavity_half_depth * d
     yc = p.cavity_y + 0.25 * p.cavity_half_depth * h
     return a, b, yc
+
+
+def _apex_cap(p: AnatomyParams, y: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """Highest lung point (fraction of lung height) over (y, x): one dome per lung apex."""
+    xa = 0.33 * p.cavity_half_width
+    ya = p.cavity_y + 0.2 * p.cavity_half_depth
+    return 1.0 - 1.1 * ((np.abs(x) - xa) / p.cavity_half_width) ** 2 - 0.3 * ((y - ya) / p.cavity_half_depth) ** 2
 
 
 def _diaphragm(p: AnatomyParams, y: np.ndarray, x: np.ndarray) -> np.ndarray:
@@ -170,17 +181,24 @@ def _heart(p: AnatomyParams, z: np.ndarray, y: np.ndarray, x: np.ndarray, margin
     return (u / a) ** 2 + (v / b) ** 2 + ((z - p.heart_z) / c) ** 2 < 1.0
 
 
-def _fissure_height(p: AnatomyParams, ends: tuple[float, float], y: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _fissure_height(p: AnatomyParams, heights: tuple[float, float], y: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Oblique fissure height z(y, x) (mm) and its slope factor sqrt(1 + |grad z|^2).
 
-    Rises from near the diaphragm anteriorly to about T4 posteriorly, gently curved.
+    ``heights`` = (height at 30 % of the cavity depth, height at the back), as fractions of the
+    lung height: a straight, steep plate from about T4 posteriorly down to the front of the
+    diaphragm dome, curving under the diaphragm anteriorly so the middle lobe / lingula sit on
+    the diaphragm in front of it. A gentle lateral undulation avoids a perfectly flat plane.
     """
     y0 = p.cavity_y - p.cavity_half_depth
     span = 2.0 * p.cavity_half_depth
     t = np.clip((y - y0) / span, 0.0, 1.0)
-    lo, hi = ends
-    h = lo + (hi - lo) * t**0.85 + 0.015 * np.sin(x / (25.0 * p.scale))
-    dz_dy = p.lung_height * (hi - lo) * 0.85 * np.maximum(t, 0.05) ** -0.15 / span
+    h30, hi = heights
+    front = t < 0.3
+    tf = np.maximum(t, 1e-3) / 0.3
+    h = np.where(front, h30 * tf**1.5, hi - (hi - h30) * (1.0 - t) / 0.7)
+    dh_dt = np.where(front, h30 * 1.5 * np.sqrt(tf) / 0.3, (hi - h30) / 0.7)
+    h = h + 0.012 * np.sin(x / (25.0 * p.scale))
+    dz_dy = p.lung_height * dh_dt / span
     return p.z_base + p.lung_height * h, np.sqrt(1.0 + dz_dy**2)
 
 
@@ -249,25 +267,35 @@ def _mediastinal_tubes(p: AnatomyParams, top: float, lm: _Landmarks) -> dict[str
     }
 
 
-def _ribs(p: AnatomyParams, grid: Grid) -> list[Segment]:
-    """Twelve pairs of ribs hugging the cavity wall, sloping down anteriorly, ending in cartilage."""
+def _ribs(p: AnatomyParams) -> tuple[list[Segment], list[Segment]]:
+    """Twelve pairs of ribs hugging the cavity wall, sloping down anteriorly, and the costal
+    cartilages of the upper ten joining them to the sternum. Returns (bone, cartilage)."""
     s, zb, hgt = p.scale, p.z_base, p.lung_height
-    segs: list[Segment] = []
+    bone: list[Segment] = []
+    cartilage: list[Segment] = []
+    r_rib = 5.0 * s
     for i in range(12):
         z_back = zb + hgt * (1.0 - 0.085 * i) + 4 * s
         if z_back < -10:
             break
-        thetas = np.linspace(0.12, 2.5, 16)  # 0 = posterior midline, pi = anterior midline
+        end = 2.5 if i < 10 else 1.9  # floating ribs end early
+        thetas = np.linspace(0.12, end, 16)  # 0 = posterior midline, pi = anterior midline
         pts = []
         for th in thetas:
             z = z_back - 0.33 * hgt * (th / 2.5) ** 1.4
             a, b, yc = (float(v[0]) for v in _cavity(p, np.array([min(max(z, zb + 0.05 * hgt), zb + 0.97 * hgt)])))
-            r_rib = 5.0 * s
             pts.append((z, yc + (b + r_rib + 1.5 * s) * np.cos(th), (a + r_rib + 1.5 * s) * np.sin(th)))
+        # cartilage: from the rib end, rising slightly, to the sternal edge
+        z_end, y_end, x_end = pts[-1]
+        y_front = p.cavity_y - p.cavity_half_depth - 7.0 * s
+        z_stern = max(z_end + 0.02 * hgt, zb + 0.32 * hgt)
+        cart = [(z_end, y_end, x_end), (0.5 * (z_end + z_stern), y_front + 4.0 * s, 0.5 * (x_end + 14 * s)), (z_stern, y_front, 14.0 * s)]
         for sign in (-1.0, 1.0):
             side = [(z, y, sign * x) for z, y, x in pts]
-            segs += polyline_segments(side, [5.0 * s] * len(side))
-    return segs
+            bone += polyline_segments(side, [r_rib] * len(side))
+            if i < 10:
+                cartilage += polyline_segments([(z, y, sign * x) for z, y, x in cart], [4.0 * s] * 3)
+    return bone, cartilage
 
 
 # ---------------------------------------------------------------------------------------------
@@ -338,8 +366,9 @@ def render_atlas(grid: Grid, p: AnatomyParams, rng: np.random.Generator) -> Atla
     excl = excl.reshape(grid.shape)
     band = np.abs(X - 3.0 * s) < 14.0 * s
     spine_excl = (X / (24.0 * s)) ** 2 + ((Y - p.spine_y) / (22.0 * s)) ** 2 < 1.0
-    heart_excl = _heart(p, Z, Y, X, margin=4.0 * s)
-    lung = medi & ~excl & ~band & ~spine_excl & ~heart_excl
+    heart_excl = _heart_mask(p, grid, margin=4.0 * s)
+    cap = _height_fraction(p, Z) < _apex_cap(p, Y, X)
+    lung = medi & cap & ~excl & ~band & ~spine_excl & ~heart_excl
     lung = _smooth_mask(lung, grid)
 
     # --- lobes and fissures ---------------------------------------------------------------------
@@ -368,7 +397,7 @@ def render_atlas(grid: Grid, p: AnatomyParams, rng: np.random.Generator) -> Atla
     tissue[iz, iy, ix] = T_LUNG
 
     # --- heart and mediastinal tubes -------------------------------------------------------------
-    heart = _heart(p, Z, Y, X) & cavity
+    heart = _heart_mask(p, grid) & cavity
     hu[heart] = HU_BLOOD
     tissue[heart] = T_SOFT
     _paint_tubes(hu, tissue, grid, tubes["blood"], HU_BLOOD, T_SOFT)
@@ -381,7 +410,9 @@ def render_atlas(grid: Grid, p: AnatomyParams, rng: np.random.Generator) -> Atla
 
     # --- bones ----------------------------------------------------------------------------------------
     _paint_spine(hu, tissue, grid, p, Z, Y, X)
-    _paint_tubes(hu, tissue, grid, _ribs(p, grid), HU_BONE_CORTEX, T_BONE, inner=(HU_BONE_MARROW, 2.0 * s))
+    ribs, cartilage = _ribs(p)
+    _paint_tubes(hu, tissue, grid, cartilage, HU_CARTILAGE, T_SOFT)
+    _paint_tubes(hu, tissue, grid, ribs, HU_BONE_CORTEX, T_BONE, inner=(HU_BONE_MARROW, 2.0 * s))
     stern = (np.abs(X) < 14 * s) & (Y > p.cavity_y - p.cavity_half_depth - 13 * s) & (Y < p.cavity_y - p.cavity_half_depth - 2 * s)
     stern = stern & (Z > p.z_base + 0.30 * p.lung_height) & (Z < p.z_base + 0.95 * p.lung_height)
     hu[stern] = HU_BONE_MARROW + 80.0
@@ -392,7 +423,37 @@ def render_atlas(grid: Grid, p: AnatomyParams, rng: np.random.Generator) -> Atla
 def _smooth_mask(mask: np.ndarray, grid: Grid) -> np.ndarray:
     """Round off the corners where the cavity meets the mediastinum (about 3 mm)."""
     sigma = [2.0 / s for s in grid.spacing]
-    return ndi.gaussian_filter(mask.astype(np.float32), sigma, truncate=2.5) > 0.5
+    box = _bbox(mask, pad=[int(np.ceil(2.5 * sg)) + 1 for sg in sigma])
+    out = np.zeros_like(mask)
+    if box is not None:
+        out[box] = ndi.gaussian_filter(mask[box].astype(np.float32), sigma, truncate=2.5) > 0.5
+    return out
+
+
+def _bbox(mask: np.ndarray, pad: list[int]) -> tuple[slice, ...] | None:
+    """Bounding box of a mask, grown by ``pad`` voxels per axis (None if empty)."""
+    out = []
+    for axis in range(mask.ndim):
+        other = tuple(a for a in range(mask.ndim) if a != axis)
+        hit = np.flatnonzero(mask.any(axis=other))
+        if hit.size == 0:
+            return None
+        out.append(slice(max(hit[0] - pad[axis], 0), min(hit[-1] + pad[axis] + 1, mask.shape[axis])))
+    return tuple(out)
+
+
+def _heart_mask(p: AnatomyParams, grid: Grid, margin: float = 0.0) -> np.ndarray:
+    """:func:`_heart` on the full grid, evaluated only in its bounding box."""
+    Z, Y, X = grid.axes()
+    r = max(p.heart_axes) + margin
+    centre = grid.to_index(np.array([p.heart_z, p.heart_y, p.heart_x]))
+    half = r / np.array(grid.spacing)
+    lo = np.clip(np.floor(centre - half).astype(int), 0, grid.shape)
+    hi = np.clip(np.ceil(centre + half).astype(int) + 1, 0, grid.shape)
+    out = np.zeros(grid.shape, dtype=bool)
+    sl = tuple(slice(a, b) for a, b in zip(lo, hi))
+    out[sl] = _heart(p, Z[sl[0]], Y[:, sl[1]], X[:, :, sl[2]], margin)
+    return out
 
 
 def _pleura_distance(lung: np.ndarray, grid: Grid) -> tuple[tuple[int, int, int], np.ndarray]:

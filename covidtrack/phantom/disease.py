@@ -96,7 +96,7 @@ def sample_course(
             radii = radii * 1.2
         lab = int(lob[i])
         peak_k = float(np.clip(peak + lobe_shift[lab] + rng.normal(0.0, 1.0), 6.0, 16.0))
-        onset = peak_k - rng.uniform(6.0, 14.0)
+        onset = peak_k - rng.uniform(8.0, 16.0)  # most foci began before the first scan
         lesions.append(
             Lesion(
                 centre=tuple(float(c) for c in centre),  # type: ignore[arg-type]
@@ -118,11 +118,15 @@ def texture_field(grid: Grid, rng: np.random.Generator) -> np.ndarray:
     noise = rng.standard_normal(small_shape).astype(np.float32)
     noise = ndi.gaussian_filter(noise, 1.0)
     noise /= max(float(noise.std()), 1e-6) * 2.5
-    return upsample(noise[..., None], grid.shape)[..., 0]
+    return upsample(noise[..., None], grid.shape, stride=factor)[..., 0]
 
 
-def strength_field(course: DiseaseCourse, day: float, grid: Grid, texture: np.ndarray) -> np.ndarray:
-    """Lesion strength (float32, full grid) on ``day``; thresholds turn it into GGO / consolidation."""
+def strength_field(course: DiseaseCourse, day: float, grid: Grid, texture: np.ndarray, periphery: np.ndarray) -> np.ndarray:
+    """Lesion strength (float32, full grid) on ``day``; thresholds turn it into GGO / consolidation.
+
+    ``periphery`` (see :func:`periphery_field`) lets lesions spread along the pleura rather
+    than as round balls, the subpleural pattern of COVID-19 pneumonia.
+    """
     out = np.zeros(grid.shape, dtype=np.float32)
     for les in course.lesions:
         act = les.activity(day)
@@ -141,8 +145,17 @@ def strength_field(course: DiseaseCourse, day: float, grid: Grid, texture: np.nd
         sl = tuple(slice(lo[i], hi[i]) for i in range(3))
         out[sl] += (les.strength * act * np.exp(-0.5 * d2)).astype(np.float32)
     # texture makes borders irregular and GGO patchy; it moves with the tissue (body frame)
-    out *= 1.0 + 0.45 * texture
+    out *= (1.0 + 0.45 * texture) * periphery
     return out
+
+
+def periphery_field(pleura_mm: np.ndarray, factor: tuple[int, int, int], grid: Grid) -> np.ndarray:
+    """Full-grid weight in about [0.45, 1.25]: high within ~15 mm of the pleura, low centrally.
+
+    ``pleura_mm`` is the distance to the lung surface sampled as ``full[::factor]``.
+    """
+    w = (0.45 + 0.8 * np.exp(-pleura_mm / 15.0)).astype(np.float32)
+    return upsample(w[..., None], grid.shape, stride=factor)[..., 0]
 
 
 def apply_disease(

@@ -9,7 +9,14 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from covidtrack.phantom.anatomy import Atlas, render_atlas, sample_params
-from covidtrack.phantom.disease import DiseaseCourse, apply_disease, sample_course, strength_field, texture_field
+from covidtrack.phantom.disease import (
+    DiseaseCourse,
+    apply_disease,
+    periphery_field,
+    sample_course,
+    strength_field,
+    texture_field,
+)
 from covidtrack.phantom.grid import Grid
 from covidtrack.phantom.motion import BodyMap, PoseChange, render_followup, sample_pose, true_displacement
 from covidtrack.phantom.truth import TISSUE_IDS, Truth, lungs_from_lobes
@@ -115,12 +122,13 @@ class PhantomPatient:
             scale=self.params.scale,
         )
         self.texture = texture_field(self.grid, _rng(seed, _TEXTURE))
+        self.periphery = periphery_field(self.atlas.pleura_mm, self.atlas.coarse_factor, self.grid)
 
     def body_frame(self, day: float) -> tuple[np.ndarray, np.ndarray]:
         """Noise-free HU and packed label code (lobes | infection << 3 | tissue << 5) on ``day``."""
         a = self.atlas
         if self.course.lesions:
-            strength = strength_field(self.course, day, self.grid, self.texture)
+            strength = strength_field(self.course, day, self.grid, self.texture, self.periphery)
             hu, infection = apply_disease(a.hu, a.lobes, strength, self.texture)
         else:
             hu, infection = a.hu, np.zeros_like(a.lobes)

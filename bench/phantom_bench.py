@@ -1,0 +1,133 @@
+"""Phantom generation: time, peak memory and truth quality, written to bench/results/phantom_bench.json.
+
+Measures, on this machine (2 CPU cores shared with other jobs, so the load average is recorded):
+
+- ``make_series`` at the default grid (5 scans of 160 x 256 x 256 at 2.0 x 1.4 x 1.4 mm):
+  wall and CPU seconds per volume (the patient's anatomy is rendered once per series);
+- ``make_phantom`` for a single scan at the default grid;
+- the demo grid (72 x 128 x 128 at 4.5 x 2.7 x 2.7 mm) and a full ``write_demo_cohort``;
+- truth quality: Dice of the follow-up lungs pulled back with the true displacement against
+  the baseline lungs, and how far the true displacement moves tissue (mm).
+
+    nice -n 5 python bench/phantom_bench.py
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from covidtrack.phantom import DEMO_SHAPE, DEMO_SPACING, make_phantom, make_series, warp_to_baseline, write_demo_cohort  # noqa: E402
+from covidtrack.phantom.series import DEFAULT_SHAPE, DEFAULT_SPACING  # noqa: E402
+
+OUT = REPO / "bench" / "results" / "phantom_bench.json"
+
+
+def _timed(fn, *args, **kwargs):  # type: ignore[no-untyped-def]
+    w0, c0 = time.perf_counter(), time.process_time()
+    out = fn(*args, **kwargs)
+    return out, time.perf_counter() - w0, time.process_time() - c0
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    return 2.0 * float((a & b).sum()) / max(float(a.sum() + b.sum()), 1.0)
+
+
+def main() -> None:
+    load_before = os.getloadavg()
+    results: dict = {
+        "what": "synthetic chest CT phantom generation (covidtrack.phantom): speed, memory, truth quality",
+        "data": "procedural phantoms only (no real data); seeds listed per measurement",
+        "model_version": None,
+        "hardware": {
+            "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(),
+            "note": "2 CPU cores, shared with other jobs; see load_average",
+            "python": platform.python_version(),
+        },
+        "threads": os.environ.get("COVIDTRACK_THREADS", str(os.cpu_count())),
+        "load_average_1_5_15_before": [round(v, 2) for v in load_before],
+    }
+    # warm-up: imports (torch, SimpleITK) are not part of generation time
+    make_phantom(99, DEMO_SHAPE, DEMO_SPACING)
+
+    series_runs = []
+    for seed in (0, 1):
+        series, wall, cpu = _timed(make_series, seed, 5, DEFAULT_SHAPE, DEFAULT_SPACING)
+        base = series[0][1]
+        dice, moved, dice_before = [], [], []
+        for _, truth in series[1:]:
+            warped = warp_to_baseline(truth.lungs, truth.displacement, truth.spacing, order=0)
+            dice.append(min(_dice(warped == s, base.lungs == s) for s in (1, 2)))
+            dice_before.append(min(_dice(truth.lungs == s, base.lungs == s) for s in (1, 2)))
+            mag = np.linalg.norm(truth.displacement[base.lungs > 0], axis=-1)
+            moved.append([round(float(np.mean(mag)), 2), round(float(np.max(mag)), 2)])
+        series_runs.append(
+            {
+                "seed": seed,
+                "wall_s": round(wall, 2),
+                "cpu_s": round(cpu, 2),
+                "wall_s_per_volume": round(wall / 5, 2),
+                "cpu_s_per_volume": round(cpu / 5, 2),
+                "days": [t.day for _, t in series],
+                "infection_ml": [round(t.infection_ml(), 1) for _, t in series],
+                "lung_ml": [round(t.lung_ml(), 1) for _, t in series],
+                "lung_dice_after_true_warp_min_side": [round(d, 4) for d in dice],
+                "lung_dice_without_warp_min_side": [round(d, 4) for d in dice_before],
+                "lung_displacement_mm_mean_max": moved,
+            }
+        )
+        del series
+    results["make_series_default_grid"] = {
+        "shape": list(DEFAULT_SHAPE),
+        "spacing_mm": list(DEFAULT_SPACING),
+        "n_timepoints": 5,
+        "runs": series_runs,
+    }
+    single = []
+    for seed in (2, 3):
+        _, wall, cpu = _timed(make_phantom, seed, DEFAULT_SHAPE, DEFAULT_SPACING)
+        single.append({"seed": seed, "wall_s": round(wall, 2), "cpu_s": round(cpu, 2)})
+    results["make_phantom_default_grid"] = {"shape": list(DEFAULT_SHAPE), "spacing_mm": list(DEFAULT_SPACING), "runs": single}
+
+    demo_series, wall, cpu = _timed(make_series, 4, 5, DEMO_SHAPE, DEMO_SPACING)
+    results["make_series_demo_grid"] = {
+        "shape": list(DEMO_SHAPE),
+        "spacing_mm": list(DEMO_SPACING),
+        "seed": 4,
+        "wall_s_per_volume": round(wall / 5, 3),
+        "cpu_s_per_volume": round(cpu / 5, 3),
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        manifest, wall, cpu = _timed(write_demo_cohort, Path(tmp) / "demo", 8, 0)
+        n_scans = sum(1 for _ in manifest.open()) - 1
+        size_mb = sum(f.stat().st_size for f in Path(tmp).rglob("*") if f.is_file()) / 1e6
+    results["write_demo_cohort"] = {
+        "n_patients": 8,
+        "seed": 0,
+        "n_scans": n_scans,
+        "wall_s": round(wall, 2),
+        "cpu_s": round(cpu, 2),
+        "disk_mb_with_truth": round(size_mb, 1),
+    }
+    results["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    results["load_average_1_5_15_after"] = [round(v, 2) for v in os.getloadavg()]
+    results["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    OUT.write_text(json.dumps(results, indent=2) + "\n")
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
