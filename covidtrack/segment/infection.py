@@ -51,7 +51,7 @@ class NetSpec:
     strides: tuple[int, ...] = (2, 2, 2, 2)
     num_res_units: int = 2
     dropout: float = 0.0
-    input_size: int = 224
+    input_size: int = 192
     out_classes: int = 3  # background, GGO, consolidation
 
     def to_json(self) -> dict:

@@ -70,12 +70,12 @@ class TrainConfig:
     masks: Path | None = None
     multiclass: Path | None = None
     unlabeled: Path | None = None
-    unlabeled_stride: int = 2
+    unlabeled_stride: int = 4
     extra: tuple[tuple[np.ndarray, np.ndarray], ...] = ()
     init_weights: Path | None = None
     exclude: tuple[str, ...] = ()
-    iterations: int = 400
-    student_iterations: int = 250
+    iterations: int = 300
+    student_iterations: int = 200
     batch_size: int = 8
     lr: float = 2e-3
     seed: int = 0
@@ -475,12 +475,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--multiclass", type=Path, default=d / "GT_multiclass", help="GT_multiclass/ 0/1/2")
     parser.add_argument("--unlabeled", type=Path, default=SHARED_COVID2D / "unlabeled_slices", help="unlabelled slices for self-training")
     parser.add_argument("--no-self-training", action="store_true", help="teacher only, no pseudo-labels")
-    parser.add_argument("--unlabeled-stride", type=int, default=2, help="use every n-th unlabelled slice")
-    parser.add_argument("--iterations", type=int, default=400, help="teacher optimiser steps")
-    parser.add_argument("--student-iterations", type=int, default=250, help="student optimiser steps")
+    parser.add_argument("--unlabeled-stride", type=int, default=4, help="use every n-th unlabelled slice")
+    parser.add_argument("--iterations", type=int, default=300, help="teacher optimiser steps")
+    parser.add_argument("--student-iterations", type=int, default=200, help="student optimiser steps")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--size", type=int, default=224, help="network input side (px)")
+    parser.add_argument("--size", type=int, default=192, help="network input side (px)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--exclude", default="", help="comma-separated slice names to hold out and score")
     parser.add_argument("--init-weights", type=Path, help="start from these weights.pt (fine-tuning)")
