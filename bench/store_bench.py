@@ -93,12 +93,16 @@ def fill(store: S.Store, n_scans: int, rng: np.random.Generator) -> dict[str, in
 
 def timed(fn, repeats: int = 7) -> dict[str, float]:
     fn()  # warm-up (first query plans, OS cache)
-    times = []
+    times, cpu = [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         out = fn()
         times.append((time.perf_counter() - t0) * 1000)
-    return {"median_ms": round(statistics.median(times), 2), "max_ms": round(max(times), 2), "rows": int(len(out))}
+        cpu.append((time.process_time() - c0) * 1000)
+    # cpu_ms (all threads of this process) is what the query costs; wall time also holds the
+    # waiting for the 2 cores this machine shares with other jobs (see load_avg)
+    return {"median_ms": round(statistics.median(times), 2), "max_ms": round(max(times), 2),
+            "median_cpu_ms": round(statistics.median(cpu), 2), "rows": int(len(out))}
 
 
 def write_path(store: S.Store, n: int, rng: np.random.Generator) -> dict[str, float]:
@@ -132,9 +136,13 @@ def main() -> None:
             four = list(store.scans(some_patient).scan_id)
             queries = {
                 "cohort_metrics(poi, whole): per-arm trajectories": lambda: store.cohort_metrics(metrics=["poi"], regions=["whole"]),
-                "cohort_metrics(arm=treated, 5 metrics)": lambda: store.cohort_metrics(
-                    arms=["treated"], metrics=["poi", "infection_volume", "severity_score", "ggo_volume", "consolidation_volume"]),
-                "latest_per_patient()": lambda: store.latest_per_patient(),
+                "cohort_metrics(arm=treated, 5 metrics, whole)": lambda: store.cohort_metrics(
+                    arms=["treated"], metrics=["poi", "infection_volume", "severity_score", "ggo_volume", "consolidation_volume"],
+                    regions=["whole"]),
+                "cohort_metrics(5 metrics, all 8 regions) [returns ~380k rows]": lambda: store.cohort_metrics(
+                    metrics=["poi", "infection_volume", "severity_score", "ggo_volume", "consolidation_volume"]),
+                "latest_per_patient() (all whole-lung metrics)": lambda: store.latest_per_patient(),
+                "latest_per_patient(poi, severity)": lambda: store.latest_per_patient(metrics=["poi", "severity_score"]),
                 "patient_metrics(one patient)": lambda: store.patient_metrics(some_patient),
                 "metrics(4 scans, wide)": lambda: store.metrics(four, wide=True),
                 "scans()": lambda: store.scans(),
@@ -148,7 +156,6 @@ def main() -> None:
                 pass
             results = {name: timed(fn) for name, fn in queries.items()}
             writes = write_path(store, 200, rng)
-        db_mb = None
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                 cwd=Path(__file__).parent).stdout.strip()
@@ -164,7 +171,9 @@ def main() -> None:
         "fill_seconds": round(fill_s, 1),
         "queries": results,
         "goal": "each dashboard query < 100 ms",
-        "all_under_100ms": all(r["median_ms"] < 100 for r in results.values()),
+        "all_under_100ms_wall": all(r["median_ms"] < 100 for r in results.values()),
+        "all_under_100ms_cpu": all(r["median_cpu_ms"] < 100 for r in results.values()),
+        "load_avg_1min": os.getloadavg()[0],
         "writes": writes,
         "hardware": {"processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
                      "note": "2 CPU cores, shared with other jobs", "python": platform.python_version()},
@@ -172,7 +181,6 @@ def main() -> None:
         "code_commit": commit,
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
-    del db_mb
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))
