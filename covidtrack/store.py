@@ -309,6 +309,8 @@ class Store:
                         "close it (DuckDB allows one writer per file) or run this inside that process"
                     ) from err
                 entry = _CONNECTIONS[db] = [con, 0, read_only]
+            elif entry[2] and not read_only:
+                raise StoreError(f"{db}: already open read-only in this process. Fix: close that Store before opening it for writing")
             entry[1] += 1
         store = cls(db, entry[0], read_only=entry[2])
         if not store.read_only:

@@ -231,3 +231,16 @@ def test_correction_without_metrics_waits_for_them(tmp_path: Path) -> None:
         assert set(store.metrics().seg_id) == {seg2}
         with pytest.raises(StoreError, match="already has metrics"):
             store.add_metrics(seg2, _metrics(12.0))
+
+
+def test_read_only_open_reads_and_refuses_writes() -> None:
+    with S.Store.open() as store:
+        scan_id, seg1 = _add(store, "pA", "2020-03-01", 10.0)
+        path = store.path
+    with S.Store.open(path, read_only=True) as ro:
+        assert set(ro.metrics().seg_id) == {seg1}
+        assert ro.latest_per_patient().scan_id.item() == scan_id
+        with pytest.raises(StoreError, match="read-only"):
+            ro.set_patient("pA", arm="x")
+        with pytest.raises(StoreError, match="read-only"):
+            S.Store.open(path)
