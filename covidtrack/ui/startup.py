@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import streamlit as st
 
 from covidtrack import bootstrap
+from covidtrack.errors import CovidtrackError
 from covidtrack.events import Progress
 from covidtrack.ui import resources
 
@@ -62,9 +63,14 @@ def gate() -> bool:
 
     Returns True when the dashboard can render (data present, demo disabled, or build finished).
     """
+    try:
+        store = resources.store()
+    except CovidtrackError as err:  # e.g. another process holds the DuckDB file
+        st.error(str(err))
+        st.stop()
     if "bootstrap_checked" in st.session_state:
         return True
-    if not bootstrap.needs_bootstrap(resources.store()) and not _job_running():
+    if not bootstrap.needs_bootstrap(store) and not _job_running():
         st.session_state["bootstrap_checked"] = True
         return True
     job = _job()

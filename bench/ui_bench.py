@@ -1,0 +1,327 @@
+"""Dashboard and report speed, plus screenshots of every page (bench/figures/ui_*.png).
+
+Measures, on this machine:
+
+- patient page with 6 timepoints: server-side script time (Streamlit AppTest) cold and with warm
+  caches, and in headless Chromium the time from navigation until every chart is drawn (warm);
+- cohort page with 1,000 patients (synthetic metric rows, ~4,500 scans in DuckDB): the same;
+- trend report PDF: patient (6 timepoints, aligned images) and cohort (1,000 patients);
+- optionally (``--first-start``) the first start: the demo cohort built through the real
+  pipeline into an empty store (needs the shipped models).
+
+Data: by default synthetic stores (``covidtrack.report.synthetic``: geometric phantom masks and
+metrics computed from them, no segmentation model), because page speed does not depend on where
+the numbers came from. ``--demo-home DIR`` uses an existing store instead (e.g. the demo cohort).
+
+    nice -n 5 python bench/ui_bench.py [--first-start] [--demo-home DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+RESULTS = REPO / "bench" / "results" / "ui_bench.json"
+FIGURES = REPO / "bench" / "figures"
+CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def bulk_cohort(store: object, n_patients: int, seed: int = 0) -> int:
+    """Insert a synthetic cohort's metric rows (one shared tiny volume/mask file set: the cohort
+    page reads only metrics). Returns the number of scans."""
+    import numpy as np
+
+    from covidtrack.report import synthetic
+    from covidtrack.store import FileStage, ScanRecord, SegRecord, new_scan_id, new_seg_id, write_canonical
+    from covidtrack.volume import Volume
+
+    frame = synthetic.cohort_frame(n_patients, seed=seed)
+    vol = Volume(array=np.full((4, 8, 8), -1000, np.int16), spacing=(1.0, 1.0, 1.0))
+    with FileStage() as stage:
+        vpath = stage.put(store.volume_path_for("bench-shared"), lambda p: write_canonical(p, vol))  # type: ignore[attr-defined]
+        mpath = stage.put(store.mask_path_for("bench-shared", "lungs"), lambda p: write_canonical(p, vol, np.zeros((4, 8, 8), np.uint8)))  # type: ignore[attr-defined]
+    versions = {"lungs": "lungs/v1", "infection": "infection/v1", "lobes": "lobes/v1"}
+    n = 0
+    for (key, scan), rows in frame.groupby(["patient_key", "scan_id"], sort=False):
+        sid = new_scan_id(f"bench-{scan}")
+        store.add_scan(  # type: ignore[attr-defined]
+            ScanRecord(scan_id=sid, patient_key=key, study_date=rows["study_date"].iloc[0].date(), content_hash=f"bench-{scan}", volume_path=vpath),
+            SegRecord(seg_id=new_seg_id(), scan_id=sid, kind="model", model_versions=versions, lungs_path=mpath, infection_path=mpath, lobes_path=mpath),
+            rows[["region", "metric", "value", "unit"]],
+            arm=rows["arm"].iloc[0],
+        )
+        n += 1
+    return n
+
+
+def apptest_times(page: str, query: dict[str, str], repeats: int = 3) -> dict[str, float]:
+    """Server-side script time (s): the landing Patients page on cold caches (it loads the cohort
+    table), the first visit of ``page`` after it, and the median warm rerun of ``page``."""
+    import streamlit as st
+    from streamlit.testing.v1 import AppTest
+
+    st.cache_data.clear()
+    st.cache_resource.clear()
+    at = AppTest.from_file(str(REPO / "app.py"), default_timeout=300)
+    for k, v in query.items():
+        at.query_params[k] = v
+    t0 = time.perf_counter()
+    at.run()
+    landing = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    at.switch_page(f"covidtrack/ui/pages/{page}.py")
+    at.run()
+    cold = time.perf_counter() - t0
+    if at.exception:
+        raise RuntimeError(f"{page}: {[e.value for e in at.exception]}")
+    warm = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        at.run()
+        warm.append(time.perf_counter() - t0)
+    warm.sort()
+    from covidtrack.ui import resources
+
+    resources.store().close()  # DuckDB allows one writer per file: free it for the server below
+    st.cache_resource.clear()
+    return {"landing_s": round(landing, 3), "first_visit_s": round(cold, 3), "warm_median_s": round(warm[len(warm) // 2], 3)}
+
+
+class Server:
+    """``streamlit run app.py`` on a free port for one store (terminated on exit)."""
+
+    def __init__(self, home: Path) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = int(s.getsockname()[1])
+        env = {**os.environ, "COVIDTRACK_HOME": str(home), "COVIDTRACK_NO_DEMO": "1"}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(self.port), "--server.headless", "true"],
+            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        self.url = f"http://127.0.0.1:{self.port}"
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"{self.url}/_stcore/health", timeout=2):
+                    return
+            except OSError:
+                time.sleep(0.5)
+        raise RuntimeError("streamlit did not start")
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=20)
+
+
+def browser() -> object:
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    profile = tempfile.mkdtemp(prefix="covidtrack-bench-chromium-")
+    for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+              "--disable-component-update", "--disable-sync", "--window-size=1400,1800", f"--user-data-dir={profile}"):
+        opts.add_argument(a)
+    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=opts)
+    driver._covidtrack_profile = profile  # type: ignore[attr-defined]
+    return driver
+
+
+def load_and_time(driver: object, url: str) -> float:
+    """Seconds from navigation until the script finished and every visible chart is drawn."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    t0 = time.perf_counter()
+    driver.get(url)  # type: ignore[attr-defined]
+    wait = WebDriverWait(driver, 180, poll_frequency=0.05)
+    wait.until(lambda d: d.find_elements(By.TAG_NAME, "h1") or d.find_elements(By.CSS_SELECTOR, '[data-testid="stException"]'))
+    errors = driver.find_elements(By.CSS_SELECTOR, '[data-testid="stException"]')  # type: ignore[attr-defined]
+    if errors:
+        raise RuntimeError(f"{url}: {errors[0].text[:500]}")
+    wait.until(lambda d: not d.find_elements(By.CSS_SELECTOR, '[data-testid="stStatusWidget"]'))
+
+    def drawn(d: object) -> bool:
+        charts = [c for c in d.find_elements(By.CSS_SELECTOR, '[data-testid="stPlotlyChart"]') if c.is_displayed()]  # type: ignore[attr-defined]
+        return all(c.find_elements(By.CSS_SELECTOR, ".main-svg") for c in charts)
+
+    wait.until(drawn)
+    return time.perf_counter() - t0
+
+
+def screenshot(driver: object, name: str, height: int | None = None) -> None:
+    from PIL import Image
+
+    FIGURES.mkdir(parents=True, exist_ok=True)
+    if height:
+        driver.set_window_size(1400, height)  # type: ignore[attr-defined]
+        time.sleep(1.0)
+    tmp = FIGURES / f".{name}.png"
+    driver.save_screenshot(str(tmp))  # type: ignore[attr-defined]
+    img = Image.open(tmp).convert("RGB")
+    img.thumbnail((1100, 2400))
+    img.save(FIGURES / f"{name}.png", optimize=True)
+    tmp.unlink()
+
+
+def measure_first_start() -> dict[str, object]:
+    """Wall time of the demo bootstrap into an empty store (the real pipeline, shipped models)."""
+    from covidtrack import bootstrap
+    from covidtrack.store import Store
+
+    home = Path(tempfile.mkdtemp(prefix="covidtrack-bench-first-"))
+    os.environ["COVIDTRACK_HOME"] = str(home)
+    try:
+        t0 = time.perf_counter()
+        stages: dict[str, float] = {}
+        last_stage, last_t = "start", t0
+        with Store.open() as store:
+            events = bootstrap.bootstrap(store)
+            while True:
+                try:
+                    ev = next(events)
+                except StopIteration as stop:
+                    result = stop.value
+                    break
+                now = time.perf_counter()
+                stages[last_stage] = stages.get(last_stage, 0.0) + now - last_t
+                last_stage, last_t = ev.stage, now
+            counts = store.counts()
+        return {"seconds": round(time.perf_counter() - t0, 1), "scans_stored": result.stored, "failed": [list(f) for f in result.failed],
+                "seconds_by_stage": {k: round(v, 1) for k, v in stages.items()}, "store_counts": counts}
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--first-start", action="store_true", help="also time the demo bootstrap (needs shipped models)")
+    ap.add_argument("--demo-home", type=Path, help="an existing COVIDTRACK_HOME to screenshot and time (e.g. the demo cohort)")
+    ap.add_argument("--cohort-patients", type=int, default=1000)
+    args = ap.parse_args()
+
+    from covidtrack.report import load, pdf, synthetic
+    from covidtrack.store import Store
+
+    out: dict[str, object] = {
+        "what": "dashboard page times (server script via Streamlit AppTest; browser: navigation until every chart is drawn, "
+                "headless Debian chromium, warm caches = second load) and trend-report PDF times",
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "code_commit": _git_commit(),
+        "hardware": {"processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+                     "note": "2 CPU cores shared with other jobs; times include that contention", "python": platform.python_version()},
+        "goals_s": {"patient_page_warm": 2.0, "cohort_page_1000_warm": 2.0, "report_pdf": 15.0},
+    }
+    work = Path(tempfile.mkdtemp(prefix="covidtrack-uibench-"))
+    try:
+        # --- patient store: 6 timepoints on the demo grid -------------------------------------------
+        p_home = args.demo_home or work / "patients"
+        os.environ["COVIDTRACK_HOME"] = str(p_home)
+        with Store.open() as store:
+            if args.demo_home is None:
+                keys = synthetic.populate_store(store, n_patients=4, n_scans=6, shape=(72, 128, 128))
+                data_desc = "synthetic store: 4 patients x 6 timepoints on a 72x128x128 grid, masks from a geometric generator, metrics by covidtrack.metrics"
+            else:
+                counts = store.scans().groupby("patient_key").size().sort_values(ascending=False)
+                keys = list(counts.index)
+                data_desc = f"existing store {p_home.name}: {len(counts)} patients, the shown one has {int(counts.iloc[0])} scans"
+            key = keys[0]
+            model_tag = ", ".join(sorted(load.patient_frame(store, key)["model_version"].unique()))
+            t0 = time.perf_counter()
+            data = load.patient_report_data(store, key)
+            load_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        pdf.write_patient_pdf(data, work / "patient.pdf")
+        patient_pdf_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        pdf.write_patient_pdf(data, work / "patient-mpl.pdf", engine="matplotlib")
+        patient_pdf_mpl_s = time.perf_counter() - t0
+        out["patient"] = {
+            "data": data_desc, "model_version": model_tag, "timepoints": len(data.header.dates),
+            "apptest": apptest_times("patient", {"patient": key}),
+            "report_pdf_s": {"load_from_store_s": round(load_s, 2), "kaleido_s": round(patient_pdf_s, 2), "matplotlib_s": round(patient_pdf_mpl_s, 2)},
+        }
+        print("patient", out["patient"], flush=True)
+
+        # --- cohort store: 1,000 patients ------------------------------------------------------------
+        c_home = work / "cohort"
+        os.environ["COVIDTRACK_HOME"] = str(c_home)
+        with Store.open() as store:
+            t0 = time.perf_counter()
+            n_scans = bulk_cohort(store, args.cohort_patients)
+            insert_s = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            cohort = load.cohort_frame(store)
+            query_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        pdf.write_cohort_pdf(cohort, work / "cohort.pdf")
+        cohort_pdf_s = time.perf_counter() - t0
+        out["cohort"] = {
+            "data": f"synthetic metric rows: {args.cohort_patients} patients, {n_scans} scans, {len(cohort)} rows used by the page "
+                    "(POI rising to a peak near day 10 then falling; arm B 40 % lower peak)",
+            "insert_s": round(insert_s, 1), "cohort_query_s": round(query_s, 3),
+            "apptest": apptest_times("cohort", {}),
+            "report_pdf_s": round(cohort_pdf_s, 2),
+        }
+        print("cohort", out["cohort"], flush=True)
+
+        # --- browser: warm page loads + screenshots ---------------------------------------------------
+        if CHROMIUM and CHROMEDRIVER:
+            for name, home, pages in (("patient", p_home, [f"patient?patient={key}", "", "import", "report"]), ("cohort", c_home, ["cohort"])):
+                server = Server(home)
+                driver = browser()
+                try:
+                    timings = {}
+                    for page in pages:
+                        cold = load_and_time(driver, f"{server.url}/{page}")
+                        warm = load_and_time(driver, f"{server.url}/{page}")
+                        label = page.split("?")[0] or "patients"
+                        timings[label] = {"first_load_s": round(cold, 2), "warm_load_s": round(warm, 2)}
+                        screenshot(driver, f"ui_{label}", height=2000 if label in ("patient", "cohort") else 1100)
+                        driver.set_window_size(1400, 1800)  # type: ignore[attr-defined]
+                    out.setdefault("browser", {})[name] = timings  # type: ignore[union-attr]
+                finally:
+                    driver.quit()  # type: ignore[attr-defined]
+                    shutil.rmtree(driver._covidtrack_profile, ignore_errors=True)  # type: ignore[attr-defined]
+                    server.close()
+            print("browser", out["browser"], flush=True)
+        else:
+            out["browser"] = "not measured: chromium / chromedriver absent"
+
+        if args.first_start:
+            out["first_start"] = measure_first_start()
+            print("first start", out["first_start"], flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    previous = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    if "first_start" not in out and "first_start" in previous:
+        out["first_start"] = previous["first_start"]  # keep the last measured first start
+    RESULTS.write_text(json.dumps(out, indent=1, default=str) + "\n")
+    print(f"wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
