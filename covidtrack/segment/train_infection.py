@@ -488,9 +488,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--version", help="version name (default: next free vN)")
     parser.add_argument("--validation-json", type=Path, help="cross-validation JSON (bench/results/infection_cv.json) to record in the card")
     parser.add_argument("--notes", default="")
+    # HITL (covidtrack.hitl.retrain): fine-tune the ACTIVE model on the store's corrected scans
+    parser.add_argument("--from-corrections", action="store_true",
+                        help="fine-tune the active model on corrected scans + original slices (covidtrack.hitl.retrain)")
+    parser.add_argument("--finetune-iterations", type=int, default=None, help="optimiser steps of --from-corrections (default 150)")
 
 
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "from_corrections", False):
+        from covidtrack.hitl.retrain import run_cli
+
+        return run_cli(args)
     validation = None
     if args.validation_json:
         cv = json.loads(Path(args.validation_json).read_text())
