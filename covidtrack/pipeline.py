@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+import duckdb
 import pandas as pd
 
 from covidtrack.errors import CovidtrackError, InputError, ModelError, StoreError
@@ -202,7 +203,16 @@ def ingest(
         table = metrics.scan_metrics(volume, seg)
 
         yield Progress("store", 0.85, "writing masks and rows", item)
-        scan_id, seg_id = _store_scan(store, volume, seg, table, key, study_date, content_hash, arm, alias)
+        try:
+            scan_id, seg_id = _store_scan(store, volume, seg, table, key, study_date, content_hash, arm, alias)
+        except duckdb.ConstraintException:
+            # the same scan was stored meanwhile (two ingests of one file at once): ours rolled
+            # back with its files, theirs stands
+            existing = store.scan_by_hash(content_hash)
+            if existing is None:
+                raise
+            yield Progress("done", 1.0, f"already stored as {existing[0]}", existing[0])
+            return IngestResult(scan_id=existing[0], patient_key=existing[1], created=False)
 
         registered: list[str] = []
         warnings: list[str] = []

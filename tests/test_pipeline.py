@@ -308,3 +308,20 @@ def test_real_default_segmenter_end_to_end(tmp_path: Path, capsys: pytest.Captur
         assert m["whole", "lung_volume"] > 0
         assert store.segmentation(scan_id).model_versions  # model names recorded with the masks
         assert set(store.metrics([scan_id]).model_version) != {""}
+
+
+def test_concurrent_duplicate_ingest_keeps_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two ingests of one scan racing past the hash check: one stores, the other reports it."""
+    vol, _ = synthetic_chest()
+    with S.Store.open() as store:
+        first = drain(ingest(vol, "P1", "2020-03-14", store=store, segmenter=truth_segmenter))
+        real, calls = store.scan_by_hash, []
+
+        def blind_first_check(content_hash: str):
+            calls.append(content_hash)
+            return None if len(calls) == 1 else real(content_hash)  # the racing ingest saw nothing
+
+        monkeypatch.setattr(store, "scan_by_hash", blind_first_check)
+        again = drain(ingest(vol, "P1", "2020-03-14", store=store, segmenter=truth_segmenter))
+        assert not again.created and again.scan_id == first.scan_id
+        assert store.counts()["scans"] == 1 and _files(store.home) == store.referenced_files()
