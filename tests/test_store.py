@@ -13,7 +13,6 @@ import pytest
 
 from covidtrack import store as S
 from covidtrack.errors import StoreError
-from covidtrack.segment.types import Segmentation
 from covidtrack.volume import ScanMeta, Volume
 
 
