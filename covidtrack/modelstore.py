@@ -93,7 +93,10 @@ def set_active(task: str, version: str) -> ModelRef:
     """Make ``version`` active, remembering the previous one for :func:`rollback`."""
     ref = get(task, version)
     pointer = _read_pointer()
-    previous = active(task).version if list_versions(task) else None
+    try:
+        previous = active(task).version if list_versions(task) else None
+    except ModelError:  # no pointer and nothing shipped (e.g. only user-trained versions): no previous
+        previous = None
     history = pointer.get(task, {}).get("history", [])
     if previous and previous != version:
         history = [*history, previous]

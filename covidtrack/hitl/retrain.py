@@ -59,6 +59,9 @@ PHANTOM_SHAPE: tuple[int, int, int] = (32, 128, 128)
 PHANTOM_SPACING: tuple[float, float, float] = (6.0, 1.5, 1.5)
 PHANTOM_SLICES = 3
 _PHANTOM_CACHE_KEY = "v1"  # bump when the phantom recipe above changes
+#: Phantoms replayed during fine-tuning when the original training slices are not available.
+REPLAY_SEEDS: tuple[int, ...] = (9201, 9202, 9203, 9204)
+REPLAY_SLICES = 6
 
 
 @dataclass(frozen=True)
@@ -201,16 +204,17 @@ class ValItem:
     source: str
 
 
-def phantom_slices(seeds: Sequence[int] = PHANTOM_SEEDS, per_phantom: int = PHANTOM_SLICES, size: int = 128) -> list[ValItem]:
-    """Deterministic phantom validation slices: the most infected axial slices of a few small
-    phantoms at their disease peak, cropped around the lungs like a real volume."""
+def phantom_slices(seeds: Sequence[int] | None = None, per_phantom: int | None = None, size: int = 128) -> list[ValItem]:
+    """Deterministic phantom slices (default: the validation ones, :data:`PHANTOM_SEEDS`): the most
+    infected axial slices of small phantoms at their disease peak, cropped around the lungs like
+    a real volume, ``size`` px square."""
     from covidtrack.phantom import make_phantom
 
     items = []
-    for seed in seeds:
+    for seed in PHANTOM_SEEDS if seeds is None else seeds:
         vol, truth = make_phantom(seed, shape=PHANTOM_SHAPE, spacing=PHANTOM_SPACING)
         per_z = truth.infection.reshape(truth.infection.shape[0], -1).astype(bool).sum(axis=1)
-        zs = sorted(int(z) for z in np.argsort(-per_z, kind="stable")[:per_phantom])
+        zs = sorted(int(z) for z in np.argsort(-per_z, kind="stable")[: PHANTOM_SLICES if per_phantom is None else per_phantom])
         im, lab = volume_slices(vol.array, truth.lungs, truth.infection.astype(np.uint8), vol.spacing, size, zs)
         items += [ValItem(f"phantom-{seed}-z{z}", im[i], lab[i], "phantom") for i, z in enumerate(zs)]
     return items
@@ -235,18 +239,22 @@ def validation_set(real_dir: Path | None = VALIDATION_DIR, with_phantoms: bool =
         ph: list[ValItem] = []
         if cache.exists():
             data = np.load(cache, allow_pickle=False)
-            if str(data["key"]) == _PHANTOM_CACHE_KEY:
+            if str(data["key"]) == _phantom_key():
                 ph = [ValItem(str(n), im, lab, "phantom") for n, im, lab in zip(data["names"], data["images"], data["labels"])]
         if not ph:
             ph = phantom_slices()
             cache.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=cache.parent, suffix=".npz")
             os.close(fd)
-            np.savez_compressed(tmp, key=_PHANTOM_CACHE_KEY, names=np.array([p.name for p in ph]),
+            np.savez_compressed(tmp, key=_phantom_key(), names=np.array([p.name for p in ph]),
                                 images=np.stack([p.image for p in ph]), labels=np.stack([p.classes for p in ph]))
             os.replace(tmp, cache)
         items += ph
     return items
+
+
+def _phantom_key() -> str:
+    return f"{_PHANTOM_CACHE_KEY}:{PHANTOM_SEEDS}:{PHANTOM_SHAPE}:{PHANTOM_SPACING}:{PHANTOM_SLICES}"
 
 
 def real_validation_names(real_dir: Path | None = VALIDATION_DIR) -> list[str]:
@@ -475,7 +483,7 @@ def run_job(folder: Path, echo: bool = True) -> dict[str, Any]:
         multiclass = parent / "GT_multiclass" if (parent / "GT_multiclass").is_dir() else None
     else:
         exclude, masks, multiclass = (), None, None
-        replay = phantom_slices(seeds=(9201, 9202, 9203, 9204), per_phantom=6, size=spec.input_size)
+        replay = phantom_slices(seeds=REPLAY_SEEDS, per_phantom=REPLAY_SLICES, size=spec.input_size)
         extra = extra + tuple((p.image, p.classes) for p in replay)
         replay_note = f"original training slices not found; replayed {len(replay)} phantom slices instead. "
     _update_status(folder, fraction=0.05, message=f"scoring the current model {base.name} on the validation set")

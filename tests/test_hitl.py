@@ -1,0 +1,328 @@
+"""Human in the loop: edit operations, corrections as new records, import tables, active learning,
+retraining into a new immutable version, promotion, rollback, re-segmentation, and the two pages."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from covidtrack import modelstore
+from covidtrack.config import settings
+from covidtrack.errors import InputError, ModelError, StoreError
+from covidtrack.hitl import active, corrections, importing, retrain
+from covidtrack.hitl.corrections import EditSession, Effort
+from covidtrack.labels import CONSOLIDATION, GGO
+from covidtrack.store import Store
+
+
+# --- helpers -------------------------------------------------------------------------------------
+def _sha(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def make_tiny_model(seed: int = 0) -> modelstore.ModelRef:
+    """A tiny, randomly initialised infection model version, made active (fast to train and run)."""
+    import torch
+
+    from covidtrack.segment.infection import NetSpec, build_network, save_weights, write_card
+
+    torch.manual_seed(seed)
+    spec = NetSpec(channels=(4, 8), strides=(2,), num_res_units=0, input_size=32)
+    version = modelstore.next_version("infection")
+    folder = settings().models_dir / "infection" / version
+    sha = save_weights(build_network(spec), spec, folder / "weights.pt")
+    write_card(folder, {"task": "infection", "version": version, "weights_sha256": sha,
+                        "net": {"kind": "MONAI UNet 2D", **spec.to_json()}, "labels": {"1": "GGO", "2": "consolidation"}})
+    return modelstore.set_active("infection", version)
+
+
+@pytest.fixture
+def small_store(covidtrack_home: Path) -> list[str]:
+    """Two synthetic scans (16 x 40 x 40 voxels) with model segmentations; returns scan ids."""
+    from covidtrack.report import synthetic
+
+    with Store.open() as store:
+        synthetic.populate_store(store, n_patients=1, n_scans=2, shape=(16, 40, 40))
+        return list(store.scans()["scan_id"])
+
+
+# --- edit operations -----------------------------------------------------------------------------
+def test_brush_paints_and_erases_a_disk() -> None:
+    labels = np.zeros((11, 11), np.uint8)
+    painted = corrections.brush(labels, (5, 5), 2, GGO)
+    assert int((painted == GGO).sum()) == 13  # lattice points with dy^2 + dx^2 <= 4
+    assert labels.sum() == 0, "edit operations must not modify their input"
+    erased = corrections.brush(painted, (5, 5), 1, 0)
+    assert int((erased == GGO).sum()) == 13 - 5
+    allowed = np.zeros((11, 11), bool)
+    allowed[:, :5] = True
+    limited = corrections.brush(labels, (5, 5), 2, CONSOLIDATION, allowed=allowed)
+    assert limited[:, 5:].sum() == 0 and int((limited == CONSOLIDATION).sum()) == 4  # columns 3 (1 px) and 4 (3 px)
+    dragged = corrections.brush(labels, (2, 2), 1, GGO, end=(2, 8))
+    assert dragged[2, 2:9].all() and dragged[0].sum() == 0
+    with pytest.raises(ValueError):
+        corrections.brush(labels, (5, 5), 2, 7)
+
+
+def _two_lesions() -> np.ndarray:
+    lab = np.zeros((10, 12), np.uint8)
+    lab[1:4, 1:4] = GGO
+    lab[2, 2] = CONSOLIDATION
+    lab[6:9, 7:11] = CONSOLIDATION
+    return lab
+
+
+def test_component_delete_accept_and_relabel() -> None:
+    lab = _two_lesions()
+    gone = corrections.delete_component(lab, (2, 3))
+    assert gone[1:4, 1:4].sum() == 0 and (gone[6:9, 7:11] == CONSOLIDATION).all()
+    assert np.array_equal(corrections.delete_component(lab, (0, 11)), lab)  # click on background: no change
+    restored = corrections.accept_component(gone, lab, (1, 1))
+    assert np.array_equal(restored, lab)
+    swapped = corrections.relabel(lab, (1, 1))
+    assert swapped[2, 2] == GGO and (swapped[1:4, 1:4][swapped[1:4, 1:4] != GGO] == CONSOLIDATION).all()
+    assert int((swapped[1:4, 1:4] == CONSOLIDATION).sum()) == 8
+    assert np.array_equal(swapped[6:9, 7:11], lab[6:9, 7:11])  # the other lesion is untouched
+    all_ggo = corrections.relabel(lab, (7, 8), new_label=GGO)
+    assert (all_ggo[6:9, 7:11] == GGO).all()
+
+
+def test_region_grow_stays_in_hu_range_lungs_and_4_connectivity() -> None:
+    ct = np.full((9, 9), -900.0)
+    ct[2:5, 2:5] = -500.0  # a GGO-like patch
+    ct[5, 5] = -500.0  # touches the patch only at a corner: must not be reached (4-connectivity)
+    ct[3, 7] = -500.0  # separate
+    lungs = np.ones((9, 9), bool)
+    lungs[4, :] = False  # the lung mask cuts the patch's last row
+    grown = corrections.region_grow(np.zeros((9, 9), np.uint8), ct, (3, 3), GGO, (-700, -300), allowed=lungs)
+    assert int((grown == GGO).sum()) == 6  # rows 2-3 of the patch
+    assert grown[5, 5] == 0 and grown[3, 7] == 0
+    outside = corrections.region_grow(np.zeros((9, 9), np.uint8), ct, (0, 0), GGO, (-700, -300))
+    assert outside.sum() == 0  # the clicked pixel is out of range
+
+
+def test_edit_session_undo_and_effort_with_idle_cap() -> None:
+    now = [0.0]
+    original = np.zeros((4, 10, 10), np.uint8)
+    original[1, 2:5, 2:5] = GGO
+    session = EditSession(original, clock=lambda: now[0], idle_cap_s=60)
+    now[0] = 5.0
+    session.edit(1, corrections.delete_component, (3, 3))
+    now[0] = 500.0  # a long break counts as 60 s only
+    session.edit(2, corrections.brush, (5, 5), 1, CONSOLIDATION)
+    assert session.edit(3, corrections.delete_component, (0, 0)) == 0  # no-op: not on the stack
+    eff = session.effort()
+    assert eff == Effort(seconds=65.0, voxels_changed=9 + 5, slices_touched=2, edits=2, undos=0)
+    assert session.undo() == 2
+    assert session.effort().voxels_changed == 9 and session.effort().slices_touched == 1
+    assert session.undo() == 1 and session.undo() is None
+    assert np.array_equal(session.working, original)
+    assert not session.original.flags.writeable
+
+
+# --- corrections are new records -----------------------------------------------------------------
+def test_corrections_are_stored_apart_and_never_overwritten(small_store: list[str]) -> None:
+    scan = small_store[1]
+    with Store.open() as store:
+        model_rec = store.segmentation(scan, "model")
+        model_sha = _sha(model_rec.infection_path)
+        ct, lungs, lobes, infection, seg_id = corrections.load_for_review(store, scan)
+        assert seg_id == model_rec.seg_id and infection.any()
+        session = EditSession(infection)
+        z = int(np.nonzero(infection.any(axis=(1, 2)))[0][0])
+        y, x = (int(v) for v in np.argwhere(infection[z])[0])
+        session.edit(z, corrections.delete_component, (y, x))
+        first = corrections.save_correction(store, scan, session.working, session.effort(), author="AB")
+        # a second, different correction of the same scan: another record, the first stays
+        session.edit(z, corrections.brush, (y, x), 2, CONSOLIDATION, allowed=lungs[z] > 0)
+        second = corrections.save_correction(store, scan, session.working, session.effort(), author="CD")
+        assert first[1] != second[1]
+        rows = store.corrections(scan)
+        assert list(rows["author"]) == ["AB", "CD"]
+        assert (rows["original_seg_id"] == model_rec.seg_id).all()
+        assert rows["voxels_changed"].iloc[0] > 0 and rows["slices_touched"].iloc[0] == 1
+        paths = list(rows["mask_path"])
+        assert paths[0] != paths[1] and all(Path(p).exists() for p in paths)
+        # the model output is untouched and still the "model" segmentation
+        assert _sha(model_rec.infection_path) == model_sha
+        assert store.segmentation(scan, "model").seg_id == model_rec.seg_id
+        assert np.array_equal(store.load_segmentation(scan, "model").infection, infection)
+        final = store.load_segmentation(scan, "final").infection
+        assert np.array_equal(final, np.where(lungs > 0, session.working, 0))
+        shown = store.metrics([scan])
+        assert set(shown["model_version"]) == {"corrected"}
+        with pytest.raises(StoreError):
+            corrections.save_correction(store, scan, session.working, session.effort(), author="  ")
+
+
+# --- import of masks made elsewhere --------------------------------------------------------------
+def test_label_tables_for_imported_masks() -> None:
+    raw = np.array([[0, 1, 2, 3, 4]])
+    assert importing.translate(raw, "itksnap").tolist() == [[0, GGO, CONSOLIDATION, 0, 0]]
+    assert importing.translate(raw, "slicer").tolist() == [[0, GGO, CONSOLIDATION, 0, 0]]
+    assert importing.translate(raw, "medseg").tolist() == [[0, GGO, CONSOLIDATION, 0, 0]]  # 3 = effusion dropped
+    hu = np.array([[-900, -600, -100, -500, 20]])
+    assert importing.translate(raw, "covid19_ct_seg", hu).tolist() == [[0, 0, 0, GGO, 0]]  # 1/2 lungs, 3 infection
+    assert importing.translate(raw, "binary", hu).tolist() == [[0, GGO, CONSOLIDATION, GGO, CONSOLIDATION]]
+    assert importing.translate(raw, importing.parse_mapping("4=GGO,3=consolidation")).tolist() == [[0, 0, 0, CONSOLIDATION, GGO]]
+    with pytest.raises(ValueError):
+        importing.translate(raw, "binary")  # untyped infection needs the CT
+    with pytest.raises(ValueError):
+        importing.parse_mapping("5:GGO")
+
+
+def test_import_corrected_nifti_from_itksnap_numbering(tmp_path: Path) -> None:
+    from covidtrack.io import save_mask
+    from covidtrack.volume import Volume
+
+    ct = np.full((6, 20, 24), -850, np.int16)
+    vol = Volume(array=ct, spacing=(3.0, 1.5, 1.5))
+    theirs = np.zeros(ct.shape, np.uint8)
+    theirs[2, 5:9, 5:9] = 1
+    theirs[3, 10:12, 10:14] = 2
+    theirs[4, 1:3, 1:3] = 5  # a label the table does not know: ignored
+    path = save_mask(theirs, vol, tmp_path / "corrected.nii.gz")
+    ours = importing.import_corrected_mask(path, vol, "itksnap")
+    assert int((ours == GGO).sum()) == 16 and int((ours == CONSOLIDATION).sum()) == 8 and ours[4].sum() == 0
+    only_five = save_mask(np.where(theirs == 5, 5, 0).astype(np.uint8), vol, tmp_path / "five.nii.gz")
+    with pytest.raises(InputError, match="none maps to infection"):
+        importing.import_corrected_mask(only_five, vol, "itksnap")
+
+
+# --- active learning -----------------------------------------------------------------------------
+def test_entropy_score_orders_the_uncertain_case_first() -> None:
+    lungs = np.zeros((4, 16, 16), bool)
+    lungs[:, 2:14, 2:14] = True
+    confident = np.where(lungs, 0.02, 0.0)
+    confident[:, 4:8, 4:8] = 0.97
+    uncertain = confident.copy()
+    uncertain[:, 8:13, 8:13] = 0.5  # a region the model cannot decide
+    outside_noise = confident.copy()
+    outside_noise[:, 0:2, :] = 0.5  # hesitation OUTSIDE the lungs must not count
+    scores = {"confident": active.entropy_score(confident, lungs), "uncertain": active.entropy_score(uncertain, lungs),
+              "outside": active.entropy_score(outside_noise, lungs)}
+    assert active.rank(scores)[0] == "uncertain"
+    assert scores["outside"] == pytest.approx(scores["confident"])
+    assert active.binary_entropy(np.array([0.5]))[0] == pytest.approx(1.0)
+
+
+class _FixedProbModel:
+    """Stands in for InfectionModel.predict: a fixed infection probability inside the lungs per scan."""
+
+    version = "infection/vtest"
+
+    def __init__(self, prob_by_shape_call: list[float]) -> None:
+        self.probs = list(prob_by_shape_call)
+
+    def predict(self, ct_hu, lungs, spacing, progress=None):  # noqa: ANN001 - same signature as InfectionModel
+        p = self.probs.pop(0)
+        prob = np.where(lungs > 0, p, 0.0).astype(np.float16)
+        return (prob >= 0.5).astype(np.uint8), prob
+
+
+def test_review_queue_by_score_and_by_date(small_store: list[str]) -> None:
+    with Store.open() as store:
+        scans = list(store.scans().sort_values("study_date")["scan_id"])
+        model = _FixedProbModel([0.03, 0.45])  # the later scan is the deliberately uncertain one
+        scores = active.score_scans(store, scans, model=model)
+        assert scores[scans[1]] > scores[scans[0]]
+        assert active.cached_scores(model.version) == pytest.approx(scores)
+        by_score = active.review_queue(store, "score", model_version=model.version)
+        assert list(by_score["scan_id"]) == [scans[1], scans[0]]
+        assert list(active.review_queue(store, "date", model_version=model.version)["scan_id"]) == scans
+        # a reviewed scan leaves the queue
+        _, _, _, inf, _ = corrections.load_for_review(store, scans[1])
+        corrections.save_correction(store, scans[1], inf, corrections.effort_between(inf, inf), author="AB")
+        assert list(active.review_queue(store, "score", model_version=model.version)["scan_id"]) == [scans[0]]
+
+
+# --- retrain, version, promote, rollback, re-segment ----------------------------------------------
+@pytest.fixture
+def fast_phantoms(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One small phantom for validation and replay (the product uses three / four)."""
+    monkeypatch.setattr(retrain, "PHANTOM_SEEDS", (9101,))
+    monkeypatch.setattr(retrain, "PHANTOM_SLICES", 2)
+    monkeypatch.setattr(retrain, "PHANTOM_SHAPE", (16, 64, 64))
+    monkeypatch.setattr(retrain, "PHANTOM_SPACING", (12.0, 3.0, 3.0))
+    monkeypatch.setattr(retrain, "REPLAY_SEEDS", (9101,))
+    monkeypatch.setattr(retrain, "REPLAY_SLICES", 3)
+
+
+def _correct_one(store: Store, scan: str) -> None:
+    _, lungs, _, inf, _ = corrections.load_for_review(store, scan)
+    session = EditSession(inf)
+    z = int(np.nonzero(lungs.any(axis=(1, 2)))[0][len(np.nonzero(lungs.any(axis=(1, 2)))[0]) // 2])
+    ys, xs = np.nonzero(lungs[z])
+    session.edit(z, corrections.brush, (int(ys.mean()), int(xs.mean())), 3, GGO, allowed=lungs[z] > 0)
+    corrections.save_correction(store, scan, session.working, session.effort(), author="AB")
+
+
+def test_retrain_makes_a_new_version_and_promotion_is_explicit(small_store: list[str], fast_phantoms: None) -> None:
+    base = make_tiny_model()
+    with Store.open() as store:
+        with pytest.raises(StoreError, match="no corrected scans"):
+            retrain.prepare_job(store, retrain.RetrainConfig())
+        _correct_one(store, small_store[0])
+        job = retrain.prepare_job(store, retrain.RetrainConfig(iterations=3, batch_size=4, use_original=False))
+        assert retrain.job_status(job.folder)["state"] == "queued"
+        result = retrain.run_job(job.folder, echo=False)
+        status = retrain.job_status(job.folder)
+        assert status["state"] == "done" and status["fraction"] == 1.0
+        assert not (job.folder / "samples.npz").exists(), "patient image copies must not stay in the job folder"
+        new = modelstore.get("infection", result["version"])
+        assert new.version != base.version and not new.shipped
+        card = new.card()
+        ev = card["hitl"]["evaluation"]
+        assert ev["old"]["model"] == base.name and ev["new"]["model"] == new.name
+        assert ev["new"]["n"] == 8 + 2  # 8 real held-out slices + 2 phantom slices
+        assert card["hitl"]["corrected_scans"] == [small_store[0]]
+        assert card["weights_sha256"] == _sha(new.weights)
+        assert "Human-in-the-loop" in (new.path / "MODEL_CARD.md").read_text()
+        # nothing changed for users until promotion
+        assert modelstore.active("infection").version == base.version
+        retrain.sync_versions(store)
+        listed = store.models("infection")
+        assert set(listed["version"]) >= {base.version, new.version}
+        assert not listed[listed["version"] == new.version]["active"].iloc[0]
+
+        retrain.promote(store, new.version)
+        assert modelstore.active("infection").version == new.version
+        listed = store.models("infection")
+        assert listed[listed["active"]]["version"].tolist() == [new.version]
+
+        # re-segmenting adds segmentations whose metric rows carry the new version; old rows stay
+        n_metrics = store.counts()["metrics"]
+        added = retrain.resegment(store)
+        assert len(added) == 2
+        assert retrain.resegment(store) == []  # already done with this version
+        tags = set(store.metrics(model_version=None)["model_version"])
+        assert any(new.name in t for t in tags) and any(base.name in t or "infection/v1" in t for t in tags)
+        assert store.counts()["metrics"] > n_metrics
+
+        back = retrain.rollback(store)
+        assert back.version == base.version == modelstore.active("infection").version
+        with pytest.raises(ModelError):
+            retrain.rollback(store)  # nothing older to go back to
+
+
+def test_background_job_reports_failure_in_status(small_store: list[str], fast_phantoms: None) -> None:
+    """The background process writes its fate into status.json (here: weights removed under it)."""
+    base = make_tiny_model()
+    with Store.open() as store:
+        _correct_one(store, small_store[0])
+        job = retrain.start_retrain(store, retrain.RetrainConfig(iterations=2, batch_size=2, use_original=False))
+    assert job.pid
+    base.weights.unlink()  # the job must fail cleanly, not hang or write a version
+    import time
+
+    deadline = time.time() + 120
+    while retrain.job_status(job.folder)["state"] in ("queued", "running") and time.time() < deadline:
+        time.sleep(0.5)
+    status = retrain.job_status(job.folder)
+    assert status["state"] == "failed" and "weights" in status["error"]
+    assert [r.version for r in modelstore.list_versions("infection") if not r.shipped] == [base.version]
+    assert retrain.running_job() is None
