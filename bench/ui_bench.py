@@ -149,8 +149,10 @@ def browser() -> object:
     return driver
 
 
-def load_and_time(driver: object, url: str) -> float:
-    """Seconds from navigation until the script finished and every visible chart is drawn."""
+def load_and_time(driver: object, url: str, last_text: str = "not a diagnosis") -> float:
+    """Seconds from navigation until the page's last element (``last_text``, e.g. the disclaimer
+    every page ends with) is shown, no element is a loading skeleton, and every visible chart is
+    drawn. A fresh navigation builds a new DOM, so no stale element from an earlier run counts."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -161,7 +163,8 @@ def load_and_time(driver: object, url: str) -> float:
     errors = driver.find_elements(By.CSS_SELECTOR, '[data-testid="stException"]')  # type: ignore[attr-defined]
     if errors:
         raise RuntimeError(f"{url}: {errors[0].text[:500]}")
-    wait.until(lambda d: not d.find_elements(By.CSS_SELECTOR, '[data-testid="stStatusWidget"]'))
+    wait.until(lambda d: last_text in d.find_element(By.TAG_NAME, "body").text)
+    wait.until(lambda d: not d.find_elements(By.CSS_SELECTOR, '[data-testid="stSkeleton"]'))
 
     def drawn(d: object) -> bool:
         charts = [c for c in d.find_elements(By.CSS_SELECTOR, '[data-testid="stPlotlyChart"]') if c.is_displayed()]  # type: ignore[attr-defined]
@@ -289,15 +292,16 @@ def main() -> None:
 
         # --- browser: warm page loads + screenshots ---------------------------------------------------
         if CHROMIUM and CHROMEDRIVER:
+            last = {"import": "Server folder or manifest"}
             for name, home, pages in (("patient", p_home, [f"patient?patient={key}", "", "import", "report"]), ("cohort", c_home, ["cohort"])):
                 server = Server(home)
                 driver = browser()
                 try:
                     timings = {}
                     for page in pages:
-                        cold = load_and_time(driver, f"{server.url}/{page}")
-                        warm = load_and_time(driver, f"{server.url}/{page}")
                         label = page.split("?")[0] or "patients"
+                        cold = load_and_time(driver, f"{server.url}/{page}", last.get(label, "not a diagnosis"))
+                        warm = load_and_time(driver, f"{server.url}/{page}", last.get(label, "not a diagnosis"))
                         timings[label] = {"first_load_s": round(cold, 2), "warm_load_s": round(warm, 2)}
                         screenshot(driver, f"ui_{label}", height=2000 if label in ("patient", "cohort") else 1100)
                         driver.set_window_size(1400, 1800)  # type: ignore[attr-defined]

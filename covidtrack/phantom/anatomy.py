@@ -44,7 +44,7 @@ T_OUT, T_FAT, T_SOFT, T_BONE = TISSUE_IDS["outside"], TISSUE_IDS["fat"], TISSUE_
 T_LUNG, T_VESSEL, T_AIRWAY, T_TABLE = TISSUE_IDS["lung"], TISSUE_IDS["vessel"], TISSUE_IDS["airway"], TISSUE_IDS["table"]
 
 # Extent the default anatomy needs (mm): body width and depth incl. table, chest height with margins
-_NEED_X, _NEED_Y, _NEED_Z = 340.0, 330.0, 295.0
+_NEED_X, _NEED_Y, _NEED_Z = 340.0, 330.0, 310.0
 MIN_SCALE = 0.55
 
 
@@ -87,9 +87,9 @@ def sample_params(grid: Grid, rng: np.random.Generator) -> AnatomyParams:
             f"(shape x spacing), e.g. shape (72, 128, 128) at spacing (4.5, 2.7, 2.7)"
         )
     s = scale
-    height = 250.0 * s * rng.uniform(0.95, 1.04)
+    height = 268.0 * s * rng.uniform(0.95, 1.04)
     depth = 95.0 * s * rng.uniform(0.93, 1.05)
-    width = 132.0 * s * rng.uniform(0.95, 1.03)
+    width = 136.0 * s * rng.uniform(0.95, 1.03)
     cavity_y = -0.06 * depth
     z_base = (ez - height) * rng.uniform(0.42, 0.55)
     return AnatomyParams(
@@ -102,12 +102,12 @@ def sample_params(grid: Grid, rng: np.random.Generator) -> AnatomyParams:
         # subcutaneous fat, as much as the field of view leaves room for (big patients get cut
         # at the FOV edge on real scanners too, but a clean outline is more useful here)
         fat_mm=float(np.clip(rng.uniform(6.0, 26.0) * s, 3.0, max(3.0, ex / 2 - 6.0 - width - 16.0 * s))),
-        dome_right=rng.uniform(0.24, 0.29),
-        dome_left=rng.uniform(0.20, 0.25),
+        dome_right=rng.uniform(0.17, 0.21),
+        dome_left=rng.uniform(0.14, 0.18),
         heart_x=0.20 * width * rng.uniform(0.8, 1.2),
         heart_y=cavity_y - 0.30 * depth,
         heart_z=z_base + height * rng.uniform(0.36, 0.42),
-        heart_axes=(62.0 * s * rng.uniform(0.92, 1.1), 45.0 * s * rng.uniform(0.92, 1.1), 52.0 * s),
+        heart_axes=(58.0 * s * rng.uniform(0.92, 1.1), 42.0 * s * rng.uniform(0.92, 1.1), 50.0 * s),
         heart_yaw_deg=rng.uniform(28.0, 42.0),
         oblique_right=(rng.uniform(0.24, 0.30), rng.uniform(0.66, 0.72)),
         oblique_left=(rng.uniform(0.25, 0.31), rng.uniform(0.69, 0.75)),
@@ -141,7 +141,8 @@ def _cavity(p: AnatomyParams, z: np.ndarray) -> tuple[np.ndarray, np.ndarray, np
     The rounded apex of each lung is cut by :func:`_apex_cap`.
     """
     h = np.clip(_height_fraction(p, z), 0.0, 1.0)
-    w = np.sqrt(1.0 - 0.7 * h**2.5) * (0.93 + 0.07 * (1.0 - h))  # thoracic inlet ~half as wide
+    hh = np.clip((h - 0.15) / 0.85, 0.0, 1.0)  # widest over the lower half
+    w = np.sqrt(1.0 - 0.85 * hh**2)  # thoracic inlet ~half as wide
     d = np.sqrt(1.0 - 0.55 * h**3)
     a = p.cavity_half_width * w
     b = p.cavity_half_depth * d
@@ -153,7 +154,7 @@ def _apex_cap(p: AnatomyParams, y: np.ndarray, x: np.ndarray) -> np.ndarray:
     """Highest lung point (fraction of lung height) over (y, x): one dome per lung apex."""
     xa = 0.33 * p.cavity_half_width
     ya = p.cavity_y + 0.2 * p.cavity_half_depth
-    return 1.0 - 1.1 * ((np.abs(x) - xa) / p.cavity_half_width) ** 2 - 0.3 * ((y - ya) / p.cavity_half_depth) ** 2
+    return 1.0 - 1.4 * ((np.abs(x) - xa) / p.cavity_half_width) ** 2 - 0.3 * ((y - ya) / p.cavity_half_depth) ** 2
 
 
 def _diaphragm(p: AnatomyParams, y: np.ndarray, x: np.ndarray) -> np.ndarray:
@@ -197,9 +198,12 @@ def _fissure_height(p: AnatomyParams, heights: tuple[float, float], y: np.ndarra
     tf = np.maximum(t, 1e-3) / 0.3
     h = np.where(front, h30 * tf**1.5, hi - (hi - h30) * (1.0 - t) / 0.7)
     dh_dt = np.where(front, h30 * 1.5 * np.sqrt(tf) / 0.3, (hi - h30) / 0.7)
-    h = h + 0.012 * np.sin(x / (25.0 * p.scale))
+    # higher laterally: on an axial slice the fissure runs from anterolateral to posteromedial
+    lateral = 0.10 * (np.abs(x) / p.cavity_half_width - 0.5)
+    h = h + lateral + 0.012 * np.sin(x / (25.0 * p.scale))
     dz_dy = p.lung_height * dh_dt / span
-    return p.z_base + p.lung_height * h, np.sqrt(1.0 + dz_dy**2)
+    dz_dx = p.lung_height * 0.10 / p.cavity_half_width
+    return p.z_base + p.lung_height * h, np.sqrt(1.0 + dz_dy**2 + dz_dx**2)
 
 
 # ---------------------------------------------------------------------------------------------

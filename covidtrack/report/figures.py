@@ -170,15 +170,26 @@ def _add_legend(fig: go.Figure, overlay: Overlay) -> None:
         )
 
 
-def _timepoint_title(series: AlignedSeries, t: int) -> str:
-    note = "" if series.registered[t] or t == 0 else " (not aligned)"
-    return f"{series.dates[t]} · day {series.days[t]}{note}"
+def _timepoint_title(series: AlignedSeries, t: int, html: bool = True) -> str:
+    note = "" if series.registered[t] or t == 0 else "not aligned"
+    if not html:
+        return f"{series.dates[t]} · day {series.days[t]}" + (f" ({note})" if note else "")
+    # two lines (three when flagged) so six dates side by side do not overlap
+    return f"{series.dates[t]}<br>day {series.days[t]}" + (f"<br><i>{note}</i>" if note else "")
 
 
-def viewer_figure(series: AlignedSeries, plane: Plane, index: int, overlay: Overlay = "lobes", max_px: int = 320, height: int = 360) -> go.Figure:
-    """Every timepoint's registered slice side by side, same anatomy, baseline first."""
+def viewer_figure(
+    series: AlignedSeries, plane: Plane, index: int, overlay: Overlay = "lobes", max_px: int = 320, height: int | None = None, width_px: int = 1000
+) -> go.Figure:
+    """Every timepoint's registered slice side by side, same anatomy, baseline first.
+
+    ``height`` defaults to what ``width_px`` of page width gives each image at its aspect ratio.
+    """
     images = strip(series, plane, index, overlay, max_px)
     n = len(images)
+    if height is None:
+        aspect = images[0].shape[0] / images[0].shape[1]
+        height = int(min(520, max(220, width_px / n * aspect + 110)))
     fig = make_subplots(rows=1, cols=n, subplot_titles=[_timepoint_title(series, t) for t in range(n)], horizontal_spacing=0.01)
     for t, img in enumerate(images):
         fig.add_trace(go.Image(source=data_uri(img), hoverinfo="skip"), row=1, col=t + 1)
@@ -186,7 +197,7 @@ def viewer_figure(series: AlignedSeries, plane: Plane, index: int, overlay: Over
     fig.update_yaxes(visible=False)
     _add_legend(fig, overlay)
     fig.update_layout(
-        height=height, margin=dict(l=5, r=5, t=50, b=5), font=FONT, template="plotly_white",
+        height=height, margin=dict(l=5, r=5, t=60, b=5), font=FONT, template="plotly_white",
         legend=dict(orientation="h", yanchor="top", y=-0.02, xanchor="left", x=0),
     )
     fig.update_annotations(font_size=11)
@@ -197,7 +208,7 @@ def viewer_animation(series: AlignedSeries, plane: Plane, index: int, overlay: O
     """The follow-up sequence: one slice of the same anatomy played through the dates (plotly frames)."""
     images = strip(series, plane, index, overlay, max_px)
     uris = [data_uri(img) for img in images]
-    names = [_timepoint_title(series, t) for t in range(len(images))]
+    names = [_timepoint_title(series, t, html=False) for t in range(len(images))]
     fig = go.Figure(data=[go.Image(source=uris[0], hoverinfo="skip")], frames=[go.Frame(data=[go.Image(source=u)], name=nm) for u, nm in zip(uris, names)])
     steps = [
         dict(method="animate", label=nm, args=[[nm], dict(mode="immediate", frame=dict(duration=0, redraw=True), transition=dict(duration=0))])

@@ -197,7 +197,7 @@ def refine_surface(
     # noise in a band without any fissure does not get promoted to "clearly visible".
     pos = ev[ev > 0]
     band_scale = float(np.percentile(pos, EVIDENCE_PERCENTILE)) if pos.size > 20 else scale
-    evidence = np.minimum(ev / max(band_scale, 0.25 * scale, 1e-6), 1.0)
+    evidence = np.minimum(ev / max(band_scale, 1.0 * scale, 1e-6), 1.0)
     prior_cost = PRIOR_WEIGHT * ((offsets * sz) / prior_sigma_mm) ** 2
     cost = -evidence + prior_cost[None, None, :]
     if floor is not None:

@@ -38,7 +38,7 @@ REAL_LICENCES = {
     "lung-pet-ct-dx_A0001": "CC BY 4.0 (TCIA Lung-PET-CT-Dx)",
     "cip_copdgene_ct64": "CIP licence, BSD-style (ChestImagingPlatform test data)",
 }
-PATCH = (32, 112, 112)  # model voxels: 128 x 336 x 336 mm at (4, 3, 3) mm, most of a chest in-plane
+PATCH = (24, 112, 112)  # model voxels: 96 x 336 x 336 mm at (4, 3, 3) mm, most of a chest in-plane
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -63,6 +63,8 @@ class Case:
     target: np.ndarray  # uint8 0 / 1 right / 2 left
     pleura_mm: np.ndarray  # float32 distance (mm) inside the lung to its border, 0 outside
     real: bool
+    lung_idx: np.ndarray  # (n, 3) voxel indices of the lung, precomputed: sampling runs per step
+    pleural_idx: np.ndarray  # (n, 3) lung voxels within 8 mm of the pleura
 
 
 def _to_model_grid(hu: np.ndarray, labels: np.ndarray, spacing: tuple[float, float, float], spec) -> tuple[np.ndarray, np.ndarray]:
@@ -80,7 +82,8 @@ def _to_model_grid(hu: np.ndarray, labels: np.ndarray, spacing: tuple[float, flo
 def _case(name: str, hu: np.ndarray, labels: np.ndarray, spacing, spec, real: bool) -> Case:
     x, y = _to_model_grid(hu, labels, spacing, spec)
     dist = ndi.distance_transform_edt(y > 0, sampling=spec.spacing_mm).astype(np.float32)
-    return Case(name=name, hu=x, target=y, pleura_mm=dist, real=real)
+    return Case(name=name, hu=x, target=y, pleura_mm=dist, real=real, lung_idx=np.argwhere(y > 0),
+                pleural_idx=np.argwhere((dist > 0) & (dist < 8.0)))
 
 
 def load_real_cases(root: Path, spec, log) -> tuple[list[Case], dict]:
@@ -123,11 +126,10 @@ def insert_opacities(hu: np.ndarray, case: Case, rng: np.random.Generator, spaci
     network must learn (HU thresholds cut these regions out of the lung).
     """
     lung = case.target > 0
-    pleural = np.argwhere(lung & (case.pleura_mm > 0) & (case.pleura_mm < 8.0))
+    pleural = case.pleural_idx
     if len(pleural) == 0:
         return hu
     sp = np.asarray(spacing_mm, dtype=np.float32)
-    zz, yy, xx = np.indices(hu.shape, dtype=np.float32)
     out = hu.copy()
     for _ in range(int(rng.integers(1, 4))):
         kind = rng.choice(["consolidation", "effusion", "ggo"], p=[0.45, 0.35, 0.2])
@@ -140,20 +142,23 @@ def insert_opacities(hu: np.ndarray, case: Case, rng: np.random.Generator, spaci
             centre = pleural[rng.integers(len(pleural))]
             radii = rng.uniform(8, 35, size=3)
         else:
-            inner = np.argwhere(lung)
-            centre = inner[rng.integers(len(inner))]
+            centre = case.lung_idx[rng.integers(len(case.lung_idx))]
             radii = rng.uniform(8, 30, size=3)
-        d2 = sum(((g - c) * s / r) ** 2 for g, c, s, r in zip((zz, yy, xx), centre, sp, radii))
-        region = lung & (d2 <= 1.0)
+        # work in the ellipsoid's bounding box (+2 voxels for the soft edge) only
+        half = np.ceil(radii / sp).astype(int) + 2
+        box = tuple(slice(max(0, c - h), min(n, c + h + 1)) for c, h, n in zip(centre, half, hu.shape))
+        grids = np.ogrid[tuple(slice(b.start, b.stop) for b in box)]
+        d2 = sum(((g - c) * s_ / r) ** 2 for g, c, s_, r in zip(grids, centre, sp, radii))
+        region = lung[box] & (d2 <= 1.0)
         if kind == "effusion":
-            region &= case.pleura_mm < rng.uniform(6.0, 25.0)  # a crescent along the pleura
+            region &= case.pleura_mm[box] < rng.uniform(6.0, 25.0)  # a crescent along the pleura
         if not region.any():
             continue
         value = {"consolidation": rng.uniform(-80, 60), "effusion": rng.uniform(0, 35), "ggo": rng.uniform(-650, -350)}[kind]
         w = ndi.gaussian_filter(region.astype(np.float32), 0.7)  # partial-volume edge
-        w = np.where(lung, w, 0.0)
-        texture = value + rng.normal(0, 15, size=hu.shape).astype(np.float32)
-        out = out * (1 - w) + texture * w
+        w = np.where(lung[box], w, 0.0)
+        texture = value + rng.normal(0, 15, size=w.shape).astype(np.float32)
+        out[box] = out[box] * (1 - w) + texture * w
     return out.astype(np.float32)
 
 
@@ -166,8 +171,7 @@ def sample_patch(case: Case, rng: np.random.Generator, spec) -> tuple[np.ndarray
     shape = np.asarray(case.hu.shape, dtype=np.float64)
     sp = np.asarray(spec.spacing_mm)
     # centre: somewhere in the lungs' bounding box, so most patches contain lung
-    idx = np.argwhere(case.target > 0)
-    lo, hi = idx.min(0), idx.max(0)
+    lo, hi = case.lung_idx.min(0), case.lung_idx.max(0)
     centre = rng.uniform(lo, hi + 1)
     # rotation (mostly about z: patients lie rotated on the table), anisotropic scale
     az, ay, ax = np.deg2rad(rng.uniform([-15, -6, -6], [15, 6, 6]))
@@ -179,10 +183,16 @@ def sample_patch(case: Case, rng: np.random.Generator, spec) -> tuple[np.ndarray
     offs = [np.arange(n) - (n - 1) / 2 for n in PATCH]
     grid_mm = np.stack(np.meshgrid(*offs, indexing="ij"), -1) * sp  # (pz, py, px, 3) mm in the patch
     src = (grid_mm @ mat.T) / sp + centre  # source voxel indices
-    norm = 2.0 * (src + 0.5) / shape - 1.0  # align_corners=False
+    # only the source box the patch touches is converted and sampled (the volume is ~8x bigger)
+    lo = np.clip(np.floor(src.reshape(-1, 3).min(0)).astype(int) - 1, 0, shape.astype(int) - 1)
+    hi = np.clip(np.ceil(src.reshape(-1, 3).max(0)).astype(int) + 2, lo + 1, shape.astype(int))
+    box = tuple(slice(a, b) for a, b in zip(lo, hi))
+    src = src - lo
+    norm = 2.0 * (src + 0.5) / (hi - lo) - 1.0  # align_corners=False
     grid = torch.from_numpy(norm[..., ::-1].astype(np.float32).copy())[None]
     pad_hu = -1024.0
-    vol = torch.from_numpy(np.stack([hu - pad_hu, case.target == 1, case.target == 2]).astype(np.float32))[None]
+    target = case.target[box]
+    vol = torch.from_numpy(np.stack([hu[box] - pad_hu, target == 1, target == 2]).astype(np.float32))[None]
     out = F.grid_sample(vol, grid, mode="bilinear", padding_mode="zeros", align_corners=False)[0].numpy()
     x = out[0] + pad_hu  # outside the scan reads as air, like a small field of view
     fg = np.stack([1.0 - out[1] - out[2], out[1], out[2]])
@@ -258,7 +268,7 @@ def run(args: argparse.Namespace) -> int:
         loss.backward()
         opt.step()
         sched.step()
-        running.append(float(loss))
+        running.append(float(loss.detach()))
         if it % 25 == 0:
             log(f"step {it}/{args.iterations} loss {np.mean(running[-25:]):.4f}")
         if args.checkpoint and it % 100 == 0:

@@ -17,7 +17,9 @@ PLOTLY_CONFIG = {"displaylogo": False, "modeBarButtonsToRemove": ["lasso2d", "se
 
 
 def _delta(value: float, unit: str, fmt: str = "+.1f") -> str | None:
-    return None if abs(value) < 1e-9 else f"{value:{fmt}} {unit} vs baseline"
+    text = f"{value:{fmt}}"
+    # "-0.0" or "+0" is no change: show no arrow rather than a misleading direction
+    return None if float(text) == 0 else f"{text} {unit} vs baseline".replace("  ", " ")
 
 
 def _tiles(frame: pd.DataFrame) -> None:
