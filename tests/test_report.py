@@ -136,11 +136,23 @@ def _pdf_text(path: Path, tmp: Path) -> str:
 
 @pytest.mark.skipif(not POPPLER, reason="poppler-utils (pdftoppm, pdftotext) not installed")
 def test_patient_pdf_via_cli(store_with_patients: list[str], tmp_path: Path) -> None:
+    # one real registration (ANTs, covidtrack.longitudinal) so the report has an aligned follow-up
+    from covidtrack import longitudinal
+
+    key = store_with_patients[0]
+    with Store.open() as store:
+        follow = store.scans(key)["scan_id"].iloc[1]
+        longitudinal.register_followup(store, follow)
+        aligned = load.aligned_series(store, key)
+        change = load.change_table(store, key)
+    assert aligned.registered == (True, True, False)  # the unregistered one is flagged, not hidden
+    assert aligned.change[1] is not None and aligned.change[1].shape == aligned.shape
+    assert set(change["region"]) >= {"whole", "RLL"} and (change["new_ml"] >= 0).all()
     out = tmp_path / "patient.pdf"
     assert cli(["report", "--patient", "Zoë bed 7", "--out", str(out)]) == 0
     text = _pdf_text(out, tmp_path)
-    key = store_with_patients[0]
     assert "Zoë bed 7" in text and key in text
+    assert "Change summary" in text and "No registered follow-up" not in text
     with Store.open() as store:
         frame = load.patient_frame(store, key)
     poi0 = frame[(frame.region == "whole") & (frame.metric == M.POI)].sort_values("study_date")["value"].iloc[0]

@@ -87,6 +87,7 @@ def change_table(store: "Store", patient_key: str) -> pd.DataFrame:
     if rows.empty:
         return pd.DataFrame(columns=cols)
     wide = rows.pivot_table(index=["moving_date", "region"], columns="kind", values="value", aggfunc="first").reset_index()
+    wide.columns.name = None
     wide = wide.rename(columns={"moving_date": "date", **CHANGE_COLUMNS})
     wide["date"] = pd.to_datetime(wide["date"]).dt.date.astype(str)
     for c in CHANGE_COLUMNS.values():
@@ -178,6 +179,8 @@ def _warp_follow_up(
     """Warp one follow-up with its stored registration; None when it cannot be used."""
     row = reg_rows.iloc[0]
     transforms = row["transforms"]
+    if isinstance(transforms, dict) and transforms.get("registration") is not None:
+        transforms = [transforms["registration"]]  # the saved Registration (covidtrack.longitudinal)
     paths = list(transforms.values()) if isinstance(transforms, dict) else list(transforms)
     paths = [Path(p) for p in paths if p is not None]
     if not paths:
