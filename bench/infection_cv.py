@@ -28,7 +28,7 @@ sys.path.insert(0, str(REPO))
 from covidtrack.config import REPO_ROOT  # noqa: E402
 from covidtrack.segment.eval_slices import METRICS, evaluate_model_on_samples, scores_to_json  # noqa: E402
 from covidtrack.segment.infection import InfectionModel, NetSpec  # noqa: E402
-from covidtrack.segment.train_infection import SHARED_COVID2D, TrainConfig, fit_recipe, labelled_pairs  # noqa: E402
+from covidtrack.segment.train_infection import SHARED_COVID2D, TrainConfig, fit_recipe, labelled_pairs, record_validation  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
 PARTS = RESULTS / "infection_cv_parts"
@@ -113,6 +113,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--folds", default="0,1,2,3,4")
     parser.add_argument("--aggregate", action="store_true")
+    parser.add_argument("--card", type=Path, help="with --aggregate: model version folder whose card gets the results")
     parser.add_argument("--iterations", type=int, default=TrainConfig.iterations)
     parser.add_argument("--student-iterations", type=int, default=TrainConfig.student_iterations)
     args = parser.parse_args()
@@ -120,6 +121,13 @@ def main() -> int:
         result = aggregate()
         RESULTS.mkdir(parents=True, exist_ok=True)
         (RESULTS / "infection_cv.json").write_text(json.dumps(result, indent=2) + "\n")
+        if args.card:
+            record_validation(
+                args.card,
+                {"description": result["description"], "summary": result["summary"], "variants": {
+                    v: {m: {k: x[k] for k in ("mean_over_folds", "std_over_folds")} for m, x in ms.items()}
+                    for v, ms in result["variants"].items()}, "source": "bench/results/infection_cv.json"},
+            )
         for v, ms in result["variants"].items():
             print(v, {m: None if x["mean_over_folds"] is None else round(x["mean_over_folds"], 3) for m, x in ms.items()})
         return 0

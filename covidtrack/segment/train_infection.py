@@ -422,6 +422,21 @@ def _card(cfg: TrainConfig, version: str, info: dict, holdout: dict | None, wall
     }
 
 
+def record_validation(folder: Path, validation: dict) -> dict:
+    """Add validation results (e.g. the cross-validation of this recipe) to a version's card.
+
+    Only ``card.json``'s ``validation`` field and ``MODEL_CARD.md`` change; the weights and their
+    checksum stay as trained.
+    """
+    from covidtrack.segment.infection import write_card
+
+    card = json.loads((folder / "card.json").read_text())
+    card["validation"] = validation
+    write_card(folder, card)
+    (folder / "MODEL_CARD.md").write_text(model_card_markdown(card))
+    return card
+
+
 def model_card_markdown(card: dict) -> str:
     """A readable MODEL_CARD.md from card.json."""
     t, d = card["training"], card["training_data"]
@@ -456,6 +471,9 @@ def model_card_markdown(card: dict) -> str:
         lines.append(f"- {v.get('description', 'cross-validation')}")
         for k, m in v.get("summary", {}).items():
             lines.append(f"- {k}: mean {m['mean']:.3f}, std over folds {m['std']:.3f}" if m.get("mean") is not None else f"- {k}: n/a")
+        for variant, ms in v.get("variants", {}).items():
+            parts = [f"{k} {x['mean_over_folds']:.3f}" for k, x in ms.items() if x.get("mean_over_folds") is not None]
+            lines.append(f"- ablation, {variant}: " + ", ".join(parts))
     if card.get("holdout_metrics"):
         for k, m in card["holdout_metrics"].items():
             if m["mean"] is not None:
