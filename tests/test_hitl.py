@@ -242,8 +242,17 @@ def test_review_queue_by_score_and_by_date(small_store: list[str]) -> None:
 
 # --- retrain, version, promote, rollback, re-segment ----------------------------------------------
 @pytest.fixture
-def fast_phantoms(monkeypatch: pytest.MonkeyPatch) -> None:
-    """One small phantom for validation and replay (the product uses three / four)."""
+def fast_phantoms(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Three of the real validation slices and one small phantom for validation and replay (the
+    product uses eight real slices and three / four phantoms)."""
+    import shutil
+
+    real = tmp_path / "validation"
+    for sub, suffix in (("Imgs", ".jpg"), ("GT", ".png"), ("GT_multiclass", ".png")):
+        (real / sub).mkdir(parents=True)
+        for name in ("2", "20", "26"):
+            shutil.copy(retrain.VALIDATION_DIR / sub / f"{name}{suffix}", real / sub)
+    monkeypatch.setattr(retrain, "VALIDATION_DIR", real)
     monkeypatch.setattr(retrain, "PHANTOM_SEEDS", (9101,))
     monkeypatch.setattr(retrain, "PHANTOM_SLICES", 2)
     monkeypatch.setattr(retrain, "PHANTOM_SHAPE", (16, 64, 64))
@@ -278,7 +287,8 @@ def test_retrain_makes_a_new_version_and_promotion_is_explicit(small_store: list
         card = new.card()
         ev = card["hitl"]["evaluation"]
         assert ev["old"]["model"] == base.name and ev["new"]["model"] == new.name
-        assert ev["new"]["n"] == 8 + 2  # 8 real held-out slices + 2 phantom slices
+        assert ev["new"]["n"] == 3 + 2  # 3 real held-out slices + 2 phantom slices
+        assert set(ev["new"]["per_item"]) >= {"real-2", "real-20", "real-26"}
         assert card["hitl"]["corrected_scans"] == [small_store[0]]
         assert card["weights_sha256"] == _sha(new.weights)
         assert "Human-in-the-loop" in (new.path / "MODEL_CARD.md").read_text()
@@ -326,3 +336,74 @@ def test_background_job_reports_failure_in_status(small_store: list[str], fast_p
     assert status["state"] == "failed" and "weights" in status["error"]
     assert [r.version for r in modelstore.list_versions("infection") if not r.shipped] == [base.version]
     assert retrain.running_job() is None
+
+
+# --- the two dashboard pages (AppTest, no browser) -------------------------------------------------
+APP = str(Path(__file__).resolve().parent.parent / "app.py")
+
+
+@pytest.fixture
+def ui_store(small_store: list[str]):
+    import streamlit as st
+
+    st.cache_resource.clear()  # the cached Store belongs to the previous test's home
+    st.cache_data.clear()
+    yield small_store
+    st.cache_resource.clear()
+
+
+def _page(name: str):
+    from streamlit.testing.v1 import AppTest
+
+    at = AppTest.from_file(APP, default_timeout=90)
+    at.run()
+    at.switch_page(f"covidtrack/ui/pages/{name}.py")
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def test_review_page_edits_and_saves_a_correction(ui_store: list[str]) -> None:
+    make_tiny_model()
+    at = _page("review")
+    assert any("Review" in t.value for t in at.title)
+    assert len(at.dataframe[0].value) == 2  # both scans are in the queue
+    state = at.session_state["hitl_review"]
+    scan, session = state["scan_id"], state["session"]
+    z = at.session_state["review_z"]
+    ys, xs = np.nonzero(session.working[z])
+    at.radio(key="review_tool").set_value("Delete lesion (click)")
+    at.number_input(key="review_y").set_value(int(ys[0]))
+    at.number_input(key="review_x").set_value(int(xs[0]))
+    at.button(key="review_apply").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert at.session_state["hitl_review"]["session"].effort().voxels_changed > 0
+    at.button(key="review_undo").click().run()
+    assert at.session_state["hitl_review"]["session"].effort().voxels_changed == 0
+    at.button(key="review_apply").click().run()
+    at.text_input(key="review_author").set_value("AB")
+    at.button(key="review_save").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert any("Saved correction" in s.value for s in at.success)
+    with Store.open() as store:
+        rows = store.corrections(scan)
+    assert len(rows) == 1 and rows["author"].iloc[0] == "AB" and rows["voxels_changed"].iloc[0] > 0
+
+
+def test_models_page_lists_versions_and_promotes(ui_store: list[str]) -> None:
+    base = make_tiny_model()
+    other = make_tiny_model(seed=1)  # a second version, made active by the helper: roll back to base
+    at = _page("models")
+    table = at.dataframe[0].value
+    assert set(table["version"]) == {base.version, other.version}
+    assert table.loc[table["active"], "version"].tolist() == [other.version]
+    at.button(key="models_rollback").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert modelstore.active("infection").version == base.version
+    assert any("re-segment" in i.value for i in at.info)
+    at.selectbox(key="models_version").set_value(other.version)
+    at.button(key="models_promote").click().run()
+    assert modelstore.active("infection").version == other.version
+    at.button(key="models_reseg").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert any("Added 2 segmentation" in s.value for s in at.success)

@@ -220,8 +220,9 @@ def phantom_slices(seeds: Sequence[int] | None = None, per_phantom: int | None =
     return items
 
 
-def validation_set(real_dir: Path | None = VALIDATION_DIR, with_phantoms: bool = True) -> list[ValItem]:
-    """The fixed validation set: real held-out slices (canonical orientation) + phantom slices.
+def validation_set(real_dir: Path | None | str = "default", with_phantoms: bool = True) -> list[ValItem]:
+    """The fixed validation set: real held-out slices (canonical orientation, default
+    :data:`VALIDATION_DIR`; ``None`` = none) + phantom slices.
 
     Phantom slices are cached in ``$COVIDTRACK_HOME/hitl/validation_phantoms.npz`` (generating
     them costs ~15 s on 2 cores).
@@ -229,6 +230,7 @@ def validation_set(real_dir: Path | None = VALIDATION_DIR, with_phantoms: bool =
     from covidtrack.segment.intensity import unit_from_uint8
     from covidtrack.segment.slices import read_medseg_folder
 
+    real_dir = VALIDATION_DIR if real_dir == "default" else real_dir
     items: list[ValItem] = []
     if real_dir is not None and Path(real_dir).is_dir():
         d = Path(real_dir)
@@ -257,8 +259,9 @@ def _phantom_key() -> str:
     return f"{_PHANTOM_CACHE_KEY}:{PHANTOM_SEEDS}:{PHANTOM_SHAPE}:{PHANTOM_SPACING}:{PHANTOM_SLICES}"
 
 
-def real_validation_names(real_dir: Path | None = VALIDATION_DIR) -> list[str]:
+def real_validation_names(real_dir: Path | None | str = "default") -> list[str]:
     """File stems of the real validation slices (held out of every fine-tuning run)."""
+    real_dir = VALIDATION_DIR if real_dir == "default" else real_dir
     if real_dir is None or not (Path(real_dir) / "Imgs").is_dir():
         return []
     from covidtrack.segment.slices import list_images

@@ -1,0 +1,163 @@
+"""Models: infection model versions with their validation metrics; fine-tune on the corrections in
+a background process (progress polled from its status file); explicit promotion, rollback, and an
+offer to re-segment stored scans with the newly active version."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import streamlit as st
+
+from covidtrack import modelstore
+from covidtrack.errors import CovidtrackError
+from covidtrack.hitl import retrain
+from covidtrack.ui import resources, widgets
+
+TASK = retrain.TASK
+
+
+def _fmt(v: object) -> str:
+    return "–" if v is None or (isinstance(v, float) and pd.isna(v)) else f"{float(v):.3f}"  # type: ignore[arg-type]
+
+
+def versions_table() -> pd.DataFrame:
+    """One row per infection version on disk, with the store's active flag and validation Dice."""
+    try:
+        current = modelstore.active(TASK).version
+    except CovidtrackError:
+        current = None
+    rows = []
+    for ref in modelstore.list_versions(TASK):
+        card = ref.card()
+        h = card.get("hitl", {})
+        new = h.get("evaluation", {}).get("new_headline", {})
+        holdout = (card.get("holdout_metrics") or {}).get("dice", {}) or {}
+        cv = ((card.get("validation") or {}).get("summary") or {}).get("dice", {}) or {}
+        rows.append({
+            "version": ref.version,
+            "active": ref.version == current,
+            "origin": "shipped" if ref.shipped else "trained here",
+            "created": card.get("created_utc", ""),
+            "from": h.get("base_version", ""),
+            "corrected scans": len(h.get("corrected_scans", [])) if h else None,
+            "Dice real (HITL set)": new.get("dice_real"),
+            "Dice phantom (HITL set)": new.get("dice_phantom"),
+            "Dice before (same set)": h.get("evaluation", {}).get("old_headline", {}).get("dice_real") if h else None,
+            "Dice held-out / CV": holdout.get("mean") if holdout.get("mean") is not None else cv.get("mean"),
+        })
+    return pd.DataFrame(rows)
+
+
+@st.fragment(run_every=2.0)
+def _job_panel() -> None:
+    """Progress of the latest fine-tuning job, refreshed every 2 s while it runs."""
+    job = retrain.latest_job()
+    if job is None:
+        return
+    status = retrain.job_status(job.folder)
+    state = status.get("state")
+    if state in ("queued", "running"):
+        st.progress(float(status.get("fraction", 0.0)), text=f"Fine-tuning ({job.run_id}): {status.get('message', '')}"[:180])
+        if st.button("Cancel", key="models_cancel"):
+            retrain.cancel(job)
+            st.rerun()
+    elif state == "done":
+        r = status.get("result", {})
+        st.success(f"Last run {job.run_id}: wrote {TASK}/{r.get('version')} from {r.get('base_version')} in {r.get('wall_s', 0):.0f} s "
+                   f"on {r.get('slices')} corrected slices. Validation Dice real {_fmt(r.get('old', {}).get('dice_real'))} → "
+                   f"{_fmt(r.get('new', {}).get('dice_real'))}, phantom {_fmt(r.get('old', {}).get('dice_phantom'))} → "
+                   f"{_fmt(r.get('new', {}).get('dice_phantom'))}. Not active until you promote it.")
+    elif state == "failed":
+        st.error(f"Last run {job.run_id} failed: {status.get('error', '')[:1500]}")
+
+
+def _train_section() -> None:
+    st.subheader("Fine-tune on the corrections")
+    store = resources.store()
+    n = len(retrain.latest_corrections(store))
+    running = retrain.running_job() is not None
+    c1, c2 = st.columns([1, 2])
+    steps = c1.number_input("Optimiser steps", 20, 2000, retrain.RetrainConfig.iterations, step=10, key="models_steps")
+    c2.caption(f"{n} corrected scan(s) available. The active model is fine-tuned on their axial slices plus the original "
+               "training slices, on the CPU in a background process; the result is a new version that is NOT active "
+               "until you promote it.")
+    if st.button("Start fine-tuning", type="primary", key="models_train", disabled=running or n == 0):
+        try:
+            job = retrain.start_retrain(store, retrain.RetrainConfig(iterations=int(steps)))
+        except CovidtrackError as err:
+            st.error(str(err))
+        else:
+            st.toast(f"started {job.run_id}")
+            st.rerun()
+    _job_panel()
+
+
+def _promote_section(table: pd.DataFrame) -> None:
+    st.subheader("Promote, roll back, re-segment")
+    store = resources.store()
+    candidates = list(table.loc[~table["active"], "version"]) if len(table) else []
+    c1, c2 = st.columns(2)
+    choice = c1.selectbox("Version", candidates, key="models_version", disabled=not candidates)
+    if c1.button("Promote to active", key="models_promote", disabled=not candidates):
+        try:
+            ref = retrain.promote(store, choice)
+        except CovidtrackError as err:
+            st.error(str(err))
+        else:
+            resources.invalidate()
+            st.session_state["models_offer_reseg"] = ref.name
+            st.rerun()
+    if c2.button("Roll back to the previous active version", key="models_rollback"):
+        try:
+            ref = retrain.rollback(store)
+        except CovidtrackError as err:
+            st.error(str(err))
+        else:
+            resources.invalidate()
+            st.session_state["models_offer_reseg"] = ref.name
+            st.rerun()
+    offer = st.session_state.get("models_offer_reseg")
+    if offer:
+        n_scans = len(store.scans())
+        st.info(f"{offer} is now active for new scans. Stored scans keep their numbers (each metric row names its model); "
+                f"re-segment them to add numbers from {offer}.")
+        if st.button(f"Re-segment the {n_scans} stored scan(s) with {offer}", key="models_reseg", disabled=n_scans == 0):
+            bar = st.progress(0.0, text="re-segmenting")
+            try:
+                added = retrain.resegment(store, progress=lambda i, n, sid: bar.progress(i / n, text=f"{i}/{n}: {sid}"))
+            except CovidtrackError as err:
+                st.error(str(err))
+            else:
+                resources.invalidate()
+                st.session_state.pop("models_offer_reseg", None)
+                st.success(f"Added {len(added)} segmentation(s) with {offer}; earlier ones are kept.")
+
+
+def main() -> None:
+    st.title("Models")
+    st.caption("Infection model versions. Versions are immutable folders; promotion is explicit and can be rolled back.")
+    store = resources.store()
+    try:
+        retrain.sync_versions(store)
+    except CovidtrackError as err:
+        st.warning(str(err))
+    table = versions_table()
+    if table.empty:
+        st.info("No infection model installed yet. Train one with `python -m covidtrack train infection`.")
+        return
+    st.dataframe(
+        table, hide_index=True, width="stretch", key="models_table",
+        column_config={c: st.column_config.NumberColumn(format="%.3f") for c in table.columns if c.startswith("Dice")},
+    )
+    with st.expander("Model card"):
+        version = st.selectbox("Version", list(table["version"]), index=int(table["active"].to_numpy().argmax()), key="models_card_version")
+        ref = modelstore.get(TASK, version)
+        md = ref.path / "MODEL_CARD.md"
+        st.markdown(md.read_text() if md.exists() else f"```json\n{json.dumps(ref.card(), indent=2)[:6000]}\n```")
+    _train_section()
+    _promote_section(table)
+    widgets.disclaimer()
+
+
+main()
