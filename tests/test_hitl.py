@@ -407,3 +407,25 @@ def test_models_page_lists_versions_and_promotes(ui_store: list[str]) -> None:
     at.button(key="models_reseg").click().run()
     assert not at.exception, [e.value for e in at.exception]
     assert any("Added 2 segmentation" in s.value for s in at.success)
+
+
+def test_cli_imports_a_corrected_mask_and_lists_versions(small_store: list[str], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from covidtrack.__main__ import main
+    from covidtrack.io import save_mask
+
+    scan = small_store[0]
+    with Store.open() as store:
+        volume = store.load_volume(scan)
+        model = store.load_segmentation(scan, "model")
+    theirs = np.where(model.infection > 0, 1, 0).astype(np.uint8)  # Slicer segment 1 = GGO everywhere
+    path = save_mask(theirs, volume, tmp_path / "from_slicer.nii.gz")
+    assert main(["hitl", "import", scan, str(path), "--table", "slicer", "--author", "AB", "--minutes", "3"]) == 0
+    with Store.open() as store:
+        rows = store.corrections(scan)
+        final = store.load_segmentation(scan, "final").infection
+    assert rows["seconds"].iloc[0] == pytest.approx(180.0)
+    assert rows["voxels_changed"].iloc[0] == int((model.infection == CONSOLIDATION).sum())  # only the type changed
+    assert set(np.unique(final)) <= {0, GGO}
+    base = make_tiny_model()
+    assert main(["hitl", "versions"]) == 0
+    assert base.version in capsys.readouterr().out

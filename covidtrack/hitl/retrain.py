@@ -46,6 +46,8 @@ from covidtrack.config import REPO_ROOT, SAMPLES, settings
 from covidtrack.errors import ModelError, StoreError
 
 if TYPE_CHECKING:
+    import pandas as pd
+
     from covidtrack.modelstore import ModelRef
     from covidtrack.segment.infection import InfectionModel
     from covidtrack.store import Store
@@ -603,6 +605,38 @@ def sync_versions(store: "Store") -> list[str]:
             register_version(store, ref, active=ref.version == active_version)
             added.append(ref.version)
     return added
+
+
+def versions_frame() -> "pd.DataFrame":
+    """One row per infection version on disk, with the store's active flag and validation Dice."""
+    import pandas as pd
+
+    from covidtrack import modelstore
+
+    try:
+        current = modelstore.active(TASK).version
+    except ModelError:
+        current = None
+    rows = []
+    for ref in modelstore.list_versions(TASK):
+        card = ref.card()
+        h = card.get("hitl", {})
+        new = h.get("evaluation", {}).get("new_headline", {})
+        holdout = (card.get("holdout_metrics") or {}).get("dice", {}) or {}
+        cv = ((card.get("validation") or {}).get("summary") or {}).get("dice", {}) or {}
+        rows.append({
+            "version": ref.version,
+            "active": ref.version == current,
+            "origin": "shipped" if ref.shipped else "trained here",
+            "created": card.get("created_utc", ""),
+            "from": h.get("base_version", ""),
+            "corrected scans": len(h.get("corrected_scans", [])) if h else None,
+            "Dice real (HITL set)": new.get("dice_real"),
+            "Dice phantom (HITL set)": new.get("dice_phantom"),
+            "Dice before (same set)": h.get("evaluation", {}).get("old_headline", {}).get("dice_real") if h else None,
+            "Dice held-out / CV": holdout.get("mean") if holdout.get("mean") is not None else cv.get("mean"),
+        })
+    return pd.DataFrame(rows)
 
 
 def promote(store: "Store", version: str) -> "ModelRef":

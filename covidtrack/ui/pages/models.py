@@ -21,34 +21,6 @@ def _fmt(v: object) -> str:
     return "–" if v is None or (isinstance(v, float) and pd.isna(v)) else f"{float(v):.3f}"  # type: ignore[arg-type]
 
 
-def versions_table() -> pd.DataFrame:
-    """One row per infection version on disk, with the store's active flag and validation Dice."""
-    try:
-        current = modelstore.active(TASK).version
-    except CovidtrackError:
-        current = None
-    rows = []
-    for ref in modelstore.list_versions(TASK):
-        card = ref.card()
-        h = card.get("hitl", {})
-        new = h.get("evaluation", {}).get("new_headline", {})
-        holdout = (card.get("holdout_metrics") or {}).get("dice", {}) or {}
-        cv = ((card.get("validation") or {}).get("summary") or {}).get("dice", {}) or {}
-        rows.append({
-            "version": ref.version,
-            "active": ref.version == current,
-            "origin": "shipped" if ref.shipped else "trained here",
-            "created": card.get("created_utc", ""),
-            "from": h.get("base_version", ""),
-            "corrected scans": len(h.get("corrected_scans", [])) if h else None,
-            "Dice real (HITL set)": new.get("dice_real"),
-            "Dice phantom (HITL set)": new.get("dice_phantom"),
-            "Dice before (same set)": h.get("evaluation", {}).get("old_headline", {}).get("dice_real") if h else None,
-            "Dice held-out / CV": holdout.get("mean") if holdout.get("mean") is not None else cv.get("mean"),
-        })
-    return pd.DataFrame(rows)
-
-
 @st.fragment(run_every=2.0)
 def _job_panel() -> None:
     """Progress of the latest fine-tuning job, refreshed every 2 s while it runs."""
@@ -142,7 +114,7 @@ def main() -> None:
         retrain.sync_versions(store)
     except CovidtrackError as err:
         st.warning(str(err))
-    table = versions_table()
+    table = retrain.versions_frame()
     if table.empty:
         st.info("No infection model installed yet. Train one with `python -m covidtrack train infection`.")
         return

@@ -1,0 +1,110 @@
+"""``python -m covidtrack hitl ...``: the review loop from the command line.
+
+- ``queue [--order score|date] [--score]``: scans to review, most uncertain first;
+- ``import SCAN_ID MASK.nii.gz --table itksnap --author AB [--minutes 12]``: store a mask corrected
+  in 3D Slicer / ITK-SNAP as a new correction;
+- ``versions``: infection versions with validation Dice; ``promote VERSION``; ``rollback``;
+- ``resegment``: re-run the active infection model on stored scans (new metric rows).
+
+Fine-tuning itself is ``python -m covidtrack train infection --from-corrections``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser("hitl", help="review queue, corrected-mask import, promote / roll back model versions")
+    group = parser.add_subparsers(dest="hitl_command", required=True, metavar="ACTION")
+
+    q = group.add_parser("queue", help="scans to review (most uncertain first)")
+    q.add_argument("--order", choices=("score", "date"), default="score")
+    q.add_argument("--score", action="store_true", help="first score unscored scans with the active model (a forward pass each)")
+    q.add_argument("--all", action="store_true", help="include reviewed scans")
+    q.set_defaults(func=_queue)
+
+    i = group.add_parser("import", help="store a corrected infection mask (NIfTI) as a new correction")
+    i.add_argument("scan_id")
+    i.add_argument("mask", type=Path)
+    i.add_argument("--table", default="covidtrack", help="label numbering: covidtrack, slicer, itksnap, medseg, covid19_ct_seg, binary, or VALUE=CLASS,...")
+    i.add_argument("--author", required=True, help="reviewer name or initials")
+    i.add_argument("--minutes", type=float, default=0.0, help="time spent correcting (minutes)")
+    i.set_defaults(func=_import)
+
+    group.add_parser("versions", help="infection model versions").set_defaults(func=_versions)
+    p = group.add_parser("promote", help="make a version the active infection model")
+    p.add_argument("version")
+    p.set_defaults(func=_promote)
+    group.add_parser("rollback", help="re-activate the previously active version").set_defaults(func=_rollback)
+    group.add_parser("resegment", help="re-run the active infection model on stored scans").set_defaults(func=_resegment)
+
+
+def _queue(args: argparse.Namespace) -> int:
+    from covidtrack.hitl import active
+    from covidtrack.store import Store
+
+    with Store.open() as store:
+        if args.score:
+            scans = list(active.review_queue(store, "date", include_reviewed=args.all)["scan_id"])
+            active.score_scans(store, scans, progress=lambda i, n, sid: print(f"scored {i}/{n} {sid}", flush=True))
+        queue = active.review_queue(store, args.order, include_reviewed=args.all)
+    if queue.empty:
+        print("nothing to review")
+        return 0
+    print(queue.to_string(index=False))
+    return 0
+
+
+def _import(args: argparse.Namespace) -> int:
+    from covidtrack.hitl import corrections, importing
+    from covidtrack.store import Store
+
+    table = importing.parse_mapping(args.table) if "=" in args.table else args.table
+    with Store.open() as store:
+        volume = store.load_volume(args.scan_id)
+        labels = importing.import_corrected_mask(args.mask, volume, table)
+        model = store.load_segmentation(args.scan_id, "model").infection
+        effort = corrections.effort_between(model, labels, seconds=args.minutes * 60.0)
+        cid, seg_id = corrections.save_correction(store, args.scan_id, labels, effort, args.author)
+    print(f"stored correction {cid} (segmentation {seg_id}): {effort.voxels_changed} voxels changed on {effort.slices_touched} slices")
+    return 0
+
+
+def _versions(args: argparse.Namespace) -> int:
+    from covidtrack.hitl import retrain
+
+    table = retrain.versions_frame()
+    print("no infection model installed" if table.empty else table.to_string(index=False))
+    return 0
+
+
+def _promote(args: argparse.Namespace) -> int:
+    from covidtrack.hitl import retrain
+    from covidtrack.store import Store
+
+    with Store.open() as store:
+        ref = retrain.promote(store, args.version)
+    print(f"{ref.name} is now the active infection model; `python -m covidtrack hitl resegment` adds its numbers to stored scans")
+    return 0
+
+
+def _rollback(args: argparse.Namespace) -> int:
+    from covidtrack.hitl import retrain
+    from covidtrack.store import Store
+
+    with Store.open() as store:
+        ref = retrain.rollback(store)
+    print(f"rolled back: {ref.name} is the active infection model again")
+    return 0
+
+
+def _resegment(args: argparse.Namespace) -> int:
+    from covidtrack.hitl import retrain
+    from covidtrack.store import Store
+
+    with Store.open() as store:
+        added = retrain.resegment(store, progress=lambda i, n, sid: print(f"{i}/{n} {sid}", flush=True))
+    print(f"added {len(added)} segmentation(s) with the active infection model")
+    return 0
