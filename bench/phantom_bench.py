@@ -9,7 +9,8 @@ Measures, on this machine (2 CPU cores shared with other jobs, so the load avera
 - truth quality: Dice of the follow-up lungs pulled back with the true displacement against
   the baseline lungs, and how far the true displacement moves tissue (mm).
 
-    nice -n 5 python bench/phantom_bench.py
+    nice -n 5 python bench/phantom_bench.py            # measurements -> JSON
+    nice -n 5 python bench/phantom_bench.py --figure   # views -> bench/figures/phantom_views.png
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from covidtrack.phantom import DEMO_SHAPE, DEMO_SPACING, make_phantom, make_seri
 from covidtrack.phantom.series import DEFAULT_SHAPE, DEFAULT_SPACING  # noqa: E402
 
 OUT = REPO / "bench" / "results" / "phantom_bench.json"
+FIGURE = REPO / "bench" / "figures" / "phantom_views.png"
 
 
 def _timed(fn, *args, **kwargs):  # type: ignore[no-untyped-def]
@@ -42,6 +44,63 @@ def _timed(fn, *args, **kwargs):  # type: ignore[no-untyped-def]
 
 def _dice(a: np.ndarray, b: np.ndarray) -> float:
     return 2.0 * float((a & b).sum()) / max(float(a.sum() + b.sum()), 1.0)
+
+
+def _shape_stats(mask: np.ndarray, spacing: tuple[float, float, float]) -> dict:
+    """Volume (mL), bounding-box extents (mm) and the axial area profile from base to apex."""
+    zz, yy, xx = np.nonzero(mask)
+    ext = [float((c.max() - c.min() + 1) * s) for c, s in zip((zz, yy, xx), spacing)]
+    area = mask.sum(axis=(1, 2)).astype(float)[zz.min() : zz.max() + 1]
+    pos = np.linspace(0, len(area) - 1, 10)
+    profile = np.interp(pos, np.arange(len(area)), area) / area.max()
+    vol = float(mask.sum()) * float(np.prod(spacing)) / 1000.0
+    return {
+        "volume_ml": round(vol, 0),
+        "height_mm": round(ext[0], 0),
+        "depth_mm": round(ext[1], 0),
+        "width_mm": round(ext[2], 0),
+        "fill_ratio": round(vol * 1000.0 / float(np.prod(ext)), 3),
+        "area_profile_base_to_apex": [round(float(v), 2) for v in profile],
+    }
+
+
+def shape_reference() -> dict:
+    """Phantom lungs vs real lung masks in ../shared/data/masks (skipped when absent).
+
+    The real masks are only a shape reference; the phantom never reads them. Real masks are
+    brought to (z up, y, x) by their header direction; extents are per axis, both lungs together.
+    """
+    import SimpleITK as sitk
+
+    from covidtrack.config import REPO_ROOT
+
+    shared = REPO_ROOT.parent / "shared" / "data" / "masks"
+    out: dict = {"phantom": [], "dirlab_copd_inspiration": [], "lidc_pleural_boundary": []}
+    for seed in range(5):
+        _, truth = make_phantom(seed, DEFAULT_SHAPE, DEFAULT_SPACING, healthy=True)
+        out["phantom"].append(_shape_stats(truth.lungs > 0, DEFAULT_SPACING))
+    if not shared.is_dir():
+        out["note"] = "../shared/data/masks not present: real references skipped"
+        return out
+    files = {
+        "dirlab_copd_inspiration": sorted((shared / "dirlab_copd_lung_masks").glob("case_*_insp_mask.nii.gz")),
+        "lidc_pleural_boundary": sorted((shared / "lidc_lung_fissure_masks").glob("Patient*/pleuralBoundary.nii.gz")),
+    }
+    for key, paths in files.items():
+        for path in paths:
+            img = sitk.DICOMOrient(sitk.ReadImage(str(path)), "LPS")  # canonical: x->L, y->P, z->S
+            arr = sitk.GetArrayFromImage(img) > 0
+            out[key].append(_shape_stats(arr, tuple(img.GetSpacing()[::-1])) | {"file": path.parent.name + "/" + path.name})
+    summary = {}
+    for key in ("phantom", "dirlab_copd_inspiration", "lidc_pleural_boundary"):
+        rows = out[key]
+        if rows:
+            summary[key] = {
+                m: round(float(np.mean([r[m] for r in rows])), 3)
+                for m in ("volume_ml", "height_mm", "depth_mm", "width_mm", "fill_ratio")
+            } | {"area_profile_base_to_apex": [round(float(v), 2) for v in np.mean([r["area_profile_base_to_apex"] for r in rows], axis=0)]}
+    out["mean"] = summary
+    return out
 
 
 def main() -> None:
@@ -121,6 +180,7 @@ def main() -> None:
         "cpu_s": round(cpu, 2),
         "disk_mb_with_truth": round(size_mb, 1),
     }
+    results["lung_shape_vs_real_masks"] = shape_reference()
     results["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     results["load_average_1_5_15_after"] = [round(v, 2) for v in os.getloadavg()]
     results["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
@@ -129,5 +189,54 @@ def main() -> None:
     print(json.dumps(results, indent=2))
 
 
+def figure(seed: int = 0) -> Path:
+    """Axial, coronal and sagittal views of a baseline and a later scan, with truth outlines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = make_series(seed, 5, DEFAULT_SHAPE, DEFAULT_SPACING)
+    peak = max(range(len(series)), key=lambda i: series[i][1].infection_ml())
+    sz, sy, sx = DEFAULT_SPACING
+    fig, axes = plt.subplots(2, 3, figsize=(15, 10.5), facecolor="black")
+    for row, i in enumerate((0, peak)):
+        vol, truth = series[i]
+        a = vol.array
+        inf = truth.infection
+        z = int(np.argmax((inf > 0).sum(axis=(1, 2)))) if inf.any() else int(np.mean(np.nonzero(truth.lungs)[0]))
+        y = int(np.mean(np.nonzero(truth.lungs)[1])) + 10
+        x = int(np.mean(np.nonzero(truth.lungs == 1)[2]))
+        views = [
+            (a[z], truth.lobes[z], inf[z], 1.0, f"axial z={z}"),
+            (a[:, y][::-1], truth.lobes[:, y][::-1], inf[:, y][::-1], sz / sx, f"coronal y={y}"),
+            (a[:, :, x][::-1], truth.lobes[:, :, x][::-1], inf[:, :, x][::-1], sz / sy, f"sagittal x={x} (right lung)"),
+        ]
+        for col, (img, lob, infs, aspect, title) in enumerate(views):
+            ax = axes[row, col]
+            ax.imshow(img, cmap="gray", vmin=-1150, vmax=250, aspect=aspect, interpolation="bilinear")
+            for lab in range(1, 6):  # lobe borders (thin), infection outline (red)
+                ax.contour(lob == lab, [0.5], colors=["#4fc3f7"], linewidths=0.4)
+            ax.contour(infs > 0, [0.5], colors=["#ff5252"], linewidths=0.7)
+            ax.contour(infs == 2, [0.5], colors=["#ffd740"], linewidths=0.7)
+            ax.set_title(f"day {truth.day:g}: {title}", color="white", fontsize=10)
+            ax.axis("off")
+    fig.suptitle(
+        f"covidtrack phantom seed {seed}, 160x256x256 at 2.0x1.4x1.4 mm (W1400/L-450); "
+        "blue: lobe borders, red: infection, yellow: consolidation; right lung on the viewer's left",
+        color="white",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    FIGURE.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(FIGURE, dpi=80, facecolor="black")
+    return FIGURE
+
+
 if __name__ == "__main__":
-    main()
+    if "--figure" in sys.argv[1:]:
+        print(figure())
+    elif "--shape" in sys.argv[1:]:
+        print(json.dumps(shape_reference()["mean"], indent=1))
+    else:
+        main()

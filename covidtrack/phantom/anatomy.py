@@ -102,11 +102,11 @@ def sample_params(grid: Grid, rng: np.random.Generator) -> AnatomyParams:
         # subcutaneous fat, as much as the field of view leaves room for (big patients get cut
         # at the FOV edge on real scanners too, but a clean outline is more useful here)
         fat_mm=float(np.clip(rng.uniform(6.0, 26.0) * s, 3.0, max(3.0, ex / 2 - 6.0 - width - 16.0 * s))),
-        dome_right=rng.uniform(0.17, 0.21),
-        dome_left=rng.uniform(0.14, 0.18),
+        dome_right=rng.uniform(0.25, 0.29),
+        dome_left=rng.uniform(0.21, 0.25),
         heart_x=0.20 * width * rng.uniform(0.8, 1.2),
         heart_y=cavity_y - 0.30 * depth,
-        heart_z=z_base + height * rng.uniform(0.36, 0.42),
+        heart_z=z_base + height * rng.uniform(0.34, 0.38),
         heart_axes=(58.0 * s * rng.uniform(0.92, 1.1), 42.0 * s * rng.uniform(0.92, 1.1), 50.0 * s),
         heart_yaw_deg=rng.uniform(28.0, 42.0),
         oblique_right=(rng.uniform(0.24, 0.30), rng.uniform(0.66, 0.72)),
@@ -164,7 +164,7 @@ def _diaphragm(p: AnatomyParams, y: np.ndarray, x: np.ndarray) -> np.ndarray:
         xd = sign * 0.42 * p.cavity_half_width
         yd = p.cavity_y - 0.12 * p.cavity_half_depth
         r2 = ((x - xd) / (0.80 * p.cavity_half_width)) ** 2 + ((y - yd) / (1.0 * p.cavity_half_depth)) ** 2
-        dome = frac * p.lung_height * np.sqrt(np.clip(1.0 - r2, 0.0, None))
+        dome = frac * p.lung_height * np.clip(1.0 - r2, 0.0, None)  # parabolic: covers the base gradually
         # the anterior costophrenic sulcus is shallower than the posterior recess
         ant = 0.06 * p.lung_height * np.clip((p.cavity_y - y) / p.cavity_half_depth, 0.0, 1.0)
         side = (x < 0) if sign < 0 else (x >= 0)
@@ -179,6 +179,8 @@ def _heart(p: AnatomyParams, z: np.ndarray, y: np.ndarray, x: np.ndarray, margin
     u = dx * np.cos(phi) - dy * np.sin(phi)
     v = dx * np.sin(phi) + dy * np.cos(phi)
     a, b, c = (ax + margin for ax in p.heart_axes)
+    # the lower half reaches down into the diaphragm: the heart rests on it, no lung beneath
+    c = np.where(z < p.heart_z, 1.8 * c, c)
     return (u / a) ** 2 + (v / b) ** 2 + ((z - p.heart_z) / c) ** 2 < 1.0
 
 
@@ -401,7 +403,7 @@ def render_atlas(grid: Grid, p: AnatomyParams, rng: np.random.Generator) -> Atla
     tissue[iz, iy, ix] = T_LUNG
 
     # --- heart and mediastinal tubes -------------------------------------------------------------
-    heart = _heart_mask(p, grid) & cavity
+    heart = _heart_mask(p, grid) & medi  # above the diaphragm only
     hu[heart] = HU_BLOOD
     tissue[heart] = T_SOFT
     _paint_tubes(hu, tissue, grid, tubes["blood"], HU_BLOOD, T_SOFT)
@@ -449,7 +451,7 @@ def _bbox(mask: np.ndarray, pad: list[int]) -> tuple[slice, ...] | None:
 def _heart_mask(p: AnatomyParams, grid: Grid, margin: float = 0.0) -> np.ndarray:
     """:func:`_heart` on the full grid, evaluated only in its bounding box."""
     Z, Y, X = grid.axes()
-    r = max(p.heart_axes) + margin
+    r = 1.8 * max(p.heart_axes) + margin
     centre = grid.to_index(np.array([p.heart_z, p.heart_y, p.heart_x]))
     half = r / np.array(grid.spacing)
     lo = np.clip(np.floor(centre - half).astype(int), 0, grid.shape)
