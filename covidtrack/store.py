@@ -1000,6 +1000,10 @@ class Store:
             )
         return correction_id, seg.seg_id
 
+    def segmentation_by_id(self, seg_id: str) -> SegRecord:
+        """One segmentation row by id (mask paths absolute)."""
+        return self._seg_by_id(seg_id)
+
     def _seg_by_id(self, seg_id: str) -> SegRecord:
         row = self._one(
             """SELECT seg_id, scan_id, kind, model_versions, lungs_path, infection_path, lobes_path, created_at

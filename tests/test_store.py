@@ -93,6 +93,7 @@ def test_resegmentation_adds_rows_and_active_prefers_corrections(tmp_path: Path)
         assert set(active.seg_id) == {seg2}
 
         cid, seg3 = store.add_correction(scan_id, "dr. x", 42.0, 1234, 7, tmp_path / "c.nii.gz", seg1, metrics=_metrics(15.0))
+        assert store.segmentation_by_id(seg3).kind == "corrected"
         active = store.metrics()
         assert set(active.seg_id) == {seg3} and set(active.kind) == {"corrected"}
         assert active.query("region == 'whole' and metric == 'poi'").value.item() == 15.0
