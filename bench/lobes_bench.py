@@ -126,16 +126,34 @@ def real_cts() -> dict:
     return out
 
 
+def posterior_is_lowest(mask: np.ndarray) -> bool:
+    """Anatomical check of the AP axis: the lowest lung voxels (posterior costophrenic recess)
+    lie behind the lung's centre. The DIR-Lab mask headers fail it (y runs posterior -> anterior)."""
+    zz, yy, _ = np.nonzero(mask)
+    low = zz <= np.percentile(zz, 3)
+    return bool(yy[low].mean() > yy.mean())
+
+
 def dirlab_shares() -> dict:
     rows = {}
+    flipped = []
     for path in sorted((SHARED / "masks" / "dirlab_copd_lung_masks").glob("*.nii.gz")):
         mask, spacing = read_mask_canonical(path)
-        lungs = split_lungs((mask > 0).astype(np.uint8))
+        mask = mask > 0
+        if not posterior_is_lowest(mask):  # header orientation is wrong: fix AP before partitioning
+            mask = mask[:, ::-1, :]
+            flipped.append(path.name)
+        lungs = split_lungs(mask.astype(np.uint8))
         rows[path.name.replace("_mask.nii.gz", "")] = lobe_shares(lobes_from_lung_mask(lungs, spacing))
     names = list(LOBE_LABELS.values())
     mean = {n: float(np.mean([r[n] for r in rows.values()])) for n in names}
     std = {n: float(np.std([r[n] for r in rows.values()])) for n in names}
-    return {"per_mask": rows, "mean_pct": mean, "std_pct": std}
+    right = [r["RUL"] + r["RML"] + r["RLL"] for r in rows.values()]
+    return {"per_mask": rows, "mean_pct": mean, "std_pct": std, "ap_axis_flipped_by_anatomical_check": flipped,
+            "right_lung_share_pct_mean": float(np.mean(right)),
+            "caveat": "mask headers carry no trustworthy orientation (AP fixed by an anatomical check; the right lung "
+                      "coming out smaller than the left in most masks suggests right/left are swapped too), so these "
+                      "shares are a plausibility check of the prior on 20 real lung shapes, not a measurement"}
 
 
 def main() -> None:
