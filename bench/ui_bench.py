@@ -234,7 +234,8 @@ def main() -> None:
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "code_commit": _git_commit(),
         "hardware": {"processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-                     "note": "2 CPU cores shared with other jobs; times include that contention", "python": platform.python_version()},
+                     "note": "2 CPU cores shared with other jobs; times include that contention (see load_average)",
+                     "python": platform.python_version(), "load_average_at_start": [round(v, 1) for v in os.getloadavg()]},
         "goals_s": {"patient_page_warm": 2.0, "cohort_page_1000_warm": 2.0, "report_pdf": 15.0},
     }
     work = Path(tempfile.mkdtemp(prefix="covidtrack-uibench-"))
@@ -319,6 +320,7 @@ def main() -> None:
             print("first start", out["first_start"], flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    out["hardware"]["load_average_at_end"] = [round(v, 1) for v in os.getloadavg()]  # type: ignore[index]
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     previous = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     if "first_start" not in out and "first_start" in previous:

@@ -83,7 +83,10 @@ def test_patient_page_shows_trajectory_viewer_and_table(small_store: list[str]) 
     # coronal plane and change overlay render too
     at.radio(key="viewer_plane").set_value("coronal").run()
     at.radio(key="viewer_overlay").set_value("change vs baseline").run()
+    n_charts = len(at.get("plotly_chart"))
+    at.toggle(key="viewer_play").set_value(True).run()
     assert not at.exception
+    assert len(at.get("plotly_chart")) == n_charts + 1  # the follow-up animation is added on request
 
 
 def test_cohort_page_has_test_and_responders(small_store: list[str]) -> None:

@@ -257,7 +257,7 @@ def change_bar_figure(change: pd.DataFrame, height: int = 300) -> go.Figure:
 
 
 def cohort_trajectory_figure(
-    cohort: pd.DataFrame, metric: str = M.POI, region: str = "whole", bin_days: int = 4, height: int = 420, webgl: bool = True
+    cohort: pd.DataFrame, metric: str = M.POI, region: str = "whole", bin_days: int = 4, height: int = 420, webgl: bool = False
 ) -> go.Figure:
     """Per arm: every patient as a faint line, the arm mean with its 95 % CI band, by day since baseline.
 
@@ -265,6 +265,7 @@ def cohort_trajectory_figure(
     patients cost a handful of traces, not 1,000. ``webgl=False`` for static export (software
     WebGL in a headless browser is slow).
     """
+    # SVG by default: one path per arm is cheap, and WebGL is slow where the browser has no GPU
     scatter = go.Scattergl if webgl else go.Scatter
     series = per_patient_series(cohort, metric, region)
     summary = mean_ci(series, bin_days=bin_days)

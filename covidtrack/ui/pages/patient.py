@@ -4,6 +4,7 @@ and the per-date metrics table (CSV download)."""
 from __future__ import annotations
 
 import pandas as pd
+import plotly.graph_objects as go
 import streamlit as st
 
 from covidtrack.report import figures
@@ -47,6 +48,24 @@ def _alias_editor(patient_key: str, label: str) -> None:
             st.rerun()
 
 
+@st.cache_data(show_spinner=False, max_entries=64)
+def _viewer_fig(patient_key: str, rev: resources.Revision, plane: str, index: int, overlay: str) -> go.Figure:
+    """Side-by-side figure, cached per slice: moving back to a slice costs no re-encoding."""
+    return figures.viewer_figure(resources.aligned(patient_key, rev), plane, index, overlay)  # type: ignore[arg-type]
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def _animation_fig(patient_key: str, rev: resources.Revision, plane: str, index: int, overlay: str) -> go.Figure:
+    return figures.viewer_animation(resources.aligned(patient_key, rev), plane, index, overlay)  # type: ignore[arg-type]
+
+
+@st.cache_data(show_spinner=False, max_entries=32)
+def _trajectory_figs(patient_key: str, rev: resources.Revision, x: str, lobe_view: bool) -> tuple[go.Figure, go.Figure | None]:
+    frame = resources.patient(patient_key, rev)
+    heat = figures.lobe_heatmap(frame, x=x) if lobe_view and frame["region"].isin(LOBES).any() else None  # type: ignore[arg-type]
+    return figures.trajectory_figure(frame, x=x, lobe_view=lobe_view), heat  # type: ignore[arg-type]
+
+
 def _viewer(patient_key: str, rev: resources.Revision, lobe_view: bool) -> None:
     st.subheader("Aligned follow-up viewer")
     series = resources.aligned(patient_key, rev)
@@ -59,9 +78,10 @@ def _viewer(patient_key: str, rev: resources.Revision, lobe_view: bool) -> None:
     index = c3.slider(f"Baseline {plane} slice (0-{n - 1})", 0, n - 1, default, key=f"viewer_slice_{plane}")
     if not all(series.registered):
         st.warning("Some follow-ups have no usable registration yet; they are shown resized, not anatomically aligned.")
-    st.plotly_chart(figures.viewer_figure(series, plane, index, overlay), key="viewer", config=PLOTLY_CONFIG, width="stretch")
-    with st.expander("Follow-up sequence (animation through the dates)"):
-        st.plotly_chart(figures.viewer_animation(series, plane, index, overlay), key="viewer_animation", config=PLOTLY_CONFIG, width="content")
+    st.plotly_chart(_viewer_fig(patient_key, rev, plane, index, overlay), key="viewer", config=PLOTLY_CONFIG, width="stretch")
+    # opt-in: the animation sends every date's image again, larger; most visits do not need it
+    if st.toggle("Follow-up sequence: play through the dates", key="viewer_play"):
+        st.plotly_chart(_animation_fig(patient_key, rev, plane, index, overlay), key="viewer_animation", config=PLOTLY_CONFIG, width="content")
 
 
 def main() -> None:
@@ -90,9 +110,10 @@ def main() -> None:
         return
     _tiles(frame)
     st.subheader("Trajectories")
-    st.plotly_chart(figures.trajectory_figure(frame, x=x, lobe_view=lobe_view), key="trajectory", config=PLOTLY_CONFIG, width="stretch")
-    if lobe_view and frame["region"].isin(LOBES).any():
-        st.plotly_chart(figures.lobe_heatmap(frame, x=x), key="lobe_heatmap", config=PLOTLY_CONFIG, width="stretch")
+    trajectory, heatmap = _trajectory_figs(key, rev, x, lobe_view)
+    st.plotly_chart(trajectory, key="trajectory", config=PLOTLY_CONFIG, width="stretch")
+    if heatmap is not None:
+        st.plotly_chart(heatmap, key="lobe_heatmap", config=PLOTLY_CONFIG, width="stretch")
     _viewer(key, rev, lobe_view)
     change = resources.change(key, rev)
     if len(change):

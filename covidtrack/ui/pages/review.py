@@ -41,13 +41,18 @@ TOOLS = {
 GGO_RGB = np.array([255, 210, 0], np.float32)
 CONS_RGB = np.array([230, 30, 30], np.float32)
 LUNG_EDGE_RGB = np.array([60, 160, 255], np.float32)
+#: Lobe outline colours: RUL, RML, RLL, LUL, LLL (labels.LOBE_LABELS).
+LOBE_RGB = {1: np.array([60, 160, 255], np.float32), 2: np.array([40, 200, 120], np.float32), 3: np.array([170, 90, 255], np.float32),
+            4: np.array([0, 210, 210], np.float32), 5: np.array([255, 120, 200], np.float32)}
 DISPLAY_PX = 560  # the slice is shown about this wide (integer nearest-neighbour zoom)
 STATE = "hitl_review"
 
 
-def render_slice(ct: np.ndarray, labels: np.ndarray, lungs: np.ndarray | None, zoom: int, alpha: float = 0.45) -> np.ndarray:
-    """CT slice (HU) in the lung window with GGO (yellow) / consolidation (red) and the lung
-    outline (blue), zoomed by an integer factor -> uint8 RGB."""
+def render_slice(ct: np.ndarray, labels: np.ndarray, lungs: np.ndarray | None, zoom: int, alpha: float = 0.45,
+                 lobes: np.ndarray | None = None) -> np.ndarray:
+    """CT slice (HU) in the lung window with GGO (yellow) / consolidation (red), the lung outline
+    (blue) or, with ``lobes``, each lobe's outline in its own colour; zoomed by an integer factor
+    -> uint8 RGB."""
     from scipy import ndimage
 
     grey = (window_hu(ct) * 255.0)[..., None].repeat(3, axis=2)
@@ -55,7 +60,11 @@ def render_slice(ct: np.ndarray, labels: np.ndarray, lungs: np.ndarray | None, z
     for lab, rgb in ((GGO, GGO_RGB), (CONSOLIDATION, CONS_RGB)):
         m = labels == lab
         out[m] = (1 - alpha) * grey[m] + alpha * rgb
-    if lungs is not None and lungs.any():
+    if lobes is not None and lobes.any():
+        for lab, rgb in LOBE_RGB.items():
+            m = lobes == lab
+            out[m & ~ndimage.binary_erosion(m)] = rgb
+    elif lungs is not None and lungs.any():
         edge = (lungs > 0) & ~ndimage.binary_erosion(lungs > 0)
         out[edge] = LUNG_EDGE_RGB
     img = np.clip(out, 0, 255).astype(np.uint8)
@@ -173,19 +182,23 @@ def _editor(state: dict[str, Any]) -> None:
             "grow_label": GGO if st.radio("Grow as", ["GGO", "consolidation"], horizontal=True, key="review_grow_label") == "GGO" else CONSOLIDATION,
             "grow_radius": float(st.slider("Grow at most (px from the click)", 5, 200, 60, key="review_grow_radius")),
         }
+        show_lobes = st.checkbox("Show lobe outlines", value=state["lobes"] is not None, key="review_lobes",
+                                 disabled=state["lobes"] is None)
         drag = tool in ("paint_ggo", "paint_cons", "erase") and st.checkbox("Drag to paint a stroke", value=False, key="review_drag")
     with left:
         z = _navigation(state)
         h, w = session.working.shape[1:]
         zoom = max(1, DISPLAY_PX // max(h, w))
-        img = render_slice(state["ct"][z], session.working[z], state["lungs"][z], zoom)
+        img = render_slice(state["ct"][z], session.working[z], state["lungs"][z], zoom,
+                           lobes=state["lobes"][z] if show_lobes and state["lobes"] is not None else None)
         click = None
         if streamlit_image_coordinates is not None:
             click = streamlit_image_coordinates(img, key=f"review_img_{drag}", click_and_drag=drag)
         else:
             st.image(img, clamp=True)
         st.caption(f"slice {z}: GGO {int((session.working[z] == GGO).sum())} px, consolidation "
-                   f"{int((session.working[z] == CONSOLIDATION).sum())} px · yellow GGO, red consolidation, blue lung outline")
+                   f"{int((session.working[z] == CONSOLIDATION).sum())} px · yellow GGO, red consolidation; outlines: "
+                   + ("lobes RUL blue, RML green, RLL violet, LUL cyan, LLL pink" if show_lobes else "lungs"))
         if click and click.get("unix_time") != state.get("last_click"):
             state["last_click"] = click.get("unix_time")
             sy, sx = h / click.get("height", h * zoom), w / click.get("width", w * zoom)
