@@ -273,12 +273,14 @@ def cohort_trajectory_figure(
     for i, arm in enumerate(sorted(series["arm"].dropna().unique())):
         colour = ARM_COLOURS[i % len(ARM_COLOURS)]
         s = series[series.arm == arm]
+        # many overlapping lines add up: fade each more as the arm grows, so the mean stays readable
+        faint = float(np.clip(6.0 / max(1, s["patient_key"].nunique()), 0.04, 0.25))
         # NaN rows between patients break the line
         gap = s.groupby("patient_key", sort=False).tail(1).assign(day=np.nan, value=np.nan)
         lines = pd.concat([s, gap]).sort_index(kind="stable")
         fig.add_trace(
             scatter(
-                x=lines["day"], y=lines["value"], mode="lines", line=dict(color=colour, width=1), opacity=0.18,
+                x=lines["day"], y=lines["value"], mode="lines", line=dict(color=colour, width=1), opacity=faint,
                 name=f"{arm}: patients", legendgroup=arm, hoverinfo="skip", connectgaps=False,
             )
         )

@@ -58,13 +58,13 @@ def main() -> None:
                         {
                             "arms": f"{t.arm_a} vs {t.arm_b}", "n": f"{t.n_a} / {t.n_b}",
                             "median Δ": f"{t.median_a:+.2f} / {t.median_b:+.2f}", "p": t.p_value,
-                            "r": t.rank_biserial, "U": t.u,
+                            "r": t.rank_biserial,
                         }
                         for t in tests
                     ]
                 ),
                 hide_index=True, key="cohort_tests", width="stretch",
-                column_config={"p": st.column_config.NumberColumn(format="%.3g"), "r": st.column_config.NumberColumn("r (rank-biserial)", format="%+.2f")},
+                column_config={"p": st.column_config.NumberColumn(format="%.3g"), "r": st.column_config.NumberColumn("r", format="%+.2f", help="rank-biserial correlation")},
             )
             st.caption("r > 0: the first arm tends to have the larger (worse) change in POI; |r| 0.1 small, 0.3 medium, 0.5 large.")
         else:
@@ -80,6 +80,7 @@ def main() -> None:
         resp.rename(columns={"label": "patient", "baseline": "baseline POI %", "last": "last POI %", "last_day": "day", "relative": "last / baseline"}),
         hide_index=True, width="stretch", key="responders",
         column_order=("patient", "arm", "baseline POI %", "last POI %", "day", "last / baseline"),
+        column_config={c: st.column_config.NumberColumn(format="%.2f") for c in ("baseline POI %", "last POI %", "last / baseline")},
     )
     widgets.disclaimer()
 
