@@ -429,3 +429,79 @@ def test_cli_imports_a_corrected_mask_and_lists_versions(small_store: list[str],
     base = make_tiny_model()
     assert main(["hitl", "versions"]) == 0
     assert base.version in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not (__import__("shutil").which("chromium") and __import__("shutil").which("chromedriver")
+                         and __import__("os").environ.get("COVIDTRACK_BROWSER_TESTS") == "1"),
+                    reason="real-browser check: set COVIDTRACK_BROWSER_TESTS=1 (needs Debian chromium + chromium-driver; ~40 s)")
+def test_review_click_paints_in_a_real_browser(small_store: list[str], covidtrack_home: Path) -> None:
+    """The click component works offline with the pinned Streamlit: a click in the right lung with
+    the default tool (paint GGO) changes voxels."""
+    import os
+    import shutil
+    import socket
+    import subprocess
+    import sys
+    import tempfile
+    import time
+    import urllib.request
+
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    make_tiny_model()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port), "--server.address", "127.0.0.1",
+         "--server.headless", "true", "--browser.gatherUsageStats", "false"],
+        cwd=Path(APP).parent, env={**os.environ, "COVIDTRACK_HOME": str(covidtrack_home), "COVIDTRACK_NO_DEMO": "1"},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    profile = tempfile.mkdtemp(prefix="covidtrack-chromium-")
+    driver = None
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                urllib.request.urlopen(f"{url}/_stcore/health", timeout=2)
+                break
+            except OSError:
+                time.sleep(0.5)
+        opts = webdriver.ChromeOptions()
+        opts.binary_location = shutil.which("chromium")
+        for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                    "--disable-component-update", "--no-first-run", "--disable-sync", "--window-size=1400,2200",
+                    f"--user-data-dir={profile}"):
+            opts.add_argument(arg)
+        driver = webdriver.Chrome(service=Service(executable_path=shutil.which("chromedriver")), options=opts)
+        driver.get(f"{url}/review")
+        wait = WebDriverWait(driver, 90)
+
+        def voxels_changed() -> str:
+            metrics = [m.text for m in driver.find_elements(By.CSS_SELECTOR, "[data-testid='stMetric']") if "Voxels changed" in m.text]
+            return metrics[0].split("\n")[-1] if metrics else ""
+
+        wait.until(lambda d: voxels_changed() == "0")
+        frame = wait.until(lambda d: [f for f in d.find_elements(By.CSS_SELECTOR, "iframe") if "image_coordinates" in (f.get_attribute("src") or "")])[0]
+        driver.switch_to.frame(frame)
+        img = wait.until(lambda d: d.find_element(By.ID, "image"))
+        wait.until(lambda d: d.find_element(By.ID, "image").size["width"] > 50)
+        w, h = img.size["width"], img.size["height"]
+        ActionChains(driver).move_to_element_with_offset(img, int(-w / 2 + 0.3 * w), 0).click().perform()  # right lung
+        driver.switch_to.default_content()
+        wait.until(lambda d: voxels_changed() not in ("", "0"))
+    finally:
+        if driver is not None:
+            driver.quit()
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        shutil.rmtree(profile, ignore_errors=True)
