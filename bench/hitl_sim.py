@@ -27,7 +27,7 @@ Effort of correcting one slice (prediction -> truth), at the image's own resolut
 "Effort per scan" is reported on the TEST slices (what the NEXT incoming scan costs with the
 current model) and on the picked batch (what the annotator actually did this iteration).
 
-    COVIDTRACK_THREADS=1 nice -n 5 python bench/hitl_sim.py            # ~10 min on 2 shared cores
+    COVIDTRACK_THREADS=1 nice -n 5 python bench/hitl_sim.py            # ~17 min on 2 shared cores
     python bench/hitl_sim.py --quick                                   # smoke run, a minute
 """
 
@@ -132,8 +132,11 @@ def train(pairs: list, cfg: TrainConfig, init: Path | None, log) -> InfectionMod
     return InfectionModel(net, cfg.spec, "sim", tta=True)
 
 
-def run_strategy(name: str, seed: int, start_weights: Path, start_eval: dict, pool: dict, base_pairs: list, test: list,
+def run_strategy(name: str, repeat: int, start_weights: Path, start_eval: dict, pool: dict, base_pairs: list, test: list,
                  phantoms: list, cfg: TrainConfig, iterations: int, batch: int, work: Path, log) -> dict:
+    """One lineage of ``iterations`` rounds. ``repeat`` seeds the random picks (random strategy)
+    and the fine-tuning (both strategies: repeat k of active and of random share training seeds)."""
+    seed = repeat + 1 if name == "random" else repeat
     rng = np.random.default_rng(seed)
     remaining = sorted(pool)
     labelled = list(base_pairs)
@@ -151,7 +154,7 @@ def run_strategy(name: str, seed: int, start_weights: Path, start_eval: dict, po
         efforts = [correction_effort(preds[n][0], pool[n][1]) for n in picked]
         labelled += [(pool[n][0], pool[n][1]) for n in picked]  # the corrected slice == the truth
         remaining = [n for n in remaining if n not in picked]
-        model = train(labelled, replace(cfg, seed=cfg.seed + it), weights, log)
+        model = train(labelled, replace(cfg, seed=cfg.seed + 1000 * repeat + it), weights, log)
         weights = work / f"{name}-{seed}-it{it}.pt"
         save_weights(model.network, cfg.spec, weights)
         ev = evaluate(model, test, phantoms)
@@ -163,7 +166,7 @@ def run_strategy(name: str, seed: int, start_weights: Path, start_eval: dict, po
         })
         log(f"[{name} seed {seed}] it {it}: test Dice {ev['test_dice']:.3f}, test effort {ev['test_effort_share']:.2f} of truth "
             f"/ {ev['test_effort_seconds']:.0f} s, batch effort {rows[-1]['batch_effort_share']:.2f} ({rows[-1]['wall_s']:.0f} s)")
-    return {"strategy": name, "seed": seed, "iterations": rows}
+    return {"strategy": name, "seed": seed, "repeat": repeat, "iterations": rows}
 
 
 def _load(path: Path):
@@ -186,7 +189,7 @@ def plot(result: dict, path: Path) -> None:
         for run in result["runs"]:
             its = [r for r in run["iterations"] if key in r]
             ax.plot([r["iteration"] for r in its], [r[key] for r in its], marker="o", color=colors[run["strategy"]],
-                    alpha=1.0 if run["strategy"] == "active" else 0.6, label=f"{run['strategy']} (seed {run['seed']})")
+                    alpha=0.9, linestyle="-" if run["repeat"] == 0 else "--", label=f"{run['strategy']} (repeat {run['repeat']})")
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("iteration")
         ax.grid(alpha=0.3)
@@ -203,12 +206,12 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=5)
     ap.add_argument("--init-steps", type=int, default=300)
     ap.add_argument("--finetune-steps", type=int, default=100)
-    ap.add_argument("--random-seeds", default="1,2")
+    ap.add_argument("--repeats", type=int, default=2, help="lineages per strategy (different fine-tuning seeds)")
     ap.add_argument("--size", type=int, default=128)
     ap.add_argument("--quick", action="store_true", help="tiny smoke run (not written to bench/results)")
     args = ap.parse_args()
     if args.quick:
-        args.iterations, args.init_steps, args.finetune_steps, args.random_seeds = 1, 20, 10, "1"
+        args.iterations, args.init_steps, args.finetune_steps, args.repeats = 1, 20, 10, 1
     if not MEDSEG.is_dir():
         print(f"{MEDSEG} not found: this bench needs the shared development data", file=sys.stderr)
         return 2
@@ -246,9 +249,10 @@ def main() -> int:
         ev0 = evaluate(model0, test, val_ph)
         print(f"initial model: test Dice {ev0['test_dice']:.3f}, effort {ev0['test_effort_share']:.2f} ({init_s:.0f} s)", flush=True)
         ft = replace(cfg, iterations=args.finetune_steps, lr=5e-4)
-        runs = [run_strategy("active", 0, w0, ev0, pool, base_pairs, test, val_ph, ft, args.iterations, args.batch, work, log)]
-        for s in (int(x) for x in args.random_seeds.split(",") if x):
-            runs.append(run_strategy("random", s, w0, ev0, pool, base_pairs, test, val_ph, ft, args.iterations, args.batch, work, log))
+        runs = []
+        for k in range(args.repeats):
+            for strategy in ("active", "random"):
+                runs.append(run_strategy(strategy, k, w0, ev0, pool, base_pairs, test, val_ph, ft, args.iterations, args.batch, work, log))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -259,7 +263,9 @@ def main() -> int:
     summary = {s: {k: [round(v, 4) for v in series(s, k)] for k in ("test_dice", "test_effort_share", "test_effort_seconds", "phantom_dice")}
                for s in ("active", "random")}
     act, rnd = summary["active"]["test_effort_share"], summary["random"]["test_effort_share"]
+    per_repeat = {s: [[round(x["test_effort_share"], 4) for x in r["iterations"]] for r in runs if r["strategy"] == s] for s in ("active", "random")}
     verdict = {
+        "effort_falls_every_iteration_per_repeat": {s: [all(b < a for a, b in zip(v, v[1:])) for v in vs] for s, vs in per_repeat.items()},
         "active_effort_falls_every_iteration": all(b < a for a, b in zip(act, act[1:])),
         "random_effort_falls_every_iteration": all(b < a for a, b in zip(rnd, rnd[1:])),
         "active_beats_random_final_effort": act[-1] < rnd[-1],
@@ -277,7 +283,7 @@ def main() -> int:
         "model": {"kind": "MONAI UNet 2D trained inside the bench (not a shipped version)", **spec.to_json(),
                   "initial_steps": args.init_steps, "finetune_steps": args.finetune_steps, "batch_size": 8,
                   "lr_initial": 2e-3, "lr_finetune": 5e-4, "augmentation": "train_infection.augment (geometry + re-windowing)"},
-        "protocol": {"iterations": args.iterations, "batch": args.batch, "random_seeds": args.random_seeds,
+        "protocol": {"iterations": args.iterations, "batch": args.batch, "repeats_per_strategy": args.repeats,
                      "active_score": "mean binary entropy (bits) of P(infection) over the slice",
                      "effort_model": {"inspect_s_per_slice": INSPECT_S, "click_s": CLICK_S, "stroke_s": STROKE_S,
                                       "stroke_px": STROKE_PX, "doc": "see module docstring of bench/hitl_sim.py"}},
