@@ -30,7 +30,6 @@ PRIOR_SIGMA_MM = 18.0  # how far the prior is trusted (mm) when no fissure is se
 PRIOR_WEIGHT = 0.05
 P1, P2 = 0.1, 1.5
 IN_PLANE_PENALTY = 2.0  # 2: a sheet 30 deg off the expected normal keeps 1/4 of its score
-POOL_COLUMNS = 3  # evidence pooling window (columns) across the sheet
 EXTEND_SIGMA = 5.0  # columns (~10 mm)
 SEEN_LEVEL = 0.3
 FADE_WEIGHT = 0.02
@@ -198,10 +197,7 @@ def refine_surface(
     # noise in a band without any fissure does not get promoted to "clearly visible".
     pos = ev[ev > 0]
     band_scale = float(np.percentile(pos, EVIDENCE_PERCENTILE)) if pos.size > 20 else scale
-    # a fissure is a sheet: pool evidence over neighbouring columns at the same offset, so a
-    # faint but extended sheet beats a bright speck (noise, a vessel wall, a lesion edge)
-    ev = ndi.uniform_filter(ev, size=(POOL_COLUMNS, POOL_COLUMNS, 1), mode="nearest")
-    evidence = np.minimum(ev / max(band_scale, 1.0 * scale, 1e-6), 1.0)
+    evidence = np.minimum(ev / max(band_scale, scale, 1e-6), 1.0)
     prior_cost = PRIOR_WEIGHT * ((offsets * sz) / prior_sigma_mm) ** 2
     cost = -evidence + prior_cost[None, None, :]
     if floor is not None:
