@@ -203,3 +203,27 @@ def test_bootstrap_builds_demo_through_pipeline(covidtrack_home: Path) -> None:
         assert (pats["n_scans"] >= 1).all() and pats["n_scans"].sum() == result.stored
         assert not bootstrap.needs_bootstrap(store)  # the marker prevents a second build
     assert not list((covidtrack_home / "work").glob("demo-*"))  # scratch phantoms removed
+
+
+def test_import_bad_file_shows_error_and_stores_nothing(small_store: list[str], tmp_path: Path) -> None:
+    bad = tmp_path / "broken.nii.gz"
+    bad.write_bytes(b"this is not a NIfTI file")
+    with Store.open() as store:
+        before = store.counts()
+    at = _open("import_data")
+    at.text_input(key="server_path").input(str(bad)).run()
+    at.text_input(key="srv_patient").input("HOSP-12345").run()
+    at.button(key="import_server").click().run()
+    assert not at.exception
+    errors = [e.value for e in at.error]
+    assert errors and "broken.nii.gz" in errors[0] and "Fix:" in errors[0]
+    st.cache_resource.clear()  # release the app's store before reopening it here
+    with Store.open() as store:
+        assert store.counts() == before
+        assert "HOSP-12345" not in set(store.patients()["patient_key"])  # raw IDs never stored
+
+
+def test_import_root_restricts_server_paths(small_store: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COVIDTRACK_IMPORT_ROOT", str(tmp_path / "incoming"))
+    with pytest.raises(InputError, match="outside the import folder"):
+        uploads.check_server_path(REPO / "data" / "samples")
