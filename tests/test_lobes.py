@@ -82,8 +82,17 @@ def test_binary_mask_is_split_into_right_and_left() -> None:
     touching[20:40, 28:36, 30:66] = True  # a bridge: the lungs touch (junction line, airway)
     split = split_lungs(touching.astype(np.uint8))
     assert split[30, 32, 10] == 1 and split[30, 32, 85] == 2
-    lobes = lobes_from_lung_mask(touching.astype(np.uint8), SPACING)
+    lobes = lobes_from_lung_mask(touching.astype(np.uint8), SPACING, split_binary=True)
     assert_partition_invariants(lobes, split)
+
+
+def test_single_right_lung_stays_right() -> None:
+    """A mask holding only label 1 is a right lung alone (e.g. after pneumonectomy), not two lungs."""
+    lungs = ellipsoid_lungs()
+    lungs[lungs == 2] = 0
+    lobes = lobes_from_lung_mask(lungs, SPACING)
+    assert set(np.unique(lobes[lungs == 1])) == {1, 2, 3}
+    assert not np.isin(lobes, (4, 5)).any()
 
 
 def test_trachea_above_the_lungs_is_found() -> None:

@@ -419,11 +419,14 @@ def lobes_from_lung_mask(
     *,
     prior: LobePrior | None = None,
     work_spacing_mm: float = WORK_SPACING_MM,
+    split_binary: bool = False,
 ) -> np.ndarray:
     """Five-lobe partition of a lung mask (uint8: 1 RUL, 2 RML, 3 RLL, 4 LUL, 5 LLL).
 
-    ``lungs``: uint8 ``(z, y, x)`` in canonical orientation, 0 background, 1 right, 2 left
-    (a binary 0/1 mask is split into right and left first). ``spacing``: ``(z, y, x)`` in mm.
+    ``lungs``: uint8 ``(z, y, x)`` in canonical orientation, 0 background, 1 right, 2 left, as in
+    ``Segmentation.lungs`` (so a mask holding only 1 is a right lung alone). With
+    ``split_binary=True`` a 0/1 mask of both lungs is split into right and left first
+    (:func:`split_lungs`). ``spacing``: ``(z, y, x)`` in mm.
     ``ct``: optional HU array on the same grid; where given, visible fissures move the borders.
     Every lung voxel gets exactly one lobe, right-lung voxels 1-3 and left-lung voxels 4-5.
     """
@@ -441,7 +444,7 @@ def lobes_from_lung_mask(
     if not (lungs > 0).any():
         return np.zeros(lungs.shape, np.uint8)
     lungs = lungs.astype(np.uint8)
-    if set(values.tolist()) == {0, 1}:
+    if split_binary and set(values.tolist()) <= {0, 1}:
         lungs = split_lungs(lungs)
     heights = fissure_heights(lungs, spacing, ct, prior=prior, work_spacing_mm=work_spacing_mm)
     return lobes_from_heights(lungs, heights)
