@@ -267,3 +267,43 @@ def test_demo_command_writes_readable_cohort(tmp_path: Path) -> None:
     with (out / "truth.csv").open() as fh:
         truth_rows = list(csv.DictReader(fh))
     assert len(truth_rows) == len(rows) and float(truth_rows[0]["lungs_ml"]) > 1000
+
+
+def test_infection_labels_exactly_where_hu_changed() -> None:
+    from covidtrack.phantom.series import PhantomPatient
+
+    patient = PhantomPatient(4, SHAPE, SPACING, severity=0.9)
+    hu, code = patient.body_frame(patient.course.peak_day)
+    infection = (code >> 3) & 3
+    tissue = code >> 5
+    changed = hu != patient.atlas.hu
+    assert changed.any()
+    assert not np.any(changed & (infection == 0)), "HU changed outside the infection labels"
+    parenchyma = infection.astype(bool) & (tissue == TISSUE_IDS["lung"])
+    assert np.all(changed[parenchyma]), "labelled parenchyma whose HU did not change"
+    # vessels crossing ground glass stay visible (and labelled); consolidation hides them
+    vessel_in_ggo = (infection == 1) & (tissue == TISSUE_IDS["vessel"]) & (patient.atlas.hu >= 40.0)
+    assert np.all(hu[vessel_in_ggo] == patient.atlas.hu[vessel_in_ggo])
+    assert hu[infection == 2].max() <= 50.0
+
+
+def test_consolidation_touches_the_pleura_and_stays_in_the_lung_truth(sick: tuple) -> None:
+    _, truth = sick
+    cons = truth.infection == 2
+    outside = truth.lungs == 0
+    touching = np.zeros_like(cons)
+    for axis in range(3):
+        for shift in (1, -1):
+            touching |= cons & np.roll(outside, shift, axis=axis)
+    assert touching.sum() > 5, "no dense consolidation against the pleura"
+    assert np.all(truth.lungs[cons] > 0)
+
+
+def test_vessels_thin_towards_the_periphery(sick: tuple) -> None:
+    _, truth = sick
+    depth = ndi.distance_transform_edt(truth.lungs > 0, sampling=truth.spacing)
+    vessel = truth.tissue == TISSUE_IDS["vessel"]
+    lung = truth.lungs > 0
+    central = lung & (depth > 25.0)
+    peripheral = lung & (depth > 0) & (depth < 8.0)
+    assert vessel[central].mean() > 2.0 * vessel[peripheral].mean() > 0

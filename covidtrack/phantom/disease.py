@@ -22,6 +22,7 @@ GGO_THRESHOLD = 0.35  # lesion strength where ground glass begins
 CONSOLIDATION_THRESHOLD = 1.0  # ... and where it turns into consolidation
 HU_GGO_RANGE = (-750.0, -300.0)
 HU_CONSOLIDATION_RANGE = (-100.0, 50.0)
+HU_NORMAL_LUNG = -850.0
 # how many lesions (relative) each lobe attracts: lower lobes are hit most
 LOBE_WEIGHT: dict[int, float] = {1: 0.8, 2: 0.9, 3: 2.6, 4: 0.9, 5: 2.4}
 
@@ -164,7 +165,9 @@ def apply_disease(
     """Infect the lungs of a body-frame HU map. Returns (new HU, infection labels).
 
     GGO raises the parenchyma to -750..-300 HU and leaves vessels visible; consolidation
-    replaces everything with -100..+50 HU. Labels are set exactly where this happened.
+    replaces everything with -100..+50 HU. Labels are set exactly where this happened (every
+    voxel with density below soft tissue changes; vessels at blood density inside GGO keep
+    their HU and carry the GGO label, as radiologists draw it).
     """
     lung = lobes > 0
     ggo = lung & (strength >= GGO_THRESHOLD)
@@ -176,8 +179,12 @@ def apply_disease(
     s_g = strength[ggo]
     lo, hi = HU_GGO_RANGE
     t = np.clip((s_g - GGO_THRESHOLD) / (CONSOLIDATION_THRESHOLD - GGO_THRESHOLD), 0.0, 1.0)
-    ggo_hu = lo + (hi - lo) * (0.15 + 0.75 * t) + 60.0 * texture[ggo]
-    hu[ggo] = np.maximum(hu[ggo], np.clip(ggo_hu, lo, hi))
+    ggo_hu = np.clip(lo + (hi - lo) * (0.15 + 0.75 * t) + 60.0 * texture[ggo], lo, hi)
+    # Ground glass adds density to whatever is there: normal parenchyma (-850 HU) is raised
+    # to ggo_hu, denser structures less (fissures still visibly denser, vessels unchanged).
+    old = hu[ggo]
+    delta = (ggo_hu - HU_NORMAL_LUNG) * np.clip(1.0 - (old - HU_NORMAL_LUNG) / (40.0 - HU_NORMAL_LUNG), 0.0, None)
+    hu[ggo] = old + delta
     clo, chi = HU_CONSOLIDATION_RANGE
     hu[cons] = np.clip(-50.0 + 40.0 * texture[cons] + 20.0 * np.clip(strength[cons] - 1.0, 0, 2), clo, chi)
     return hu, infection

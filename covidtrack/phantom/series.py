@@ -196,7 +196,7 @@ def make_series(
 
     - ``shape`` (z, y, x) voxels and ``spacing`` (z, y, x) mm give one grid shared by all
       timepoints (same origin too). The anatomy is sized in mm; fields of view smaller than a
-      chest get a smaller patient (ValueError below about 160 x 165 x 190 mm).
+      chest get a smaller patient (ValueError below about 170 x 182 x 187 mm).
     - ``days``: days since the baseline (first must be 0, increasing; when given, its length
       replaces ``n_timepoints``); default every 3-5 days.
       The disease peaks around day 9-13 and resolves afterwards, lobe by lobe.
