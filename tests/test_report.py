@@ -145,6 +145,10 @@ def test_patient_pdf_via_cli(store_with_patients: list[str], tmp_path: Path) -> 
         longitudinal.register_followup(store, follow)
         aligned = load.aligned_series(store, key)
         change = load.change_table(store, key)
+        cached = list((store.home / load.VIEWER_CACHE).glob("*.npz"))
+        again = load.aligned_series(store, key)  # read back from the viewer cache, not re-warped
+    assert len(cached) == 1
+    assert np.array_equal(again.ct[1], aligned.ct[1]) and np.array_equal(again.infection[1], aligned.infection[1])
     assert aligned.registered == (True, True, False)  # the unregistered one is flagged, not hidden
     assert aligned.change[1] is not None and aligned.change[1].shape == aligned.shape
     assert set(change["region"]) >= {"whole", "RLL"} and (change["new_ml"] >= 0).all()

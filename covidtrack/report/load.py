@@ -121,7 +121,8 @@ def aligned_series(store: "Store", patient_key: str) -> AlignedSeries:
     """All of a patient's scans in the baseline's canonical grid, for the viewer and the report.
 
     Each follow-up is warped with its stored registration (CT linear, labels generic-label) and
-    paired with its stored change map. Without a usable registration it is resized to the
+    paired with its stored change map. Warped arrays are kept in ``<store folder>/viewer_cache``
+    (a few MB per follow-up) so a patient is warped once, not on every server start. Without a usable registration it is resized to the
     baseline's shape and flagged ``registered=False`` (the UI says "not aligned").
     """
     scans = store.scans(patient_key).sort_values(["study_date", "created_at"])
@@ -148,7 +149,15 @@ def aligned_series(store: "Store", patient_key: str) -> AlignedSeries:
         ok = sid == base_id
         if sid != base_id:
             reg_rows = regs[(regs["fixed_scan"] == base_id) & (regs["moving_scan"] == sid)]
-            warped = _warp_follow_up(reg_rows, ct, inf, lung, lobe) if len(reg_rows) else None
+            warped = None
+            if len(reg_rows):
+                seg_id = store.segmentation(sid).seg_id if seg is not None else "none"
+                cache = _cache_file(store, base_id, sid, str(reg_rows["reg_id"].iloc[0]), seg_id)
+                warped = _read_cached(cache, shape)
+                if warped is None:
+                    warped = _warp_follow_up(reg_rows, ct, inf, lung, lobe)
+                    if warped is not None:
+                        _write_cached(cache, warped)
             if warped is not None:
                 ct, inf, lung, lobe = warped
                 change = _read_mask(reg_rows["change_map_path"].iloc[0])
@@ -171,6 +180,42 @@ def aligned_series(store: "Store", patient_key: str) -> AlignedSeries:
         dates=tuple(dates), days=tuple(days), spacing=base_vol.spacing, ct=tuple(cts), infection=tuple(infs),
         lungs=tuple(lungs), lobes=tuple(lobes), change=tuple(changes), registered=tuple(registered),
     )
+
+
+VIEWER_CACHE = "viewer_cache"  # under the store's folder; one file per registered follow-up
+
+
+def _cache_file(store: "Store", base_id: str, scan_id: str, reg_id: str, seg_id: str) -> Path:
+    """Warped arrays of one follow-up, keyed by the registration and the segmentation shown: a new
+    registration or a corrected mask gets a new name, so a stale file is never read."""
+    return store.home / VIEWER_CACHE / f"{base_id}_{scan_id}--{reg_id}--{seg_id}.npz"
+
+
+def _read_cached(path: Path, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None] | None:
+    if not path.exists():
+        return None
+    try:
+        with np.load(path) as z:
+            out = (z["ct"], z["infection"], z["lungs"], z["lobes"] if "lobes" in z.files else None)
+    except (OSError, ValueError, KeyError) as err:  # a damaged cache file is only a lost speed-up
+        log.warning("viewer cache %s unreadable (%s); warping again", path.name, err)
+        return None
+    return out if out[0].shape == tuple(shape) else None
+
+
+def _write_cached(path: Path, warped: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]) -> None:
+    """Write atomically and drop this pair's older cache files (earlier registrations or masks)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pair = path.name.split("--", 1)[0]
+    for old in path.parent.glob(f"{pair}--*.npz"):
+        old.unlink(missing_ok=True)
+    arrays = {"ct": warped[0], "infection": warped[1], "lungs": warped[2]}
+    if warped[3] is not None:
+        arrays["lobes"] = warped[3]
+    tmp = path.with_name(f".tmp-{path.name}")
+    with tmp.open("wb") as fh:
+        np.savez_compressed(fh, **arrays)
+    tmp.replace(path)
 
 
 def _warp_follow_up(
