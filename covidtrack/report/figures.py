@@ -16,9 +16,9 @@ from plotly.subplots import make_subplots
 
 from covidtrack.report.data import LOBES, M, metric_label, select
 from covidtrack.report.stats import mean_ci, per_patient_series
+from covidtrack.labels import CHANGE_LABELS
 from covidtrack.report.viewer import (
     CHANGE_COLOURS,
-    CHANGE_LABELS,
     INFECTION_COLOURS,
     LOBE_COLOURS,
     AlignedSeries,

@@ -19,8 +19,6 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from covidtrack.labels import CHANGE_LABELS  # 1 new, 2 resolved, 3 persistent (covidtrack.change)
-
 Plane = Literal["axial", "coronal"]
 Overlay = Literal["lobes", "regions", "change", "none"]
 
@@ -29,7 +27,8 @@ WINDOW_LO_HU, WINDOW_HI_HU = -1350.0, 150.0
 
 # Overlay colours (RGB). GGO and consolidation must differ in hue and lightness so they read in print.
 INFECTION_COLOURS = {1: (255, 200, 0), 2: (230, 30, 30)}  # GGO amber, consolidation red
-CHANGE_COLOURS = {1: (230, 30, 30), 2: (40, 180, 70), 3: (255, 200, 0)}  # new red, resolved green, persistent amber
+# change map labels (covidtrack.labels.CHANGE_LABELS): 1 new red, 2 resolved green, 3 persistent amber
+CHANGE_COLOURS = {1: (230, 30, 30), 2: (40, 180, 70), 3: (255, 200, 0)}
 LOBE_COLOURS = {
     1: (31, 119, 180),  # RUL
     2: (148, 103, 189),  # RML
