@@ -245,17 +245,13 @@ def test_demo_command_writes_readable_cohort(tmp_path: Path) -> None:
         assert all(3 <= (b - a).days <= 5 for a, b in zip(dates, dates[1:]))
     scans = read_manifest(out / "manifest.csv")
     assert all(s.path.is_file() for s in scans)
-    try:
-        from covidtrack.io import load_ct
-    except ImportError:  # io not there yet: read with SimpleITK directly
-        import SimpleITK as sitk
+    import SimpleITK as sitk
 
-        from covidtrack.volume import Volume
-
-        def load_ct(path: Path) -> Volume:  # type: ignore[misc]
-            return Volume.from_canonical_sitk(sitk.ReadImage(str(path)))
+    from covidtrack.io import load_ct
 
     vol = load_ct(scans[0].path)
+    # the canonical grid of the phantom is LPS identity, so loading changes nothing
+    np.testing.assert_array_equal(vol.array, sitk.GetArrayFromImage(sitk.ReadImage(str(scans[0].path))))
     assert vol.shape == (72, 128, 128)
     assert vol.spacing == pytest.approx((4.5, 2.7, 2.7))
     assert vol.array.min() >= -1024 and vol.array.max() > 300
@@ -307,3 +303,11 @@ def test_vessels_thin_towards_the_periphery(sick: tuple) -> None:
     central = lung & (depth > 25.0)
     peripheral = lung & (depth > 0) & (depth < 8.0)
     assert vessel[central].mean() > 2.0 * vessel[peripheral].mean() > 0
+
+
+def test_course_offset_shifts_the_illness() -> None:
+    late = make_series(6, shape=SHAPE, spacing=SPACING, days=[0], severity=0.7, course_offset_days=4.0)
+    early = make_series(6, shape=SHAPE, spacing=SPACING, days=[0, 4], severity=0.7, motion=False)
+    assert early[1][1].infection_ml() > 0
+    np.testing.assert_array_equal(late[0][1].infection, early[1][1].infection)
+    assert late[0][1].day == 0.0

@@ -70,8 +70,11 @@ def write_demo_cohort(
         start = dt.date(2020, 3, 2) + dt.timedelta(days=int(rng.integers(0, 240)))
         patient_seed = int(seed) * 1000 + i
         emit(progress, "demo", i / n_patients, f"generating {patient} ({n_tp} scans, arm {arm})", patient)
+        # patients present at different points of their illness, so that short series
+        # still show the peak and the start of resolution
+        offset = float(rng.uniform(0.0, 5.0))
         series = make_series(
-            patient_seed, n_tp, shape, spacing, resolution_rate=ARMS[arm], start_date=start
+            patient_seed, n_tp, shape, spacing, resolution_rate=ARMS[arm], start_date=start, course_offset_days=offset
         )
         pdir = out / patient
         pdir.mkdir(exist_ok=True)

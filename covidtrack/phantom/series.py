@@ -143,9 +143,11 @@ class PhantomPatient:
         pose: PoseChange | None,
         noise_hu: float,
         blur_sigma_vox: float,
+        course_offset_days: float = 0.0,
     ) -> tuple[Volume, Truth]:
-        """Render the scan of ``day``; ``pose`` None = baseline position (no displacement)."""
-        hu, code = self.body_frame(day)
+        """Render the scan of ``day`` (since baseline; the disease is evaluated on its own
+        timeline at ``day + course_offset_days``); ``pose`` None = baseline position."""
+        hu, code = self.body_frame(day + course_offset_days)
         displacement = None
         if pose is not None:
             body_map = BodyMap(self.grid, self.params, pose)
@@ -187,6 +189,7 @@ def make_series(
     severity: float | None = None,
     healthy: bool = False,
     resolution_rate: float = 1.0,
+    course_offset_days: float = 0.0,
     motion: bool = True,
     noise_hu: float = 20.0,
     blur_sigma_vox: float = 0.8,
@@ -201,7 +204,8 @@ def make_series(
       replaces ``n_timepoints``); default every 3-5 days.
       The disease peaks around day 9-13 and resolves afterwards, lobe by lobe.
     - ``severity`` in [0, 1] (default drawn from the seed), ``healthy=True`` for no disease;
-      ``resolution_rate`` > 1 resolves faster (a treatment effect).
+      ``resolution_rate`` > 1 resolves faster (a treatment effect); ``course_offset_days``
+      shifts the baseline later into the illness (the peak then comes that many days earlier).
     - ``motion``: follow-ups get a new pose (a few degrees, some mm) and breath, recorded in
       ``Truth.displacement`` (see :mod:`covidtrack.phantom.motion` for the convention); with
       ``motion=False`` follow-ups are aligned and their displacement is zero.
@@ -227,7 +231,7 @@ def make_series(
         else:
             pose = PoseChange()
         date = start_date + dt.timedelta(days=int(round(day)))
-        out.append(patient.scan(day, i, date, pose, noise_hu, blur_sigma_vox))
+        out.append(patient.scan(day, i, date, pose, noise_hu, blur_sigma_vox, course_offset_days))
     return out
 
 
