@@ -39,8 +39,16 @@ def assert_partition_invariants(lobes: np.ndarray, lungs: np.ndarray) -> None:
     assert np.array_equal(lobes > 0, lungs > 0), "every lung voxel gets exactly one lobe, nothing outside"
     assert set(np.unique(lobes[lungs == 1])) <= {1, 2, 3}
     assert set(np.unique(lobes[lungs == 2])) <= {4, 5}
+    # each lobe is one piece within the main body of its lung; a lung fragment that touches
+    # nothing else (real masks have a few) cannot be connected and keeps its positional label
+    main = np.zeros(lungs.shape, bool)
+    for side in (1, 2):
+        comp, n = ndi.label(lungs == side)
+        if n:
+            main |= comp == np.argmax(np.bincount(comp.ravel())[1:]) + 1
+    assert (lungs > 0).sum() - main.sum() < 0.005 * (lungs > 0).sum()
     for lab in range(1, 6):
-        _, n = ndi.label(lobes == lab)
+        _, n = ndi.label((lobes == lab) & main)
         assert n == 1, f"lobe {lab} has {n} pieces"
 
 
@@ -231,3 +239,25 @@ def test_loo_on_real_lidc_masks(shared_data: Path) -> None:
     summary = card["validation"]["summary"]
     assert summary["prior"]["mean_distance_mm"] < summary["naive_height"]["mean_distance_mm"]
     assert summary["prior"]["mean_dice_vs_reference"] > summary["naive_height"]["mean_dice_vs_reference"]
+
+
+def test_real_lidc_lung_golden() -> None:
+    """A real lung with hand-drawn fissures (data/samples, ~3 mm): the prior's borders lie near
+    the drawn fissures and far nearer than a naive height split. In-sample for lobes/v1."""
+    from covidtrack.config import SAMPLES
+    from covidtrack.segment.eval_fissures import naive_height_split
+    from covidtrack.segment.train_lobes import named_fissure_voxels
+
+    with np.load(SAMPLES / "lidc_fissures_patient3" / "patient3_3mm.npz") as data:
+        lungs, fissures, spacing = data["lungs"], data["fissures"] > 0, tuple(float(s) for s in data["spacing"])
+    named = named_fissure_voxels(lungs, fissures)
+    assert set(named) == {"right_oblique", "right_horizontal", "left_oblique"}
+    lobes = lobes_from_lung_mask(lungs, spacing)
+    assert_partition_invariants(lobes, lungs)
+    ours = fissure_distances(lobes, named, spacing)
+    naive = fissure_distances(naive_height_split(lungs), named, spacing)
+    for name in named:
+        assert ours[name]["mean_mm"] < 10.0, (name, ours[name])
+        assert ours[name]["mean_mm"] < 0.5 * naive[name]["mean_mm"], (name, ours[name], naive[name])
+    shares = lobe_shares(lobes)
+    assert 3.0 < shares["RML"] < 15.0 and 15.0 < shares["RLL"] < 35.0
