@@ -6,6 +6,7 @@ from pathlib import Path
 
 import streamlit as st
 
+from covidtrack.errors import CovidtrackError
 from covidtrack.ui import startup
 
 HERE = Path(__file__).resolve().parent
@@ -29,4 +30,7 @@ if startup.gate():
         for name, title, icon, url in ROUTES
         if (HERE / PAGES / name).exists()
     ]
-    st.navigation(pages).run()
+    try:
+        st.navigation(pages).run()
+    except CovidtrackError as err:  # typed errors name the file and the fix: show them, no traceback
+        st.error(str(err))

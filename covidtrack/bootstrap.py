@@ -150,9 +150,10 @@ def bootstrap(
                 break
             yield Progress(ev.stage, PHANTOM_SHARE + (1 - PHANTOM_SHARE) * ev.fraction, ev.message, Path(ev.item).name)
         result = BootstrapResult(stored=len(summary.ok), failed=tuple(summary.failed), seconds=time.perf_counter() - start)
-        marker_path().parent.mkdir(parents=True, exist_ok=True)
-        marker_path().write_text(json.dumps({"stored": result.stored, "failed": [list(f) for f in result.failed],
-                                             "seconds": round(result.seconds, 1), "n_patients": n_patients}, indent=1))
+        if result.stored:  # nothing stored (e.g. models missing): try again on the next start
+            marker_path().parent.mkdir(parents=True, exist_ok=True)
+            marker_path().write_text(json.dumps({"stored": result.stored, "failed": [list(f) for f in result.failed],
+                                                 "seconds": round(result.seconds, 1), "n_patients": n_patients}, indent=1))
         yield Progress("done", 1.0, f"demo cohort ready: {result.stored} scans in {result.seconds:.0f} s", "")
         return result
     finally:
