@@ -88,7 +88,8 @@ def gate() -> bool:
         if job.error:
             st.error(f"The demo cohort could not be built: {job.error}. Import your own scans on the Import page.")
         if job.failures:
-            st.warning("Some demo files failed: " + "; ".join(f"{p}: {m}" for p, m in job.failures))
+            first = job.failures[0][1]
+            st.warning(f"{len(job.failures)} demo file(s) failed, e.g.: {first}")
         resources.invalidate()
         st.session_state["bootstrap_checked"] = True
         if not job.error:
