@@ -179,7 +179,11 @@ def apply_disease(
     s_g = strength[ggo]
     lo, hi = HU_GGO_RANGE
     t = np.clip((s_g - GGO_THRESHOLD) / (CONSOLIDATION_THRESHOLD - GGO_THRESHOLD), 0.0, 1.0)
-    ggo_hu = np.clip(lo + (hi - lo) * (0.15 + 0.75 * t) + 60.0 * texture[ggo], lo, hi)
+    tex = texture[ggo]
+    # crazy paving: thin denser lines (thickened septa) where the texture field crosses zero,
+    # more marked in the denser, more mature parts of a lesion
+    septa = np.exp(-((tex / 0.06) ** 2)) * t
+    ggo_hu = np.clip(lo + (hi - lo) * (0.15 + 0.75 * t) + 60.0 * tex + 140.0 * septa, lo, hi)
     # Ground glass adds density to whatever is there: normal parenchyma (-850 HU) is raised
     # to ggo_hu, denser structures less (fissures still visibly denser, vessels unchanged).
     old = hu[ggo]
