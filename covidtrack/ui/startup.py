@@ -7,6 +7,7 @@ polls the job's latest event and reruns until it is done, then the dashboard ope
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from covidtrack.events import Progress
 from covidtrack.ui import resources
 
 
+log = logging.getLogger(__name__)
 _RUNNING = threading.Event()
 
 
@@ -48,6 +50,22 @@ class BootstrapJob:
         finally:
             self.done = True
             _RUNNING.clear()
+        if not self.error:
+            _warm_viewer_cache()
+
+
+def _warm_viewer_cache() -> None:
+    """After the demo is built (the dashboard is already open), warp every patient's follow-ups
+    into baseline space once, so opening a patient does not wait for ANTs (results go to the
+    on-disk viewer cache). Best effort: a failure here only costs speed later."""
+    from covidtrack.report import load
+
+    store = resources.store()
+    for key in store.patients()["patient_key"]:
+        try:
+            load.aligned_series(store, str(key))
+        except Exception as err:  # noqa: BLE001 - the page warps again (and reports) if needed
+            log.info("viewer cache warm-up skipped %s: %s", key, err)
 
 
 @st.cache_resource(show_spinner=False)
