@@ -158,3 +158,24 @@ def bootstrap(
         return result
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def register_all(store: Any) -> Generator[Progress, None, list[str]]:
+    """Register every patient's follow-ups to its baseline (``covidtrack.longitudinal``).
+
+    The dashboard builds the demo with ``register=False`` so it opens as soon as the scans are
+    measured, then runs this in the background: registration is most of the first-start time on
+    2 cores, and the viewer labels unaligned follow-ups until it is done. Returns warnings.
+    """
+    from covidtrack import longitudinal
+
+    keys = [str(k) for k in store.patients()["patient_key"]]
+    warnings: list[str] = []
+    for i, key in enumerate(keys):
+        yield Progress("register", i / max(1, len(keys)), f"aligning follow-ups of patient {i + 1}/{len(keys)}", key)
+        try:
+            longitudinal.register_patient(store, key)
+        except Exception as err:  # noqa: BLE001 - one patient's failure must not stop the others
+            warnings.append(f"{key}: {type(err).__name__}: {err}")
+    yield Progress("register", 1.0, "follow-ups aligned", "")
+    return warnings
