@@ -35,6 +35,9 @@ def _job_panel() -> None:
             retrain.cancel(job)
             st.rerun()
     elif state == "done":
+        if st.session_state.get("models_synced_job") != job.run_id:  # list the new version: rerun the whole page once
+            st.session_state["models_synced_job"] = job.run_id
+            st.rerun(scope="app")
         r = status.get("result", {})
         st.success(f"Last run {job.run_id}: wrote {TASK}/{r.get('version')} from {r.get('base_version')} in {r.get('wall_s', 0):.0f} s "
                    f"on {r.get('slices')} corrected slices. Validation Dice real {_fmt(r.get('old', {}).get('dice_real'))} → "

@@ -82,7 +82,7 @@ def _open_scan(scan_id: str) -> dict[str, Any]:
         ct, lungs, lobes, infection, seg_id = corrections.load_for_review(resources.store(), scan_id)
         state.clear()
         state.update(scan_id=scan_id, ct=ct, lungs=lungs, lobes=lobes, seg_id=seg_id, session=corrections.EditSession(infection),
-                     last_click=None, extra_seconds=0.0)
+                     extra_seconds=0.0)
         zs = np.nonzero(infection.any(axis=(1, 2)))[0]
         lz = np.nonzero(lungs.any(axis=(1, 2)))[0]
         st.session_state["review_z"] = int(zs[len(zs) // 2]) if zs.size else int(lz[len(lz) // 2]) if lz.size else 0
@@ -199,8 +199,10 @@ def _editor(state: dict[str, Any]) -> None:
         st.caption(f"slice {z}: GGO {int((session.working[z] == GGO).sum())} px, consolidation "
                    f"{int((session.working[z] == CONSOLIDATION).sum())} px · yellow GGO, red consolidation; outlines: "
                    + ("lobes RUL blue, RML green, RLL violet, LUL cyan, LLL pink" if show_lobes else "lungs"))
-        if click and click.get("unix_time") != state.get("last_click"):
-            state["last_click"] = click.get("unix_time")
+        # the component returns its last click on every rerun: apply each click once. Kept outside
+        # the per-scan state, so discarding edits or opening another scan never replays a click.
+        if click and click.get("unix_time") != st.session_state.get("review_last_click"):
+            st.session_state["review_last_click"] = click.get("unix_time")
             sy, sx = h / click.get("height", h * zoom), w / click.get("width", w * zoom)
             if "x1" in click:
                 point, end = (int(click["y1"] * sy), int(click["x1"] * sx)), (int(click["y2"] * sy), int(click["x2"] * sx))
