@@ -4,7 +4,6 @@ retraining into a new immutable version, promotion, rollback, re-segmentation, a
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
 import numpy as np
@@ -492,7 +491,7 @@ def test_review_click_paints_in_a_real_browser(small_store: list[str], covidtrac
         driver.switch_to.frame(frame)
         img = wait.until(lambda d: d.find_element(By.ID, "image"))
         wait.until(lambda d: d.find_element(By.ID, "image").size["width"] > 50)
-        w, h = img.size["width"], img.size["height"]
+        w = img.size["width"]
         ActionChains(driver).move_to_element_with_offset(img, int(-w / 2 + 0.3 * w), 0).click().perform()  # right lung
         driver.switch_to.default_content()
         wait.until(lambda d: voxels_changed() not in ("", "0"))
