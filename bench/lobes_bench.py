@@ -21,7 +21,7 @@ sys.path.insert(0, str(REPO))
 
 from covidtrack.config import settings  # noqa: E402
 from covidtrack.labels import LOBE_LABELS  # noqa: E402
-from covidtrack.segment.eval_fissures import leave_one_out, lobe_dice, lobe_shares, naive_height_split  # noqa: E402
+from covidtrack.segment.eval_fissures import leave_one_out, lobe_dice, lobe_shares  # noqa: E402
 from covidtrack.segment.lobes import load_prior, lobes_from_lung_mask, split_lungs  # noqa: E402
 from covidtrack.segment.train_lobes import case_points, load_case, read_mask_canonical  # noqa: E402
 

@@ -1,40 +1,49 @@
-"""Fissure enhancement (Hessian plate filter) and prior-guided refinement of fissure surfaces.
+"""Fissure enhancement (Hessian sheet filters) and prior-guided refinement of fissure surfaces.
 
 A fissure is a thin sheet slightly denser than the lung around it, so inside the lung the
 Hessian of the smoothed CT has one large negative eigenvalue (across the sheet) and two small
-ones (along it). :func:`plate_measure` scores that shape and also returns the sheet normal.
+ones (along it).
+
+- :func:`plate_measure`: orientation-free plate-likeness (eigenvalues) and the sheet normal, the
+  classic fissure enhancement filter, for inspection and figures.
+- :func:`directional_evidence`: sheet evidence for a *given* normal (``-n^T H n`` minus bright
+  curvature within the sheet's plane); used by the refinement because it needs no eigen
+  decomposition and rejects the other fissure (a horizontal sheet when looking for the oblique).
 
 :func:`refine` moves each prior fissure surface (a height per axial column, see
-:mod:`covidtrack.segment.lobes`) within a band of +-``band_mm`` to where the plate measure is
-high *and* the sheet is oriented like the prior surface (the horizontal fissure must not
-capture the oblique one). The offsets are chosen jointly for all columns by semi-global
-matching (dynamic programming along 4 directions): neighbouring columns may differ by one voxel
-at a small cost and by more at a large cost, and a weak quadratic pull keeps the prior where
-nothing is visible. So the surface follows the fissure where it can be seen and the prior where
-it cannot.
+:mod:`covidtrack.segment.lobes`) within a band around the prior to where the evidence is high.
+The offsets are chosen jointly for all columns by semi-global matching (dynamic programming
+along 4 directions): neighbouring columns may differ by one voxel at a small cost and by more
+at a large cost, and a weak quadratic pull keeps the prior where nothing is visible. A second,
+narrower pass uses the first result's own orientation. Where the fissure is seen the surface
+follows it; the shift fades out smoothly where it is not.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 from scipy import ndimage as ndi
 
 from covidtrack.labels import RIGHT_LUNG
 
+if TYPE_CHECKING:
+    from covidtrack.segment.lobes import LungFrame
+
 LUNG_WINDOW_HU = (-1000.0, -500.0)  # clip: vessels and walls must not outshine faint fissures
 SIGMA_MM = 1.5  # Hessian scale: fissures are < 1 mm thick; this matches a ~2 mm working grid
-BAND_MM = 24.0  # search band around the prior surface (mm, along z)
+BAND_MM = 24.0  # first-pass search band around the prior surface (mm, along z)
 PRIOR_SIGMA_MM = 18.0  # how far the prior is trusted (mm) when no fissure is seen
-PRIOR_WEIGHT = 0.05
-P1, P2 = 0.1, 1.5
+PRIOR_WEIGHT = 0.05  # quadratic pull to the prior, in units of one clearly seen fissure voxel
+P1, P2 = 0.1, 1.5  # semi-global matching: one-voxel step / larger jump between neighbouring columns
 IN_PLANE_PENALTY = 2.0  # 2: a sheet 30 deg off the expected normal keeps 1/4 of its score
-EXTEND_SIGMA = 5.0  # columns (~10 mm)
-SEEN_LEVEL = 0.3
-FADE_WEIGHT = 0.02
+EVIDENCE_PERCENTILE = 90.0  # "clearly visible" = this percentile of the evidence in the band
+EXTEND_SIGMA = 5.0  # columns (~10 mm): how far a seen shift carries into unseen columns
+SEEN_LEVEL = 0.3  # evidence (0..1) above which a column counts as having seen the fissure
+FADE_WEIGHT = 0.02  # how fast an unseen column falls back to the prior
 REFINE_PASSES = ((BAND_MM, PRIOR_SIGMA_MM), (10.0, 10.0))  # (band, prior sigma) in mm per pass
-EVIDENCE_PERCENTILE = 90.0  # semi-global matching: one-voxel step, larger jump (in units of the data cost)
 
 
 @dataclass(frozen=True, eq=False)
@@ -255,12 +264,12 @@ def _uncrop(arr: np.ndarray, box: tuple[slice, ...], shape: tuple[int, ...]) -> 
 def refine(
     ct: np.ndarray,
     lung: np.ndarray,
-    frame: object,
+    frame: "LungFrame",
     heights: dict[str, np.ndarray],
     spacing: tuple[float, float, float],
 ) -> dict[str, np.ndarray]:
     """Refine the prior heights of one lung's fissures with the CT (all on the working grid)."""
-    side = getattr(frame, "side")
+    side = frame.side
     eroded = ndi.binary_erosion(lung, iterations=1)  # the pleura is an edge, not a fissure
     sz = float(spacing[0])
     D = max(1, int(round(BAND_MM / sz)))

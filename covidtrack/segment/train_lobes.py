@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import platform
 import subprocess
 import time
@@ -36,7 +37,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage as ndi
 
-from covidtrack.config import REPO_ROOT, SHIPPED_MODELS
+from covidtrack.config import REPO_ROOT
 from covidtrack.labels import LEFT_LUNG, RIGHT_LUNG
 from covidtrack.segment.lobes import (
     SURFACES,
@@ -421,7 +422,7 @@ def run(args: argparse.Namespace) -> int:
         "hyperparameters": {"grid": [GRID_V, GRID_W], "fine_bandwidth": FINE_BW, "coarse_bandwidth": COARSE_BW,
                             "fill_weight": FILL_WEIGHT, "train_spacing_mm": TRAIN_SPACING_MM},
         "wall_time_s": round(time.time() - t0, 1),
-        "hardware": {"processor": platform.processor() or platform.machine(), "cpu_count": __import__("os").cpu_count(),
+        "hardware": {"processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
                      "note": "2 CPU cores"},
         "validation": loo,
         "code_commit": _git_commit(),
