@@ -336,7 +336,7 @@ def _prepare(volume: Volume, lungs: np.ndarray, infection: np.ndarray, margin_mm
     if max(sigma) > 0:
         img = ants.smooth_image(img, sigma, sigma_in_physical_coordinates=True)
     img = ants.resample_image(img, target, use_voxels=False, interp_type=0)
-    lab = ants.resample_image_to_target(sub.to_ants(lungs[sl].astype(np.float32)), img, interpolator="genericLabel")
+    lab = ants.resample_image_to_target(sub.to_ants(lungs[sl].astype(np.float32)), img, interp_type="genericLabel")
     binary = ants.threshold_image(lab, 0.5, 1e9, 1, 0)
     soft = ants.smooth_image(binary, 2.0 * WORK_SPACING_MM / 2.5, sigma_in_physical_coordinates=True)
     centroid = grid.physical_points(np.argwhere(lungs > 0).mean(axis=0)[None, :])[0]
@@ -345,7 +345,7 @@ def _prepare(volume: Volume, lungs: np.ndarray, infection: np.ndarray, margin_mm
     # metric lets the regularised field carry the surrounding anatomy through it.
     mask = ants.iMath(binary, "MD", 3)
     if (infection > 0).any():
-        inf = ants.resample_image_to_target(sub.to_ants((infection[sl] > 0).astype(np.float32)), img, interpolator="linear")
+        inf = ants.resample_image_to_target(sub.to_ants((infection[sl] > 0).astype(np.float32)), img, interp_type="linear")
         inf = ants.iMath(ants.threshold_image(inf, 0.25, 1e9, 1, 0), "MD", 1)
         mask = mask * (1 - inf)
     return _Prepared(image=img, lungs=lab, soft_mask=soft, metric_mask=mask, centroid=centroid)
@@ -393,7 +393,7 @@ def _qa(fixed: _Prepared, moving: _Prepared, fwd: list[str]) -> RegistrationQA:
     warped = ants.apply_transforms(fixed=fixed.lungs, moving=moving.lungs, transformlist=fwd,
                                    interpolator="genericLabel")
     warped_lab = np.rint(warped.numpy()).astype(np.uint8)
-    before = ants.resample_image_to_target(moving.lungs, fixed.lungs, interpolator="genericLabel")
+    before = ants.resample_image_to_target(moving.lungs, fixed.lungs, interp_type="genericLabel")
     before_lab = np.rint(before.numpy()).astype(np.uint8)
     right, left = _sides_dice(fixed_lab, warped_lab)
     b_right, b_left = _sides_dice(fixed_lab, before_lab)

@@ -289,3 +289,18 @@ def test_register_followup_stores_idempotently_and_follows_a_new_baseline(series
 def _shifted(volume: Volume) -> Volume:
     """The same anatomy, different pixels (a new content hash): +5 HU everywhere."""
     return volume.with_array(np.clip(volume.array.astype(np.int32) + 5, -32768, 32767))
+
+
+def test_downsampled_label_maps_stay_labels():
+    """Preparing a fine scan (1 mm) for the 2.5 mm working grid must keep lung labels exact
+    (interpolated labels would make generic-label warping and the QA meaningless and slow)."""
+    from covidtrack.register import _prepare
+
+    arr = np.full((60, 60, 60), -50, np.int16)
+    lungs = np.zeros(arr.shape, np.uint8)
+    lungs[10:50, 10:50, 8:28], lungs[10:50, 10:50, 32:52] = 1, 2
+    arr[lungs > 0] = -850
+    vol = Volume(array=arr, spacing=(1.0, 0.9, 0.9))
+    prep = _prepare(vol, lungs, np.zeros_like(lungs), 10.0)
+    assert set(np.unique(prep.lungs.numpy())) == {0.0, 1.0, 2.0}
+    assert max(prep.image.spacing) >= 2.5
