@@ -239,10 +239,13 @@ def test_demo_command_writes_readable_cohort(tmp_path: Path) -> None:
         by_patient.setdefault(r["patient"], []).append(r)
     assert len(by_patient) == 2
     assert {r[0]["arm"] for r in by_patient.values()} == {"A", "B"}
+    schedules = []
     for scans in by_patient.values():
         assert 3 <= len(scans) <= 6
         dates = [dt.date.fromisoformat(r["date"]) for r in scans]
         assert all(3 <= (b - a).days <= 5 for a, b in zip(dates, dates[1:]))
+        schedules.append([(d - dates[0]).days for d in dates])
+    assert schedules[0] == schedules[1], "a matched pair shares its follow-up schedule"
     scans = read_manifest(out / "manifest.csv")
     assert all(s.path.is_file() for s in scans)
     import SimpleITK as sitk
@@ -260,6 +263,8 @@ def test_demo_command_writes_readable_cohort(tmp_path: Path) -> None:
     inner = (mid < -600) & ndi.binary_fill_holes(mid > -400)  # air inside the body: lungs
     assert inner.sum() > 500
     assert inner[:, :60].sum() > 0.3 * inner.sum() and inner[:, 68:].sum() > 0.3 * inner.sum()
+    (tmp_path / "a_file").write_text("x")
+    assert main(["demo", "--out", str(tmp_path / "a_file"), "--patients", "1"]) == 2  # typed error, no traceback
     with (out / "truth.csv").open() as fh:
         truth_rows = list(csv.DictReader(fh))
     assert len(truth_rows) == len(rows) and float(truth_rows[0]["lungs_ml"]) > 1000

@@ -25,18 +25,26 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from covidtrack.errors import InputError
     from covidtrack.events import Progress
     from covidtrack.phantom import write_demo_cohort
 
     if args.patients < 1:
         print("error: --patients must be at least 1", file=sys.stderr)
         return 2
+    out: Path = args.out
+    if out.exists() and not out.is_dir():
+        raise InputError(out, "exists and is not a folder", "pass a new or existing folder to --out")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise InputError(out, f"cannot create the folder ({err.strerror})", "choose a writable location for --out") from err
 
     def show(event: Progress) -> None:
         print(f"[{event.fraction * 100:5.1f}%] {event.message}", file=sys.stderr, flush=True)
 
     manifest = write_demo_cohort(
-        args.out, n_patients=args.patients, seed=args.seed, with_truth=not args.no_truth, progress=show
+        out, n_patients=args.patients, seed=args.seed, with_truth=not args.no_truth, progress=show
     )
     print(manifest)
     return 0

@@ -44,8 +44,9 @@ def write_demo_cohort(
 ) -> Path:
     """Write a demo cohort and return the path of its ``manifest.csv``.
 
-    ``n_patients`` synthetic patients (IDs ``DEMO01`` ...), balanced over arms ``A`` (standard
-    care) and ``B`` (faster resolution, see :data:`ARMS`), each with 3-6 scans every 3-5 days.
+    ``n_patients`` synthetic patients (IDs ``DEMO01`` ...) in matched pairs over arms ``A``
+    (standard care) and ``B`` (faster resolution, see :data:`ARMS`), each with 3-6 scans every
+    3-5 days (the same schedule within a pair, see :func:`_paired_schedules`).
     Each scan is ``<patient>/<patient>_<date>.nii.gz`` (int16 HU, canonical LPS geometry);
     ``manifest.csv`` lists ``patient, arm, date, path`` with paths relative to ``out_dir``.
     With ``with_truth`` the true lobe and infection maps go to ``<patient>/truth/`` and their
@@ -59,22 +60,25 @@ def write_demo_cohort(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng([int(seed), 99])
-    arms = [list(ARMS)[i % len(ARMS)] for i in range(n_patients)]
-    rng.shuffle(arms)
+    schedules = _paired_schedules(n_patients, rng)
     manifest_rows: list[dict[str, str]] = []
     truth_rows: list[dict[str, str]] = []
-    for i in range(n_patients):
+    for i, (arm, days, offset, peak, pair) in enumerate(schedules):
         patient = f"DEMO{i + 1:02d}"
-        arm = arms[i]
-        n_tp = int(rng.integers(3, 7))
         start = dt.date(2020, 3, 2) + dt.timedelta(days=int(rng.integers(0, 240)))
         patient_seed = int(seed) * 1000 + i
-        emit(progress, "demo", i / n_patients, f"generating {patient} ({n_tp} scans, arm {arm})", patient)
-        # patients present at different points of their illness, so that short series
-        # still show the peak and the start of resolution
-        offset = float(rng.uniform(0.0, 5.0))
+        emit(progress, "demo", i / n_patients, f"generating {patient} ({len(days)} scans, arm {arm})", patient)
         series = make_series(
-            patient_seed, n_tp, shape, spacing, resolution_rate=ARMS[arm], start_date=start, course_offset_days=offset
+            patient_seed,
+            len(days),
+            shape,
+            spacing,
+            days=days,
+            resolution_rate=ARMS[arm],
+            start_date=start,
+            course_offset_days=offset,
+            peak_day=peak,
+            disease_seed=int(seed) * 1000 + 500 + pair,
         )
         pdir = out / patient
         pdir.mkdir(exist_ok=True)
@@ -111,6 +115,25 @@ def write_demo_cohort(
         _write_csv(out / "truth.csv", TRUTH_COLUMNS, truth_rows)
     emit(progress, "demo", 1.0, f"wrote {len(manifest_rows)} scans of {n_patients} patients", str(manifest))
     return manifest
+
+
+def _paired_schedules(n_patients: int, rng: np.random.Generator) -> list[tuple[str, list[float], float, float, int]]:
+    """(arm, scan days, illness day at baseline, peak day, pair) per patient, in matched A/B pairs.
+
+    Both patients of a pair get the same follow-up schedule (3-6 scans, every 3-5 days),
+    present on the same day of their illness (3-8 days in, as patients usually do), peak on
+    the same illness day (9-13) and share the disease draw (severity, lesion sizes and timing;
+    not their positions or the anatomy), so the arms differ by treatment, not by chance.
+    """
+    out: list[tuple[str, list[float], float, float, int]] = []
+    for _ in range(0, n_patients, 2):
+        n_tp = int(rng.integers(3, 7))
+        days = [0.0] + [float(d) for d in np.cumsum(rng.integers(3, 6, size=n_tp - 1))]
+        offset = float(rng.uniform(3.0, 8.0))  # patients present 3-8 days into their illness
+        peak = float(rng.uniform(9.0, 13.0))
+        pair = ["A", "B"] if rng.random() < 0.5 else ["B", "A"]
+        out += [(arm, days, offset, peak, len(out) // 2) for arm in pair]
+    return out[:n_patients]
 
 
 def _write_csv(path: Path, columns: tuple[str, ...], rows: list[dict[str, str]]) -> None:

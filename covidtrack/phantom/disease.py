@@ -67,12 +67,15 @@ def sample_course(
     severity: float,
     resolution_rate: float = 1.0,
     scale: float = 1.0,
+    peak_day: float | None = None,
 ) -> DiseaseCourse:
     """Draw lesions for a patient with ``severity`` in [0, 1] (0 = healthy).
 
     ``resolution_rate`` > 1 makes every lesion resolve faster (e.g. an effective treatment).
+    ``peak_day`` fixes the patient's peak (default: drawn from 9-13 days).
     """
-    peak = float(rng.uniform(9.0, 13.0))
+    drawn = float(rng.uniform(9.0, 13.0))  # always drawn, so the rest of the stream is unchanged
+    peak = drawn if peak_day is None else float(peak_day)
     if severity <= 0.0:
         return DiseaseCourse((), peak, resolution_rate)
     n = int(round(3 + 13 * severity))

@@ -96,6 +96,8 @@ class PhantomPatient:
         severity: float | None = None,
         healthy: bool = False,
         resolution_rate: float = 1.0,
+        peak_day: float | None = None,
+        disease_seed: int | None = None,
     ) -> None:
         if len(shape) != 3 or min(shape) < 8:
             raise ValueError(f"shape must be three sizes >= 8 (z, y, x), got {shape}")
@@ -108,7 +110,7 @@ class PhantomPatient:
         rng = _rng(seed, _ANATOMY)
         self.params = sample_params(self.grid, rng)
         self.atlas: Atlas = render_atlas(self.grid, self.params, rng)
-        rng_d = _rng(seed, _DISEASE)
+        rng_d = _rng(seed if disease_seed is None else disease_seed, _DISEASE)
         drawn = float(rng_d.uniform(0.35, 0.95))
         self.severity = 0.0 if healthy else (drawn if severity is None else float(severity))
         self.course: DiseaseCourse = sample_course(
@@ -120,6 +122,7 @@ class PhantomPatient:
             self.severity,
             resolution_rate=resolution_rate,
             scale=self.params.scale,
+            peak_day=peak_day,
         )
         self.texture = texture_field(self.grid, _rng(seed, _TEXTURE))
         self.periphery = periphery_field(self.atlas.pleura_mm, self.atlas.coarse_factor, self.grid)
@@ -190,6 +193,8 @@ def make_series(
     healthy: bool = False,
     resolution_rate: float = 1.0,
     course_offset_days: float = 0.0,
+    peak_day: float | None = None,
+    disease_seed: int | None = None,
     motion: bool = True,
     noise_hu: float = 20.0,
     blur_sigma_vox: float = 0.8,
@@ -205,7 +210,10 @@ def make_series(
       The disease peaks around day 9-13 and resolves afterwards, lobe by lobe.
     - ``severity`` in [0, 1] (default drawn from the seed), ``healthy=True`` for no disease;
       ``resolution_rate`` > 1 resolves faster (a treatment effect); ``course_offset_days``
-      shifts the baseline later into the illness (the peak then comes that many days earlier).
+      shifts the baseline later into the illness (the peak then comes that many days earlier);
+      ``peak_day`` fixes the patient's peak on the illness timeline (default drawn from 9-13);
+      ``disease_seed`` (default ``seed``) draws severity, lesion sizes, strengths and timing
+      from another seed: two patients sharing it have matched disease (positions still differ).
     - ``motion``: follow-ups get a new pose (a few degrees, some mm) and breath, recorded in
       ``Truth.displacement`` (see :mod:`covidtrack.phantom.motion` for the convention); with
       ``motion=False`` follow-ups are aligned and their displacement is zero.
@@ -219,7 +227,16 @@ def make_series(
     if not day_list or day_list[0] != 0.0 or any(b <= a for a, b in zip(day_list, day_list[1:])):
         raise ValueError(f"days must start at 0 and increase, got {day_list}")
     _set_threads()
-    patient = PhantomPatient(seed, shape, spacing, severity=severity, healthy=healthy, resolution_rate=resolution_rate)
+    patient = PhantomPatient(
+        seed,
+        shape,
+        spacing,
+        severity=severity,
+        healthy=healthy,
+        resolution_rate=resolution_rate,
+        peak_day=peak_day,
+        disease_seed=disease_seed,
+    )
     if start_date is None:
         start_date = dt.date(2020, 3, 1) + dt.timedelta(days=int(_rng(seed, _DAYS, 1).integers(0, 300)))
     out = []
