@@ -156,6 +156,16 @@ def dirlab_shares() -> dict:
                       "shares are a plausibility check of the prior on 20 real lung shapes, not a measurement"}
 
 
+def _git_commit() -> str:
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
 def main() -> None:
     import torch
 
@@ -167,6 +177,7 @@ def main() -> None:
         "what": "five-lobe partition (covidtrack.segment.lobes): fissure distance + Dice of the shape prior "
                 "(LIDC leave-one-out), phantom Dice, lobe shares and time on real CT, shares on real masks",
         "model": prior.version,
+        "code_commit": _git_commit(),
         "hardware": {"processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
                      "note": "2 CPU cores shared with other jobs", "threads": settings().threads},
         "lidc_leave_one_out": lidc_loo(),
