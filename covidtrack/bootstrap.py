@@ -37,6 +37,7 @@ REAL_SAMPLE = SAMPLES / "chest4dct_4mm" / "ct_4mm.nii.gz"
 REAL_SAMPLE_PATIENT = "DEMO-REAL-CT"
 REAL_SAMPLE_ARM = "real CT sample"
 REAL_SAMPLE_DATE = "2020-03-02"
+REAL_SAMPLE_ALIAS = "real CT (no COVID-19)"
 DEMO_PATIENTS = 8
 MARKER = "demo-bootstrap.json"
 PHANTOM_SHARE = 0.2  # of the progress bar: phantom synthesis is ~1/4 of the first start on 2 cores
@@ -65,18 +66,23 @@ def needs_bootstrap(store: Any) -> bool:
 
 
 def _with_real_sample(manifest: Path) -> None:
-    """Append the real CT sample to the phantom manifest (absolute path; the manifest may be moved)."""
-    if not REAL_SAMPLE.exists():
-        return  # a trimmed install without data/samples: the phantoms alone still make a demo
+    """Give the phantom patients aliases and append the real CT sample (absolute path)."""
     with manifest.open(newline="", encoding="utf-8") as fh:
         reader = csv.DictReader(fh)
         fields = list(reader.fieldnames or [])
         rows = list(reader)
+    if "alias" not in fields:
+        fields.append("alias")
+    # readable demo labels; the phantom IDs are synthetic, but the UI shows aliases, not IDs
+    order = {p: i + 1 for i, p in enumerate(dict.fromkeys(r["patient"] for r in rows))}
+    for r in rows:
+        r["alias"] = r.get("alias") or f"phantom {order[r['patient']]}"
     row = {k: "" for k in fields}
-    row.update({"patient": REAL_SAMPLE_PATIENT, "date": REAL_SAMPLE_DATE, "path": str(REAL_SAMPLE)})
+    row.update({"patient": REAL_SAMPLE_PATIENT, "date": REAL_SAMPLE_DATE, "path": str(REAL_SAMPLE), "alias": REAL_SAMPLE_ALIAS})
     if "arm" in fields:
         row["arm"] = REAL_SAMPLE_ARM
-    rows.append(row)
+    if REAL_SAMPLE.exists():  # a trimmed install without data/samples: the phantoms alone still make a demo
+        rows.append(row)
     with manifest.open("w", newline="", encoding="utf-8") as fh:
         writer = csv.DictWriter(fh, fieldnames=fields)
         writer.writeheader()

@@ -109,6 +109,9 @@ def test_figures_have_expected_traces() -> None:
     traj = figures.trajectory_figure(frame)
     names = {t.name for t in traj.data}
     assert {"infection volume", "POI whole", "POI RLL", "severity score"} <= names
+    # without lobes (no lobe model): no empty lobe or severity panels
+    no_lobes = figures.trajectory_figure(frame[frame.region.isin(["whole", "right", "left"]) & (frame.metric != M.SEVERITY)])
+    assert [a.text for a in no_lobes.layout.annotations] == ["Infection volume (mL)", "POI (%): whole, right, left"]
     heat = figures.lobe_heatmap(frame)
     assert np.asarray(heat.data[0].z).shape == (5, 5)
     s = synthetic.aligned_series(4)

@@ -200,6 +200,7 @@ def test_bootstrap_builds_demo_through_pipeline(covidtrack_home: Path) -> None:
         pats = store.patients()
         assert len(pats) == 3  # two phantom patients + the real CT sample
         assert set(pats["arm"]) >= {bootstrap.REAL_SAMPLE_ARM}
+        assert set(pats["alias"]) == {"phantom 1", "phantom 2", bootstrap.REAL_SAMPLE_ALIAS}
         assert (pats["n_scans"] >= 1).all() and pats["n_scans"].sum() == result.stored
         assert not bootstrap.needs_bootstrap(store)  # the marker prevents a second build
     assert not list((covidtrack_home / "work").glob("demo-*"))  # scratch phantoms removed

@@ -78,54 +78,75 @@ def _line(rows: pd.DataFrame, x: XAxis, name: str, colour: str, unit: str, dash:
 
 
 def trajectory_figure(frame: pd.DataFrame, x: XAxis = "date", lobe_view: bool = True, height: int = 620) -> go.Figure:
-    """The patient's course in four panels sharing the x axis.
+    """The patient's course in up to four panels sharing the x axis.
 
     (1) infection volume (mL) with GGO and consolidation; (2) POI (%) whole / right / left;
-    (3) POI (%) per lobe (or nothing extra in the 4-region view); (4) CT severity score 0-25.
+    (3) POI (%) per lobe (5-lobe view) or GGO vs consolidation POI (4-region view);
+    (4) CT severity score 0-25. Panels without data (e.g. no lobes segmented) are left out.
     """
-    titles = (
-        "Infection volume (mL)",
-        "POI (%): whole, right, left",
-        "POI (%) per lobe" if lobe_view else "GGO vs consolidation POI (%)",
-        "CT severity score (0-25)",
+    has_lobes = frame["region"].isin(LOBES).any() and (frame["metric"] == M.POI).any()
+    has_severity = len(select(frame, M.SEVERITY, "whole")) > 0
+    panels = ["volume", "poi"]
+    if lobe_view and has_lobes:
+        panels.append("lobes")
+    elif not lobe_view:
+        panels.append("ggo_cons")
+    if has_severity:
+        panels.append("severity")
+    titles = {
+        "volume": "Infection volume (mL)",
+        "poi": "POI (%): whole, right, left",
+        "lobes": "POI (%) per lobe",
+        "ggo_cons": "GGO vs consolidation POI (%)",
+        "severity": "CT severity score (0-25)",
+    }
+    rows = (len(panels) + 1) // 2
+    fig = make_subplots(
+        rows=rows, cols=2, shared_xaxes=True, subplot_titles=[titles[p] for p in panels],
+        vertical_spacing=0.14 if rows > 1 else 0.1, horizontal_spacing=0.08,
     )
-    fig = make_subplots(rows=2, cols=2, shared_xaxes=True, subplot_titles=titles, vertical_spacing=0.14, horizontal_spacing=0.08)
+    where = {p: (i // 2 + 1, i % 2 + 1) for i, p in enumerate(panels)}
+    r, c = where["volume"]
     for metric, name, colour, dash in (
         (M.INFECTION_ML, "infection", "#222222", None),
         (M.GGO_ML, "GGO", GGO_COLOUR, "dot"),
         (M.CONS_ML, "consolidation", CONS_COLOUR, "dash"),
     ):
-        rows = select(frame, metric, "whole")
-        if len(rows):
-            fig.add_trace(_line(rows, x, f"{name} volume", colour, "mL", dash, legendgroup="vol"), row=1, col=1)
+        rows_ = select(frame, metric, "whole")
+        if len(rows_):
+            fig.add_trace(_line(rows_, x, f"{name} volume", colour, "mL", dash, legendgroup="vol"), row=r, col=c)
+    r, c = where["poi"]
     for region in ("whole", "right", "left"):
-        rows = select(frame, M.POI, region)
-        if len(rows):
-            fig.add_trace(_line(rows, x, f"POI {region}", REGION_COLOURS[region], "%", legendgroup="poi"), row=1, col=2)
-    if lobe_view:
+        rows_ = select(frame, M.POI, region)
+        if len(rows_):
+            fig.add_trace(_line(rows_, x, f"POI {region}", REGION_COLOURS[region], "%", legendgroup="poi"), row=r, col=c)
+    if "lobes" in where:
+        r, c = where["lobes"]
         for lobe in LOBES:
-            rows = select(frame, M.POI, lobe)
-            if len(rows):
-                fig.add_trace(_line(rows, x, f"POI {lobe}", REGION_COLOURS[lobe], "%", legendgroup="lobe"), row=2, col=1)
-    else:
+            rows_ = select(frame, M.POI, lobe)
+            if len(rows_):
+                fig.add_trace(_line(rows_, x, f"POI {lobe}", REGION_COLOURS[lobe], "%", legendgroup="lobe"), row=r, col=c)
+    if "ggo_cons" in where:
+        r, c = where["ggo_cons"]
         for metric, name, colour in ((M.POI_GGO, "GGO POI", GGO_COLOUR), (M.POI_CONS, "consolidation POI", CONS_COLOUR)):
-            rows = select(frame, metric, "whole")
-            if len(rows):
-                fig.add_trace(_line(rows, x, name, colour, "%"), row=2, col=1)
-    rows = select(frame, M.SEVERITY, "whole")
-    if len(rows):
+            rows_ = select(frame, metric, "whole")
+            if len(rows_):
+                fig.add_trace(_line(rows_, x, name, colour, "%"), row=r, col=c)
+    if "severity" in where:
+        r, c = where["severity"]
+        rows_ = select(frame, M.SEVERITY, "whole")
         fig.add_trace(
             go.Bar(
-                x=_x(rows, x), y=rows["value"], name="severity score", marker_color="#7f7f7f",
+                x=_x(rows_, x), y=rows_["value"], name="severity score", marker_color="#7f7f7f",
                 hovertemplate="severity: %{y:.0f} / 25<extra></extra>",
             ),
-            row=2, col=2,
+            row=r, col=c,
         )
-        fig.update_yaxes(range=[0, 25], row=2, col=2)
+        fig.update_yaxes(range=[0, 25], row=r, col=c)
     for col in (1, 2):
-        fig.update_xaxes(title_text=_x_title(x), row=2, col=col)
+        fig.update_xaxes(title_text=_x_title(x), row=rows, col=col)
     fig.update_yaxes(rangemode="tozero")
-    _layout(fig, None, height)
+    _layout(fig, None, height if rows > 1 else max(320, height // 2 + 40))
     # a legend on the right keeps the subplot titles readable
     fig.update_layout(legend=dict(orientation="v", x=1.02, xanchor="left", y=1, yanchor="top", font=dict(size=11)), margin=dict(r=170))
     return fig
@@ -241,7 +262,8 @@ def change_bar_figure(change: pd.DataFrame, height: int = 300) -> go.Figure:
     fig = go.Figure()
     if change.empty:
         return _layout(fig, "Change vs baseline: no registered follow-up", height)
-    change = change.copy()
+    order = {r: i for i, r in enumerate(("whole", "right", "left", *LOBES))}
+    change = change.assign(_o=change["region"].map(order).fillna(99)).sort_values(["date", "_o"])
     change["x"] = change["date"].astype(str) + " " + change["region"].astype(str)
     for col, key in (("new_ml", 1), ("resolved_ml", 2), ("persistent_ml", 3)):
         fig.add_trace(

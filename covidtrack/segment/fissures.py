@@ -43,6 +43,7 @@ EVIDENCE_PERCENTILE = 90.0  # "clearly visible" = this percentile of the evidenc
 EXTEND_SIGMA = 5.0  # columns (~10 mm): how far a seen shift carries into unseen columns
 SEEN_LEVEL = 0.3  # evidence (0..1) above which a column counts as having seen the fissure
 FADE_WEIGHT = 0.02  # how fast an unseen column falls back to the prior
+SMOOTH_COLUMNS = 2.0  # final smoothing of the offsets (columns, ~4 mm on the working grid)
 REFINE_PASSES = ((BAND_MM, PRIOR_SIGMA_MM), (10.0, 10.0))  # (band, prior sigma) in mm per pass
 
 
@@ -235,7 +236,7 @@ def _extend_offsets(offset: np.ndarray, seen: np.ndarray) -> np.ndarray:
     den = ndi.gaussian_filter(w, EXTEND_SIGMA)
     fill = num / (den + FADE_WEIGHT)
     out = np.where(anchor, offset, fill)
-    return ndi.gaussian_filter(out, 1.0)  # no staircase between neighbouring columns
+    return ndi.gaussian_filter(out, SMOOTH_COLUMNS)  # no staircase, no wiggle around single vessels
 
 
 def refine_passes(

@@ -362,6 +362,7 @@ def train(cfg: TrainConfig, log: Log = print) -> TrainResult:
     wall = time.time() - start
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{version}.", dir=final.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; a model version is meant to be shared
     try:
         sha = save_weights(net, cfg.spec, tmp / "weights.pt")
         card = _card(cfg, version, info, holdout, wall, sha, len(pairs), len(held), len(unl))
