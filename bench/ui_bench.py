@@ -189,6 +189,28 @@ def screenshot(driver: object, name: str, height: int | None = None) -> None:
     tmp.unlink()
 
 
+def screens_from(home: Path, last: dict[str, str]) -> None:
+    """Screenshots of the patient-side pages from another store (e.g. phantoms through the pipeline)."""
+    from covidtrack.store import Store
+
+    os.environ["COVIDTRACK_HOME"] = str(home)
+    with Store.open() as store:
+        counts = store.scans().groupby("patient_key").size().sort_values(ascending=False)
+    key = str(counts.index[0])
+    server = Server(home)
+    driver = browser()
+    try:
+        for page in (f"patient?patient={key}", "", "import", "report"):
+            label = page.split("?")[0] or "patients"
+            load_and_time(driver, f"{server.url}/{page}", last.get(label, "not a diagnosis"))
+            screenshot(driver, f"ui_{label}", height=2000 if label == "patient" else 1100)
+            driver.set_window_size(1400, 1800)  # type: ignore[attr-defined]
+    finally:
+        driver.quit()  # type: ignore[attr-defined]
+        shutil.rmtree(driver._covidtrack_profile, ignore_errors=True)  # type: ignore[attr-defined]
+        server.close()
+
+
 def measure_first_start(home: Path) -> dict[str, object]:
     """Wall time of the demo bootstrap into the empty store at ``home`` (the real pipeline, shipped
     models). The store is kept for the page timings and screenshots."""
@@ -221,6 +243,7 @@ def main() -> None:
     ap.add_argument("--first-start", action="store_true", help="also time the demo bootstrap (needs shipped models)")
     ap.add_argument("--demo-home", type=Path, help="an existing COVIDTRACK_HOME to screenshot and time (e.g. the demo cohort)")
     ap.add_argument("--cohort-patients", type=int, default=1000)
+    ap.add_argument("--screens-home", type=Path, help="take the patient-side screenshots from this COVIDTRACK_HOME (no timing)")
     args = ap.parse_args()
 
     from covidtrack.report import load, pdf, synthetic
@@ -307,13 +330,17 @@ def main() -> None:
                         cold = load_and_time(driver, f"{server.url}/{page}", last.get(label, "not a diagnosis"))
                         warm = load_and_time(driver, f"{server.url}/{page}", last.get(label, "not a diagnosis"))
                         timings[label] = {"first_load_s": round(cold, 2), "warm_load_s": round(warm, 2)}
-                        screenshot(driver, f"ui_{label}", height=2000 if label in ("patient", "cohort") else 1100)
-                        driver.set_window_size(1400, 1800)  # type: ignore[attr-defined]
+                        if not (args.screens_home and name == "patient"):
+                            screenshot(driver, f"ui_{label}", height=2000 if label in ("patient", "cohort") else 1100)
+                            driver.set_window_size(1400, 1800)  # type: ignore[attr-defined]
                     out.setdefault("browser", {})[name] = timings  # type: ignore[union-attr]
                 finally:
                     driver.quit()  # type: ignore[attr-defined]
                     shutil.rmtree(driver._covidtrack_profile, ignore_errors=True)  # type: ignore[attr-defined]
                     server.close()
+            if args.screens_home:
+                screens_from(args.screens_home, last)
+                out["screenshots_from"] = f"{args.screens_home.name}: see bench/figures/ui_*.png"
             print("browser", out["browser"], flush=True)
         else:
             out["browser"] = "not measured: chromium / chromedriver absent"
