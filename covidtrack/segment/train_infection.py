@@ -346,6 +346,7 @@ def train(cfg: TrainConfig, log: Log = print) -> TrainResult:
     from covidtrack.segment.infection import InfectionModel, save_weights, write_card
 
     start = time.time()
+    commit = _code_commit()  # at the start: HEAD may move while a long run trains
     pairs, held, unl = load_training_data(cfg)
     log(f"training infection model on {len(pairs)} labelled slices, {len(unl)} unlabelled, {len(held)} held out")
     net, info = fit_recipe(pairs, unl, cfg, log)
@@ -365,7 +366,7 @@ def train(cfg: TrainConfig, log: Log = print) -> TrainResult:
     os.chmod(tmp, 0o755)  # mkdtemp makes it private; a model version is meant to be shared
     try:
         sha = save_weights(net, cfg.spec, tmp / "weights.pt")
-        card = _card(cfg, version, info, holdout, wall, sha, len(pairs), len(held), len(unl))
+        card = _card(cfg, version, info, holdout, wall, sha, commit, len(pairs), len(held), len(unl))
         write_card(tmp, card)
         (tmp / "MODEL_CARD.md").write_text(model_card_markdown(card))
         os.replace(tmp, final)
@@ -377,13 +378,15 @@ def train(cfg: TrainConfig, log: Log = print) -> TrainResult:
     return TrainResult(ref=ref, wall_s=wall, holdout=holdout)
 
 
-def _card(cfg: TrainConfig, version: str, info: dict, holdout: dict | None, wall: float, sha: str, n_train: int, n_held: int, n_unl: int) -> dict:
+def _card(
+    cfg: TrainConfig, version: str, info: dict, holdout: dict | None, wall: float, sha: str, commit: str, n_train: int, n_held: int, n_unl: int
+) -> dict:
     epochs = cfg.iterations * cfg.batch_size / max(1, n_train)
     return {
         "task": "infection",
         "version": version,
         "created_utc": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "code_commit": _code_commit(),
+        "code_commit": commit,
         "weights_sha256": sha,
         "labels": {"0": "none", "1": "GGO", "2": "consolidation"},
         "net": {"kind": "MONAI UNet 2D", **cfg.spec.to_json()},
