@@ -423,6 +423,7 @@ def render_atlas(grid: Grid, p: AnatomyParams, rng: np.random.Generator) -> Atla
     stern = stern & (Z > p.z_base + 0.30 * p.lung_height) & (Z < p.z_base + 0.95 * p.lung_height)
     hu[stern] = HU_BONE_MARROW + 80.0
     tissue[stern] = T_BONE
+    _paint_shoulder_girdle(hu, tissue, grid, p, lung)
     return Atlas(hu=hu, lobes=lobes, tissue=tissue, params=p, pleura_mm=pleura, coarse_factor=coarse_factor)
 
 
@@ -552,6 +553,46 @@ def _paint_lung_trees(
     idx = idx[(flat_lobe[idx] > 0) & (frac >= 1.0)]
     flat_hu[idx] = HU_AIR
     flat_t[idx] = T_AIRWAY
+
+
+def _paint_shoulder_girdle(hu: np.ndarray, tissue: np.ndarray, grid: Grid, p: AnatomyParams, lung: np.ndarray) -> None:
+    """Scapulae (thin plates on the posterolateral ribs) and clavicles (sternum to shoulder)."""
+    s, zb, hgt = p.scale, p.z_base, p.lung_height
+    Z, Y, X = grid.axes()
+    k0 = max(0, int(np.floor((zb + 0.52 * hgt) / grid.spacing[0])))
+    k1 = min(grid.shape[0], int(np.ceil((zb + 1.0 * hgt) / grid.spacing[0])) + 1)
+    if k1 > k0:
+        z = Z[k0:k1]
+        a, b, yc = _cavity(p, z)
+        dy = Y - yc
+        theta = np.arctan2(np.abs(X), dy)  # 0 = straight back
+        ell_in = (X / (a + 13.0 * s)) ** 2 + (dy / (b + 13.0 * s)) ** 2 > 1.0
+        ell_out = (X / (a + 17.0 * s)) ** 2 + (dy / (b + 17.0 * s)) ** 2 < 1.0
+        # the blade narrows towards its lower angle
+        hfrac = (z - zb) / hgt
+        half_width = 0.30 + 0.25 * np.clip((hfrac - 0.52) / 0.3, 0.0, 1.0)
+        blade = ell_in & ell_out & (np.abs(theta - 0.8) < half_width) & ~lung[k0:k1]
+        sub_hu, sub_t = hu[k0:k1], tissue[k0:k1]
+        sub_hu[blade] = 650.0
+        sub_t[blade] = T_BONE
+    front = p.cavity_y - p.cavity_half_depth
+    for sign in (-1.0, 1.0):
+        clav = polyline_segments(
+            [
+                (zb + 0.96 * hgt, front - 8 * s, sign * 16 * s),
+                (zb + 1.02 * hgt, front - 4 * s, sign * 70 * s),
+                (zb + 1.04 * hgt, front + 20 * s, sign * 125 * s),
+            ],
+            [6.0 * s, 5.5 * s, 5.5 * s],
+        )
+        pts, rad = sample_segments(clav, min(grid.spacing))
+        idx, _ = stamp(grid, pts, rad)
+        idx = idx[~lung.reshape(-1)[idx]]  # bones never cut into the lung truth
+        hu.reshape(-1)[idx] = HU_BONE_CORTEX
+        tissue.reshape(-1)[idx] = T_BONE
+        idx, _ = stamp(grid, pts, rad - 2.0 * s)
+        idx = idx[~lung.reshape(-1)[idx]]
+        hu.reshape(-1)[idx] = HU_BONE_MARROW
 
 
 def _paint_spine(hu: np.ndarray, tissue: np.ndarray, grid: Grid, p: AnatomyParams, Z: np.ndarray, Y: np.ndarray, X: np.ndarray) -> None:
