@@ -67,6 +67,35 @@ def _arm_summary(truth_csv: Path) -> dict:
     return out
 
 
+def disease_distribution(n_seeds: int = 12) -> dict:
+    """Where the infection sits at each patient's peak (demo grid): lobes and distance to pleura."""
+    from scipy import ndimage as ndi
+
+    lower_inf, lower_lung, sub_inf, sub_lung, cons_share = [], [], [], [], []
+    for seed in range(100, 100 + n_seeds):
+        _, t = make_phantom(seed, DEMO_SHAPE, DEMO_SPACING, severity=0.6)
+        inf = t.infection > 0
+        lung = t.lungs > 0
+        lower = (t.lobes == 3) | (t.lobes == 5)
+        depth = ndi.distance_transform_edt(lung, sampling=DEMO_SPACING)
+        sub = lung & (depth <= 15.0)
+        lower_inf.append(float((inf & lower).sum() / max(inf.sum(), 1)))
+        lower_lung.append(float(lower.sum() / lung.sum()))
+        sub_inf.append(float((inf & sub).sum() / max(inf.sum(), 1)))
+        sub_lung.append(float(sub.sum() / lung.sum()))
+        cons_share.append(float((t.infection == 2).sum() / max(inf.sum(), 1)))
+    return {
+        "seeds": [100, 100 + n_seeds - 1],
+        "severity": 0.6,
+        "day": "each patient's peak",
+        "lower_lobes_share_of_infection": round(float(np.mean(lower_inf)), 3),
+        "lower_lobes_share_of_lung": round(float(np.mean(lower_lung)), 3),
+        "within_15mm_of_pleura_share_of_infection": round(float(np.mean(sub_inf)), 3),
+        "within_15mm_of_pleura_share_of_lung": round(float(np.mean(sub_lung)), 3),
+        "consolidation_share_of_infection": round(float(np.mean(cons_share)), 3),
+    }
+
+
 def _shape_stats(mask: np.ndarray, spacing: tuple[float, float, float]) -> dict:
     """Volume (mL), bounding-box extents (mm) and the axial area profile from base to apex."""
     zz, yy, xx = np.nonzero(mask)
@@ -204,6 +233,7 @@ def main() -> None:
         "per_arm_true_course": arms,
     }
     results["lung_shape_vs_real_masks"] = shape_reference()
+    results["disease_distribution_at_peak"] = disease_distribution()
     results["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     results["load_average_1_5_15_after"] = [round(v, 2) for v in os.getloadavg()]
     results["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
@@ -259,6 +289,8 @@ def figure(seed: int = 0) -> Path:
 if __name__ == "__main__":
     if "--figure" in sys.argv[1:]:
         print(figure())
+    elif "--disease" in sys.argv[1:]:
+        print(json.dumps(disease_distribution(), indent=1))
     elif "--shape" in sys.argv[1:]:
         print(json.dumps(shape_reference()["mean"], indent=1))
     else:

@@ -154,11 +154,11 @@ def strength_field(course: DiseaseCourse, day: float, grid: Grid, texture: np.nd
 
 
 def periphery_field(pleura_mm: np.ndarray, factor: tuple[int, int, int], grid: Grid) -> np.ndarray:
-    """Full-grid weight in about [0.45, 1.25]: high within ~15 mm of the pleura, low centrally.
+    """Full-grid weight in about [0.3, 1.25]: high within ~12 mm of the pleura, low centrally.
 
     ``pleura_mm`` is the distance to the lung surface sampled as ``full[::factor]``.
     """
-    w = (0.45 + 0.8 * np.exp(-pleura_mm / 15.0)).astype(np.float32)
+    w = (0.3 + 0.95 * np.exp(-pleura_mm / 12.0)).astype(np.float32)
     return upsample(w[..., None], grid.shape, stride=factor)[..., 0]
 
 
