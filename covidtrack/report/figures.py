@@ -334,11 +334,13 @@ def cohort_trajectory_figure(
 def change_box_figure(changes: pd.DataFrame, metric: str = M.POI, height: int = 380) -> go.Figure:
     """Change from baseline at the last follow-up, one box (with every patient) per arm."""
     fig = go.Figure()
+    # every patient as a point while that stays readable (and cheap to draw); outliers beyond
+    points = "all" if len(changes) <= 300 else "outliers"
     for i, arm in enumerate(sorted(changes["arm"].dropna().unique())):
         c = changes[changes.arm == arm]
         fig.add_trace(
             go.Box(
-                y=c["change"], name=str(arm), marker_color=ARM_COLOURS[i % len(ARM_COLOURS)], boxpoints="all", jitter=0.4,
+                y=c["change"], name=str(arm), marker_color=ARM_COLOURS[i % len(ARM_COLOURS)], boxpoints=points, jitter=0.4,
                 pointpos=0, text=c["label"], hovertemplate="%{text}: %{y:+.2f}<extra></extra>",
             )
         )
