@@ -215,14 +215,16 @@ def _summary(rows: list[dict[str, Any]], case: str) -> dict[str, Any]:
 
 
 def main() -> None:
-    from covidtrack import register as R
-
     quick = "--quick" in sys.argv
-    jobs: list[tuple[str, tuple]] = [("case_phantom", (s, f)) for s in ((11,) if quick else (11, 12, 13)) for f in (1, 2)]
-    if SHARED.is_dir():
-        jobs.append(("case_cip", ()))
-        jobs += [("case_chest4dct", (s,)) for s in ((1,) if quick else (1, 2))]
-    rows = []
+    # Most informative first, so an interrupted run still has the real cases.
+    real = SHARED.is_dir()
+    jobs: list[tuple[str, tuple]] = [("case_cip", ()), ("case_chest4dct", (1,))] if real else []
+    jobs += [("case_phantom", (11, f)) for f in (1, 2)]
+    if not quick:
+        jobs += [("case_phantom", (12, f)) for f in (1, 2)]
+        jobs += [("case_chest4dct", (2,))] if real else []
+        jobs += [("case_phantom", (13, f)) for f in (1, 2)]
+    rows: list[dict[str, Any]] = []
     for name, args in jobs:
         print(f"{name}{args} ...", flush=True)
         try:
@@ -231,6 +233,13 @@ def main() -> None:
             row = {"case": name.removeprefix("case_"), "args": list(args), "error": f"{type(err).__name__}: {err}"}
         print(json.dumps(row), flush=True)
         rows.append(row)
+        _write(rows, complete=len(rows) == len(jobs))  # partial results survive an interrupted run
+    print(f"wrote {OUT}")
+
+
+def _write(rows: list[dict[str, Any]], complete: bool) -> None:
+    from covidtrack import register as R
+
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True).stdout.strip()
     except OSError:
@@ -247,7 +256,7 @@ def main() -> None:
         },
         "model_version": "none: registration has no learned model; lung masks from phantom truth, CIP label maps, "
                          "or covidtrack.segment.lung_targets.extract_lungs (classical)",
-        "settings": {"work_spacing_mm": R.WORK_SPACING_MM, "syn_iterations": "60x40x20 (default)",
+        "settings": {"work_spacing_mm": R.WORK_SPACING_MM, "syn_iterations": "x".join(map(str, R.SYN_ITERATIONS)),
                      "fixed_margin_mm": R.FIXED_MARGIN_MM, "moving_margin_mm": R.MOVING_MARGIN_MM,
                      "qa_thresholds": {"min_lung_dice": R.QA_MIN_LUNG_DICE, "max_mean_surface_mm": R.QA_MAX_SURFACE_MM,
                                        "max_folding_fraction": R.QA_MAX_FOLDING}},
@@ -255,13 +264,13 @@ def main() -> None:
                      "note": "2 CPU cores, shared with other jobs (see load averages per pair)",
                      "python": platform.python_version()},
         "code_commit": commit,
+        "complete": complete,
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "summary": {c: _summary(rows, c) for c in ("phantom", "cip", "chest4dct")},
         "pairs": rows,
     }
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps(doc, indent=1))
-    print(f"wrote {OUT}")
 
 
 if __name__ == "__main__":
