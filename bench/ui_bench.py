@@ -175,8 +175,9 @@ def timed_load(driver: object, server: "Server", url: str, last_text: str) -> di
     return {"wall_s": round(wall, 2), "server_cpu_s": round(cpu1 - cpu0, 2), "browser_main_thread_s": round(task, 2)}
 
 
-NAV_TITLES = {"patient": ("Patient timeline", "Patient "), "patients": ("Patients", "Patients"), "cohort": ("Cohort", "Cohort"),
-              "import": ("Import", "Import"), "report": ("Report", "Trend reports")}
+# page label -> (sidebar link href ending, page heading)
+NAV_TITLES = {"patient": ("/patient", "Patient "), "patients": ("/", "Patients"), "cohort": ("/cohort", "Cohort"),
+              "import": ("/import", "Import"), "report": ("/report", "Trend reports")}
 
 
 def spa_navigate(driver: object, server: "Server", label: str, last_text: str) -> dict[str, float]:
@@ -185,16 +186,16 @@ def spa_navigate(driver: object, server: "Server", label: str, last_text: str) -
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    away = "Import" if label != "import" else "Report"
-    link = '//*[@data-testid="stSidebarNav"]//a[.//span[normalize-space(text())="{}"]]'
-    driver.find_element(By.XPATH, link.format(away)).click()  # type: ignore[attr-defined]
+    away = "import" if label != "import" else "report"
+    link = '[data-testid="stSidebarNavLink"][href$="{}"]'
+    driver.find_element(By.CSS_SELECTOR, link.format(NAV_TITLES[away][0])).click()  # type: ignore[attr-defined]
     wait = WebDriverWait(driver, 180, poll_frequency=0.05)
-    wait.until(lambda d: d.find_element(By.TAG_NAME, "h1").text.startswith(NAV_TITLES[away.lower()][1]))
+    wait.until(lambda d: d.find_element(By.TAG_NAME, "h1").text.startswith(NAV_TITLES[away][1]))
     time.sleep(1.0)
     nav, heading = NAV_TITLES[label]
     cpu0, task0 = _proc_cpu_s(server.proc.pid), _browser_task_s(driver)
     t0 = time.perf_counter()
-    driver.find_element(By.XPATH, link.format(nav)).click()  # type: ignore[attr-defined]
+    driver.find_element(By.CSS_SELECTOR, link.format(nav)).click()  # type: ignore[attr-defined]
     wait.until(lambda d: d.find_element(By.TAG_NAME, "h1").text.startswith(heading))
     wait.until(lambda d: last_text in d.find_element(By.TAG_NAME, "body").text)
     wait.until(lambda d: not d.find_elements(By.CSS_SELECTOR, '[data-testid="stSkeleton"]'))
