@@ -8,7 +8,7 @@ Geometry: the scan is resampled to the model grid (``LungNetSpec.spacing_mm``, a
 lungs are big, so coarse voxels cost nothing in Dice but make a whole chest one cheap forward
 pass on a CPU). The softmax probabilities are interpolated back onto the scan grid (trilinear,
 so borders are sub-voxel smooth, not blocky) and post-processed there: largest components per
-side, hole filling, and a side check by position (canonical x runs patient right -> left).
+side, hole filling, and a left / right split by geometry (canonical x runs patient right -> left).
 """
 
 from __future__ import annotations
@@ -187,20 +187,83 @@ def _assign_fragments(clean: np.ndarray, frag: np.ndarray) -> None:
     clean[frag] = best[lab[frag]]
 
 
-def postprocess(p_right: np.ndarray, p_left: np.ndarray, min_fraction: float = 0.02) -> np.ndarray:
-    """Probabilities of right / left lung on the scan grid -> uint8 label map (0 / 1 right / 2 left).
+def split_sides(mask: np.ndarray, max_erosions: int = 8) -> np.ndarray:
+    """Right (1) / left (2) labels for a binary lung mask, by geometry alone.
 
-    1. lung = P(right) + P(left) > 0.5; components smaller than ``min_fraction`` of the largest are
-       dropped (bowel gas, noise).
-    2. Separate lungs (two big components, the usual case): each is one lung, and by the
-       definition of the canonical grid the one at lower x is the right lung; the network's side
-       call is not needed. Touching lungs (one big component): the network's voxel-wise side call
-       splits it; per side only the largest piece stays and stray pieces join the lung they touch
-       (the side call is local, the cleanup global). Leftover small components join by touch too.
-    3. a side whose centre lies on the wrong half is swapped (canonical x: right lung = low x).
+    Two big components (the usual case) are the two lungs, and by the definition of the canonical
+    grid the one at lower x is the right lung. Lungs that touch at the anterior / posterior
+    junction line form one component: it is eroded step by step until it falls apart in two big
+    cores, and every voxel goes to the nearer core. A mask that never splits (one lung only, or
+    fused lungs) is cut at the x centre of its bounding box. The network is not asked for the side:
+    with its limited receptive field it cannot see the midline from inside a lung.
+    """
+    out = np.zeros(mask.shape, dtype=np.uint8)
+    if not mask.any():
+        return out
+    cores = None
+    work = mask
+    for _ in range(max_erosions + 1):
+        lab, n = ndi.label(work)
+        if n >= 2:
+            sizes = _component_sizes(lab, n)
+            order = np.argsort(sizes)[::-1]
+            if sizes[order[1]] >= 0.15 * sizes[order[0]]:
+                cores = (lab == order[0] + 1, lab == order[1] + 1)
+                break
+        work = ndi.binary_erosion(work)
+        if not work.any():
+            break
+    if cores is None:
+        xs = np.nonzero(mask.any(axis=(0, 1)))[0]
+        mid = 0.5 * (xs.min() + xs.max())
+        out[mask] = RIGHT_LUNG
+        out[:, :, int(np.ceil(mid)) :][mask[:, :, int(np.ceil(mid)) :]] = LEFT_LUNG
+        return out
+    a_right = np.nonzero(cores[0])[2].mean() < np.nonzero(cores[1])[2].mean()
+    seeds = np.zeros(mask.shape, dtype=np.uint8)
+    seeds[cores[0]] = RIGHT_LUNG if a_right else LEFT_LUNG
+    seeds[cores[1]] = LEFT_LUNG if a_right else RIGHT_LUNG
+    _, idx = ndi.distance_transform_edt(seeds == 0, return_indices=True)
+    nearest = seeds[tuple(idx)]
+    out[mask] = nearest[mask]
+    return out
+
+
+def fill_nearest(labels: np.ndarray) -> np.ndarray:
+    """Every voxel gets the label of the nearest labelled voxel (for mapping sides to finer grids)."""
+    if not labels.any():
+        return labels
+    _, idx = ndi.distance_transform_edt(labels == 0, return_indices=True)
+    return labels[tuple(idx)]
+
+
+def _assign_fragments(clean: np.ndarray, frag: np.ndarray) -> None:
+    """Give each fragment (connected piece of ``frag``) to the lung side it touches most, in place."""
+    lab, n = ndi.label(frag)
+    if n == 0:
+        return
+    touch = np.zeros((3, n + 1), dtype=np.int64)
+    for side in (RIGHT_LUNG, LEFT_LUNG):
+        ring = ndi.binary_dilation(clean == side) & frag
+        touch[side] = np.bincount(lab[ring], minlength=n + 1)
+    best = np.where(touch[RIGHT_LUNG] >= touch[LEFT_LUNG], RIGHT_LUNG, LEFT_LUNG).astype(np.uint8)
+    best[(touch[RIGHT_LUNG] + touch[LEFT_LUNG]) == 0] = 0  # touches no lung: drop it
+    best[0] = 0
+    clean[frag] = best[lab[frag]]
+
+
+def postprocess(p_lung: np.ndarray, side: np.ndarray, min_fraction: float = 0.02) -> np.ndarray:
+    """Lung probability and a side map (1 right / 2 left, from :func:`split_sides`) on the scan
+    grid -> uint8 label map (0 / 1 right / 2 left).
+
+    1. lung = P(lung) > 0.5; components smaller than ``min_fraction`` of the largest are dropped
+       (bowel gas, noise);
+    2. each lung voxel takes its side from ``side``; per side only the largest piece stays and
+       stray pieces join the lung they touch (else they are dropped);
+    3. a side whose centre lies on the wrong half is swapped (canonical x: right lung = low x);
     4. holes are filled per side in 3D and per axial slice (vessels, bronchi inside the lung).
     """
-    lung = (p_right + p_left) > 0.5
+    lung = p_lung > 0.5
     out = np.zeros(lung.shape, dtype=np.uint8)
     if not lung.any():
         return out
@@ -208,33 +271,25 @@ def postprocess(p_right: np.ndarray, p_left: np.ndarray, min_fraction: float = 0
     lung = lung[box]
     lab, n = ndi.label(lung)
     sizes = _component_sizes(lab, n)
-    keep = np.nonzero(sizes >= min_fraction * sizes.max())[0] + 1
-    lung = np.isin(lab, keep)
-    order = keep[np.argsort(sizes[keep - 1])[::-1]]
+    lung = np.isin(lab, np.nonzero(sizes >= min_fraction * sizes.max())[0] + 1)
+    sides = np.where(lung, side[box], 0).astype(np.uint8)
     clean = np.zeros(lung.shape, dtype=np.uint8)
-    if len(order) >= 2 and sizes[order[1] - 1] >= 0.15 * sizes[order[0] - 1]:
-        a, b = (lab == order[0]), (lab == order[1])
-        a_is_right = np.nonzero(a)[2].mean() < np.nonzero(b)[2].mean()
-        clean[a] = RIGHT_LUNG if a_is_right else LEFT_LUNG
-        clean[b] = LEFT_LUNG if a_is_right else RIGHT_LUNG
-    else:
-        right = p_right[box] >= p_left[box]
-        for side, m in ((RIGHT_LUNG, lung & right), (LEFT_LUNG, lung & ~right)):
-            slab, sn = ndi.label(m)
-            if sn:
-                clean[slab == (int(np.argmax(_component_sizes(slab, sn))) + 1)] = side
+    for s_ in (RIGHT_LUNG, LEFT_LUNG):
+        slab, sn = ndi.label(sides == s_)
+        if sn:
+            clean[slab == (int(np.argmax(_component_sizes(slab, sn))) + 1)] = s_
     _assign_fragments(clean, lung & (clean == 0))
     if (clean == RIGHT_LUNG).any() and (clean == LEFT_LUNG).any():
         if np.nonzero(clean == RIGHT_LUNG)[2].mean() > np.nonzero(clean == LEFT_LUNG)[2].mean():
             clean = np.where(clean > 0, 3 - clean, 0).astype(np.uint8)
-    for side in (RIGHT_LUNG, LEFT_LUNG):
-        m = clean == side
+    for s_ in (RIGHT_LUNG, LEFT_LUNG):
+        m = clean == s_
         if not m.any():
             continue
         sb = _bbox(m)
         filled = _fill_holes_per_slice(ndi.binary_fill_holes(m[sb]))
         target = clean[sb]
-        target[filled & (target == 0)] = side
+        target[filled & (target == 0)] = s_
     out[box] = clean
     return out
 
@@ -284,15 +339,20 @@ class LungModel:
         emit(progress, "lungs", 0.05, "lungs: resampling to the model grid")
         probs = self.probabilities(volume.array, volume.spacing)
         emit(progress, "lungs", 0.5, "lungs: network done, mapping back to the scan grid")
-        # map back only the lungs' bounding box (plus a model voxel) to save time and memory
-        coarse = (probs[0, 1] + probs[0, 2]) > 0.25
+        # the network decides lung vs not lung; the side comes from geometry on the model grid
+        p_lung = probs[0, 1] + probs[0, 2]
+        coarse = p_lung.numpy() > 0.5
         out = np.zeros(volume.shape, dtype=np.uint8)
-        if not bool(coarse.any()):
+        if not coarse.any():
             emit(progress, "lungs", 1.0, "lungs: none found")
             return out
-        cz = coarse.nonzero()
-        lo = [int(c.min()) for c in cz.T]
-        hi = [int(c.max()) + 1 for c in cz.T]
+        lab, n = ndi.label(coarse)
+        sizes = _component_sizes(lab, n)
+        coarse = np.isin(lab, np.nonzero(sizes >= 0.02 * sizes.max())[0] + 1)
+        side_coarse = fill_nearest(split_sides(coarse))
+        # map back only the lungs' bounding box (plus a model voxel) to save time and memory
+        lo = [int(i.min()) for i in np.nonzero(p_lung.numpy() > 0.25)]
+        hi = [int(i.max()) + 1 for i in np.nonzero(p_lung.numpy() > 0.25)]
         full_box: list[slice] = []
         for axis in range(3):
             n_full, n_model = volume.shape[axis], probs.shape[2 + axis]
@@ -300,10 +360,12 @@ class LungModel:
             a = max(0, int(np.floor((lo[axis] - 1) * scale)))
             b = min(n_full, int(np.ceil((hi[axis] + 1) * scale)))
             full_box.append(slice(a, b))
-        # trilinear on the whole model grid, sampled only inside the box: exact same values as a
-        # full upsampling, without the full-size tensor
-        up = _upsample_box(probs[0, 1:3], volume.shape, full_box)
-        out[tuple(full_box)] = postprocess(up[0], up[1]) if up.size else 0
+        up = _upsample_box(p_lung[None], volume.shape, full_box)[0]
+        # side of each scan voxel: the model voxel that contains its centre
+        near = [np.minimum(((np.arange(sl.start, sl.stop) + 0.5) * probs.shape[2 + a] / volume.shape[a]).astype(int),
+                           probs.shape[2 + a] - 1) for a, sl in enumerate(full_box)]
+        side_full = side_coarse[np.ix_(*near)]
+        out[tuple(full_box)] = postprocess(up, side_full)
         emit(progress, "lungs", 1.0, "lungs: done")
         return out
 

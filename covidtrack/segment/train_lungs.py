@@ -227,7 +227,7 @@ def run(args: argparse.Namespace) -> int:
     from monai.losses import DiceCELoss
 
     from covidtrack import modelstore
-    from covidtrack.segment.lungs import LungNetSpec, build_network, load_network, normalise_hu, save_weights, write_card
+    from covidtrack.segment.lungs import LungNetSpec, build_network, load_network, normalise_hu, save_weights
 
     t0 = time.time()
     torch.manual_seed(args.seed)
@@ -276,8 +276,18 @@ def run(args: argparse.Namespace) -> int:
     train_s = time.time() - t0
     net.eval()
 
-    sha = save_weights(net, spec, out / "weights.pt")
-    metrics = validate(net, spec, real, args, log)
+    save_weights(net, spec, out / "weights.pt")
+    return finish_version(net, spec, out, version, args, train_s, target_reports, phantom_seeds if phantoms else [], log)
+
+
+def finish_version(net, spec, out: Path, version: str, args: argparse.Namespace, train_s: float, target_reports: dict,
+                   phantom_seeds: list[int], log) -> int:
+    """Validate saved weights and write ``card.json`` + ``MODEL_CARD.md`` into the version folder."""
+    from covidtrack.segment.lungs import sha256_of, write_card
+
+    sha = sha256_of(out / "weights.pt")
+    metrics, reports = validate(net, spec, args, log)
+    target_reports = target_reports or reports
     card = {
         "task": "lungs",
         "version": version,
@@ -303,7 +313,7 @@ def run(args: argparse.Namespace) -> int:
         "data": {
             "real_ct": {name: {"licence": REAL_LICENCES[name], "target": "classical extraction (lung_targets.py), inspected by eye", **rep}
                         for name, rep in target_reports.items()},
-            "phantoms": {"seeds": phantom_seeds if phantoms else [], "licence": "synthetic (covidtrack.phantom)"},
+            "phantoms": {"seeds": phantom_seeds, "licence": "synthetic (covidtrack.phantom)"},
             "split": "all three real CTs are used for training (no expert masks exist); held-out phantoms for validation",
         },
         "validation": metrics,
@@ -315,18 +325,23 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def validate(net, spec, real: list[Case], args: argparse.Namespace, log) -> dict:
-    """Dice on held-out phantoms (exact truth) and agreement with the classical targets (training CTs)."""
+def validate(net, spec, args: argparse.Namespace, log) -> tuple[dict, dict]:
+    """Dice on held-out phantoms (exact truth) and agreement with the classical targets (training CTs).
+
+    Returns ``(metrics, target_reports)``; the reports describe the classical targets (volumes, split)."""
     from covidtrack.segment.lungs import LungModel
 
     model = LungModel(net, spec, "candidate")
     out: dict = {"real_ct_agreement_with_training_target": {}, "held_out_phantoms": {}}
+    reports: dict = {}
     from covidtrack.segment.lung_targets import extract_lungs, read_training_ct
 
     data_root = args.data or REPO_ROOT.parent / "shared" / "data" / "ct"
     for name in REAL_CASES:
         vol = read_training_ct(data_root / name / "dicom")
-        ref, _ = extract_lungs(vol)
+        ref, rep = extract_lungs(vol)
+        reports[name] = {"shape": list(vol.shape), "spacing_mm": list(vol.spacing), "right_ml": round(rep.right_ml, 1),
+                         "left_ml": round(rep.left_ml, 1), "airway_threshold_hu": rep.airway_threshold_hu, "split": rep.split}
         pred = model.predict(vol)
         d = {side: round(dice(pred == lab, ref == lab), 4) for side, lab in (("right", RIGHT_LUNG), ("left", LEFT_LUNG))}
         d["lung"] = round(dice(pred > 0, ref > 0), 4)
@@ -345,7 +360,7 @@ def validate(net, spec, real: list[Case], args: argparse.Namespace, log) -> dict
                  "left": round(dice(pred == LEFT_LUNG, truth.lungs == LEFT_LUNG), 4)}
             out["held_out_phantoms"][f"seed-{seed}"] = d
             log(f"val phantom {seed}: {d}")
-    return out
+    return out, reports
 
 
 def model_card_md(card: dict) -> str:
