@@ -284,6 +284,16 @@ def test_register_followup_stores_idempotently_and_follows_a_new_baseline(series
             assert set(regs["fixed_scan"]) == {s0}
             assert not (covidtrack_home / "registrations" / f"{s1}_{s2}").exists()
         assert not list((covidtrack_home / "registrations").glob(".tmp-*"))
+        # the dashboard/report reread the stored registrations: every follow-up aligned
+        from covidtrack.report.load import aligned_series
+
+        aligned = aligned_series(store, "P1")
+        assert all(aligned.registered) and all(c is not None for c in aligned.change[1:])
+        assert all(ct.shape == v0.shape for ct in aligned.ct)
+    # the CLI re-run finds everything up to date (idempotent, exit 0 = all QA ok)
+    from covidtrack.__main__ import main as cli_main
+
+    assert cli_main(["register", "--patient", "P1"]) == 0
 
 
 def _shifted(volume: Volume) -> Volume:
