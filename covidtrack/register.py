@@ -3,8 +3,8 @@
 Method (measured on 2 CPU cores, see ``bench/results/register.json``):
 
 1. Both scans are cropped to their lungs (plus a margin), lung-windowed (-1000..200 HU scaled to
-   0..1), smoothed and resampled to about :data:`WORK_SPACING_MM` mm. The lungs fill a third of a
-   chest CT field of view, so the crop alone makes registration 3-5x faster.
+   0..1), smoothed and resampled to about :data:`WORK_SPACING_MM` mm. The lungs fill only part of a
+   chest CT field of view, so the crop removes most voxels from the optimisation.
 2. Initial translation: the lung-mask centroids are matched (robust when the table position
    differs by many cm, where intensity-based initialisation can lock onto the body outline).
 3. Affine stage on smoothed lung masks (mean squares): the lung outline drives the global
@@ -27,8 +27,8 @@ baseline, ``ok`` requires
 - fraction of baseline lung voxels whose Jacobian determinant is <= 0 (folding)
   <= :data:`QA_MAX_FOLDING`.
 
-A scan of the wrong patient, a left-right flipped series, or a failed optimisation fails at
-least the first of these.
+A left-right mirrored follow-up fails the Dice check (right lung lands on left lung; tested),
+and so does an optimisation that leaves the lungs misaligned.
 """
 
 from __future__ import annotations
