@@ -121,6 +121,8 @@ def test_figures_have_expected_traces() -> None:
     assert len(anim.frames) == 4
     coh = figures.cohort_trajectory_figure(synthetic.cohort_frame(30))
     assert len(coh.data) <= 6  # patients share one trace per arm
+    big = figures.cohort_trajectory_figure(synthetic.cohort_frame(200), max_lines_per_arm=20)
+    assert big.data[0].name == "arm A: 20 of 100 patients"  # faint lines sampled, mean over all
 
 
 @pytest.fixture

@@ -279,7 +279,8 @@ def change_bar_figure(change: pd.DataFrame, height: int = 300) -> go.Figure:
 
 
 def cohort_trajectory_figure(
-    cohort: pd.DataFrame, metric: str = M.POI, region: str = "whole", bin_days: int = 4, height: int = 420, webgl: bool = False
+    cohort: pd.DataFrame, metric: str = M.POI, region: str = "whole", bin_days: int = 4, height: int = 420, webgl: bool = False,
+    max_lines_per_arm: int = 150,
 ) -> go.Figure:
     """Per arm: every patient as a faint line, the arm mean with its 95 % CI band, by day since baseline.
 
@@ -294,16 +295,22 @@ def cohort_trajectory_figure(
     fig = go.Figure()
     for i, arm in enumerate(sorted(series["arm"].dropna().unique())):
         colour = ARM_COLOURS[i % len(ARM_COLOURS)]
-        s = series[series.arm == arm]
+        s_all = series[series.arm == arm]
+        keys = sorted(s_all["patient_key"].unique())
+        # beyond a few hundred faint lines nothing more is visible, but drawing them costs the
+        # browser seconds: show an even sample (the mean and CI still use every patient)
+        shown = keys[:: int(np.ceil(len(keys) / max_lines_per_arm))] if len(keys) > max_lines_per_arm else keys
+        s = s_all[s_all["patient_key"].isin(shown)]
+        label = f"{arm}: patients" if len(shown) == len(keys) else f"{arm}: {len(shown)} of {len(keys)} patients"
         # many overlapping lines add up: fade each more as the arm grows, so the mean stays readable
-        faint = float(np.clip(6.0 / max(1, s["patient_key"].nunique()), 0.04, 0.25))
+        faint = float(np.clip(6.0 / max(1, len(shown)), 0.04, 0.25))
         # NaN rows between patients break the line
         gap = s.groupby("patient_key", sort=False).tail(1).assign(day=np.nan, value=np.nan)
         lines = pd.concat([s, gap]).sort_index(kind="stable")
         fig.add_trace(
             scatter(
                 x=lines["day"], y=lines["value"], mode="lines", line=dict(color=colour, width=1), opacity=faint,
-                name=f"{arm}: patients", legendgroup=arm, hoverinfo="skip", connectgaps=False,
+                name=label, legendgroup=arm, hoverinfo="skip", connectgaps=False,
             )
         )
         m = summary[summary.arm == arm].sort_values("day")
