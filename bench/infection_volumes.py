@@ -96,7 +96,7 @@ def real_cases(model: InfectionModel) -> list[dict]:
     return rows
 
 
-def phantoms(model: InfectionModel, seeds: tuple[int, ...] = (1, 2, 3)) -> list[dict]:
+def phantoms(model: InfectionModel, seeds: tuple[int, ...] = (1, 2)) -> list[dict]:
     from covidtrack.phantom import make_phantom
 
     rows = []

@@ -125,6 +125,58 @@ def stack_samples(pairs: Sequence[tuple[np.ndarray, np.ndarray]], size: int) -> 
     return torch.from_numpy(np.stack(ims))[:, None], torch.from_numpy(np.stack(labs).astype(np.int64))[:, None]
 
 
+def negative_slices(hu: np.ndarray, lungs: np.ndarray, spacing: Sequence[float], stride: int = 2) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Healthy-lung examples from a HU volume: every ``stride``-th axial slice through the lungs,
+    windowed and cropped to the field of view inference uses (lung box + margin), label 0 everywhere.
+
+    They teach the network that aerated lung with vessels is not GGO; the 2D training slices are
+    all from COVID-19 patients.
+    """
+    from covidtrack.segment.infection import SquareView
+    from covidtrack.segment.intensity import window_hu
+
+    zs = np.nonzero((lungs > 0).any(axis=(1, 2)))[0]
+    if zs.size == 0:
+        return []
+    view = SquareView.around_mask(lungs[zs] > 0, (float(spacing[1]), float(spacing[2])))
+    y0, y1, x0, x1 = view.box()
+    # square in mm -> resample the box so that its pixels are square before padding
+    out = []
+    for z in zs[::stride]:
+        crop = window_hu(hu[z, y0:y1, x0:x1])
+        sy, sx = float(spacing[1]), float(spacing[2])
+        if abs(sy - sx) > 1e-3:
+            from scipy.ndimage import zoom
+
+            crop = zoom(crop, (sy / min(sy, sx), sx / min(sy, sx)), order=1)
+        out.append((crop.astype(np.float32), np.zeros(crop.shape, np.uint8)))
+    return out
+
+
+def negatives_from_files(paths: Sequence[Path], stride: int = 2) -> list[tuple[np.ndarray, np.ndarray]]:
+    """:func:`negative_slices` of CT files/folders, lungs from the classical extraction (training only)."""
+    from covidtrack.io import load_ct
+    from covidtrack.segment.lung_targets import extract_lungs
+
+    out: list[tuple[np.ndarray, np.ndarray]] = []
+    for p in paths:
+        vol = load_ct(p)
+        lungs, _ = extract_lungs(vol)
+        out += negative_slices(vol.array, lungs, vol.spacing, stride)
+    return out
+
+
+def negatives_from_phantoms(n: int, stride: int = 2) -> list[tuple[np.ndarray, np.ndarray]]:
+    """:func:`negative_slices` of ``n`` healthy phantoms (seeds 1000..)."""
+    from covidtrack.phantom import make_phantom
+
+    out: list[tuple[np.ndarray, np.ndarray]] = []
+    for seed in range(1000, 1000 + n):
+        vol, truth = make_phantom(seed, (60, 128, 128), (5.0, 2.7, 2.7), healthy=True)
+        out += negative_slices(vol.array, truth.lungs, vol.spacing, stride)
+    return out
+
+
 def labelled_pairs(samples: Sequence["SliceSample"]) -> list[tuple[np.ndarray, np.ndarray]]:
     """SliceSamples with masks -> ``(unit, classes)``; binary-only samples count as GGO."""
     from covidtrack.segment.intensity import unit_from_uint8
@@ -510,6 +562,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--version", help="version name (default: next free vN)")
     parser.add_argument("--validation-json", type=Path, help="cross-validation JSON (bench/results/infection_cv.json) to record in the card")
     parser.add_argument("--notes", default="")
+    parser.add_argument("--negatives", type=Path, nargs="*", default=[], help="healthy CT files/folders: lung slices added with label 0")
+    parser.add_argument("--phantom-negatives", type=int, default=0, help="healthy phantoms whose lung slices are added with label 0")
+    parser.add_argument("--negative-stride", type=int, default=2, help="use every n-th lung slice of the negatives")
     # HITL (covidtrack.hitl.retrain): fine-tune the ACTIVE model on the store's corrected scans
     parser.add_argument("--from-corrections", action="store_true",
                         help="fine-tune the active model on corrected scans + original slices (covidtrack.hitl.retrain)")
@@ -525,7 +580,13 @@ def run(args: argparse.Namespace) -> int:
     if args.validation_json:
         cv = json.loads(Path(args.validation_json).read_text())
         validation = {"description": cv.get("description", ""), "summary": cv.get("summary", {}), "source": str(args.validation_json.name)}
+    extra = negatives_from_files(args.negatives, args.negative_stride) if args.negatives else []
+    if args.phantom_negatives:
+        extra += negatives_from_phantoms(args.phantom_negatives, args.negative_stride)
+    if extra:
+        print(f"{len(extra)} healthy negative slices added")
     cfg = TrainConfig(
+        extra=tuple(extra),
         images=args.images,
         masks=args.masks,
         multiclass=args.multiclass,
