@@ -4,7 +4,8 @@ The baseline is the patient's earliest scan (``Store.baseline_scan``). For each 
 load both canonical volumes and their final segmentations (a human correction wins over the
 model output) from the store, :func:`covidtrack.register.register`, warp the follow-up infection
 into the baseline, compute the change map and the change per region
-(:mod:`covidtrack.change`), and store the registration and the change rows.
+(:mod:`covidtrack.change`), and store the registration and the change rows. A pair that fails
+the registration QA is stored with ``ok = False`` and without change rows or change map.
 
 Files: ``<store folder>/registrations/<fixed>_<moving>/`` holds the transforms,
 ``registration.json`` and ``change_map.nii.gz`` (uint8, baseline canonical grid). With the store
@@ -166,8 +167,11 @@ def register_followup(
     transforms.update({f"inverse_{i}": p for i, p in enumerate(reg.inverse_transform_paths)})
     qa = _qa_dict(reg)
     emit(progress, "register", 0.95, "storing registration and change", scan_id)
-    reg_id = store.add_registration(baseline, scan_id, transforms, qa, reg.ok, change_map=final / CHANGE_MAP_FILE)
-    store.add_change_metrics(baseline, scan_id, table)
+    # A registration that failed QA is stored (with its figures, ok = False) so the user sees it,
+    # but its change numbers and map are not: they would report misregistration as disease.
+    reg_id = store.add_registration(baseline, scan_id, transforms, qa, reg.ok,
+                                    change_map=final / CHANGE_MAP_FILE if reg.ok else None)
+    store.add_change_metrics(baseline, scan_id, table if reg.ok else table.iloc[0:0])
     emit(progress, "register", 1.0, "registered" if reg.ok else "registered, QA failed: " + "; ".join(reg.qa.problems), scan_id)
     return FollowupResult(baseline, scan_id, reg_id, reg.ok, qa, final, False)
 

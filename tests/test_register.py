@@ -244,7 +244,7 @@ def _store_scan(store, key: str, date: dt.date, vol: Volume, seg: Segmentation) 
     return scan_id
 
 
-def test_register_followup_stores_idempotently_and_follows_a_new_baseline(series, covidtrack_home):
+def test_register_followup_stores_idempotently_and_follows_a_new_baseline(series, covidtrack_home, monkeypatch):
     from covidtrack.longitudinal import register_followup, register_patient
     from covidtrack.store import Store
 
@@ -294,6 +294,17 @@ def test_register_followup_stores_idempotently_and_follows_a_new_baseline(series
     from covidtrack.__main__ import main as cli_main
 
     assert cli_main(["register", "--patient", "P1"]) == 0
+    # a pair failing QA keeps its registration row (ok = False) but no change numbers or map
+    import covidtrack.register as reg_mod
+
+    monkeypatch.setattr(reg_mod, "QA_MIN_LUNG_DICE", 1.01)  # nothing can pass
+    with Store.open() as store:
+        bad = register_followup(store, s2, force=True)
+        assert bad is not None and not bad.ok and not bad.reused
+        row = store.registrations("P1").set_index("moving_scan").loc[s2]
+        assert not bool(row["ok"]) and row["change_map_path"] is None
+        assert s2 not in set(store.change_metrics("P1")["moving_scan"])
+        assert s1 in set(store.change_metrics("P1")["moving_scan"])
 
 
 def _shifted(volume: Volume) -> Volume:
