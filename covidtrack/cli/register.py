@@ -23,7 +23,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import dataclasses
+
     from covidtrack.cli.ingest import ProgressBar
+    from covidtrack.register import RegistrationQA
     from covidtrack.longitudinal import register_patient
     from covidtrack.report.load import resolve_patient
     from covidtrack.store import Store
@@ -41,4 +44,9 @@ def run(args: argparse.Namespace) -> int:
         failed += not r.ok
         print(f"{r.moving_scan} -> {r.fixed_scan}\t{state}\t{verdict}\tlung Dice {r.qa['lung_dice']:.3f}"
               f"\tsurface {r.qa['mean_surface_mm']:.2f} mm\tfolding {100 * r.qa['folding_fraction']:.2f} %")
+        if not r.ok:
+            fields = {f.name for f in dataclasses.fields(RegistrationQA)}
+            problems = RegistrationQA(**{k: v for k, v in r.qa.items() if k in fields}).problems
+            print(f"  QA: {'; '.join(problems)}. Check both lung segmentations (Review page) and that the "
+                  "scans belong to the same patient, then re-run with --force")
     return 1 if failed else 0
