@@ -147,7 +147,8 @@ def populate_store(store: "Store", n_patients: int = 3, n_scans: int = 4, shape:
     from covidtrack.volume import ScanMeta, Volume
 
     keys = []
-    versions = {"lungs": "lungs/v1", "infection": "infection/v1", "lobes": "lobes/v1"}
+    # labelled as what they are: geometric masks, no model
+    versions = {"lungs": "synthetic-lungs/v0", "infection": "synthetic-infection/v0", "lobes": "synthetic-lobes/v0"}
     for p in range(n_patients):
         key = f"SYN-P{p}"
         keys.append(key)
