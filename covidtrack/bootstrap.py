@@ -38,7 +38,9 @@ REAL_SAMPLE_PATIENT = "DEMO-REAL-CT"
 REAL_SAMPLE_ARM = "real CT sample"
 REAL_SAMPLE_DATE = "2020-03-02"
 REAL_SAMPLE_ALIAS = "real CT (no COVID-19)"
-DEMO_PATIENTS = 8
+# 6 phantom patients (3 per arm, ~28 scans): segmenting ~14-18 CPU-s per scan on 2 cores makes
+# 8 patients (~38 scans) too slow for a first start; COVIDTRACK_DEMO_PATIENTS overrides it.
+DEMO_PATIENTS = int(os.environ.get("COVIDTRACK_DEMO_PATIENTS", "6"))
 MARKER = "demo-bootstrap.json"
 PHANTOM_SHARE = 0.2  # of the progress bar: phantom synthesis is ~1/4 of the first start on 2 cores
 
