@@ -303,7 +303,7 @@ def cohort_trajectory_figure(
         s = s_all[s_all["patient_key"].isin(shown)]
         label = f"{arm}: patients" if len(shown) == len(keys) else f"{arm}: {len(shown)} of {len(keys)} patients"
         # many overlapping lines add up: fade each more as the arm grows, so the mean stays readable
-        faint = float(np.clip(6.0 / max(1, len(shown)), 0.04, 0.25))
+        faint = float(np.clip(15.0 / max(1, len(shown)), 0.08, 0.3))
         # NaN rows between patients break the line
         gap = s.groupby("patient_key", sort=False).tail(1).assign(day=np.nan, value=np.nan)
         lines = pd.concat([s, gap]).sort_index(kind="stable")
@@ -334,7 +334,7 @@ def cohort_trajectory_figure(
     fig.update_yaxes(title_text=metric_label(metric), rangemode="tozero")
     _layout(fig, f"{metric_label(metric)} by day since baseline ({region})", height)
     # legend below the plot: above it, it collides with the title
-    fig.update_layout(hovermode="closest", legend=dict(orientation="h", y=-0.2, yanchor="top", x=0), margin=dict(b=90))
+    fig.update_layout(hovermode="closest", legend=dict(orientation="h", y=-0.3, yanchor="top", x=0), margin=dict(b=120))
     return fig
 
 
