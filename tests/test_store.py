@@ -80,7 +80,8 @@ def test_round_trip_and_queries() -> None:
         assert seg.lungs.sum() == 120 and seg.lobes is None and seg.model_versions == {"lungs": "lungs/v1"}
 
 
-def test_resegmentation_adds_rows_and_active_prefers_corrections(tmp_path: Path) -> None:
+def test_resegmentation_adds_rows_and_active_prefers_corrections(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(S, "active_model_names", lambda: [])  # independent of the shipped models
     with S.Store.open() as store:
         scan_id, seg1 = _add(store, "pA", "2020-03-01", 10.0, tag="lungs/v1")
         seg2 = S.new_seg_id()
@@ -88,7 +89,7 @@ def test_resegmentation_adds_rows_and_active_prefers_corrections(tmp_path: Path)
         all_rows = store.metrics(model_version=None)
         assert set(all_rows.model_version) == {"lungs/v1", "lungs/v9"} and len(all_rows) == 6
         assert set(store.metrics(model_version="lungs/v1").value) == {10.0, 20.0, 4000.0}
-        # neither version is an active shipped model here: "active" falls back to the latest
+        # neither version is active: "active" falls back to the latest
         active = store.metrics(model_version="active")
         assert set(active.seg_id) == {seg2}
 
