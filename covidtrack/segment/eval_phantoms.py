@@ -110,11 +110,21 @@ def evaluate(n: int, first_seed: int = 2000, log=print) -> dict:
                                    "max": round(float(np.max(abs_err)), 3) if abs_err else None}
     return {
         "what": "segment() on synthetic phantoms vs their exact truth (covidtrack.phantom)",
+        "hardware": hardware(),
         "seeds": [first_seed, first_seed + n - 1],
         "model_versions": versions,
         "summary": summary,
         "phantoms": [asdict(r) for r in rows],
     }
+
+
+def hardware() -> dict:
+    """Where the numbers were measured (timings in ``seconds`` depend on it)."""
+    import os
+    import platform
+
+    return {"processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+            "note": "2 CPU cores, shared with other jobs while measured"}
 
 
 def _json_safe(obj):
