@@ -302,7 +302,7 @@ def save_correction(
 
     if not author.strip():
         raise StoreError(f"correction of {scan_id}: reviewer name is empty. Fix: enter your name or initials")
-    original = store._seg_by_id(original_seg_id) if original_seg_id else store.segmentation(scan_id, "model")
+    original = store.segmentation_by_id(original_seg_id) if original_seg_id else store.segmentation(scan_id, "model")
     volume = store.load_volume(scan_id)
     if infection.shape != volume.shape:
         raise StoreError(f"correction of {scan_id}: mask shape {infection.shape} differs from the scan {volume.shape}. "

@@ -182,7 +182,7 @@ def export_corrections(store: "Store", out: Path, size: int, max_slices_per_scan
         scan_id = row["scan_id"]
         volume = store.load_volume(scan_id)
         corrected = read_canonical(Path(row["mask_path"]))[0].astype(np.uint8)
-        original = store._seg_by_id(row["original_seg_id"]) if row.get("original_seg_id") else store.segmentation(scan_id, "model")
+        original = store.segmentation_by_id(row["original_seg_id"]) if row.get("original_seg_id") else store.segmentation(scan_id, "model")
         lungs = read_canonical(original.lungs_path)[0].astype(np.uint8)
         model_inf = read_canonical(original.infection_path)[0].astype(np.uint8)
         zs = pick_slices(lungs, corrected, corrected != model_inf, max_slices_per_scan)

@@ -148,7 +148,8 @@ def aligned_series(store: "Store", patient_key: str) -> AlignedSeries:
         change = None
         ok = sid == base_id
         if sid != base_id:
-            reg_rows = regs[(regs["fixed_scan"] == base_id) & (regs["moving_scan"] == sid)]
+            # a pair that failed registration QA is shown "not aligned", never as if aligned
+            reg_rows = regs[(regs["fixed_scan"] == base_id) & (regs["moving_scan"] == sid) & regs["ok"].astype(bool)]
             warped = None
             if len(reg_rows):
                 seg_id = store.segmentation(sid).seg_id if seg is not None else "none"
