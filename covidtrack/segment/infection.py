@@ -13,7 +13,6 @@ box of the lungs plus a margin, taken in millimetres so that anisotropic pixels 
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -23,6 +22,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from covidtrack.config import settings
+from covidtrack.segment import weights
+from covidtrack.segment.weights import sha256_of
 from covidtrack.errors import InputError, ModelError
 from covidtrack.events import ProgressCallback, emit
 from covidtrack.segment.intensity import window_hu
@@ -174,41 +175,17 @@ def labels_from_probs(probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return labels, p_inf.astype(np.float32)
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def save_weights(network: "torch.nn.Module", spec: NetSpec, path: Path) -> str:
-    """Write ``weights.pt`` (float16 tensors: half the size, no measurable Dice change) and return its sha256."""
-    import torch
-
-    state = {k: (v.half() if v.is_floating_point() else v) for k, v in network.state_dict().items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"format": WEIGHTS_FORMAT, "net": spec.to_json(), "state_dict": state}, path)
-    return sha256_of(path)
+    """Write ``weights.pt`` (float16 tensors, see :mod:`covidtrack.segment.weights`) and return its sha256."""
+    return weights.save(network, spec.to_json(), WEIGHTS_FORMAT, path)
 
 
 def load_network(path: Path) -> tuple["torch.nn.Module", NetSpec]:
     """Read ``weights.pt`` written by :func:`save_weights` (float32 network, eval mode)."""
-    import torch
-
-    if not path.exists():
-        raise ModelError(f"{path}: weights missing; reinstall the model version or train one")
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises several types for corrupt files
-        raise ModelError(f"{path}: cannot read weights ({err}); the file is corrupt, retrain or restore it") from err
-    if not isinstance(blob, dict) or blob.get("format") != WEIGHTS_FORMAT:
-        raise ModelError(f"{path}: not an infection model (format {blob.get('format') if isinstance(blob, dict) else '?'})")
-    spec = NetSpec.from_json(blob["net"])
-    net = build_network(spec)
-    net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in blob["state_dict"].items()})
-    net.eval()
-    return net, spec
+    net, spec_json = weights.load(
+        path, WEIGHTS_FORMAT, "an infection model", lambda js: build_network(NetSpec.from_json(js)), "train one"
+    )
+    return net, NetSpec.from_json(spec_json)
 
 
 class InfectionModel:

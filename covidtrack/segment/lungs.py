@@ -13,7 +13,6 @@ side, hole filling, and a left / right split by geometry (canonical x runs patie
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,6 +22,8 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from covidtrack.config import settings
+from covidtrack.segment import weights
+from covidtrack.segment.weights import sha256_of
 from covidtrack.errors import InputError, ModelError
 from covidtrack.events import ProgressCallback, emit
 from covidtrack.labels import LEFT_LUNG, RIGHT_LUNG
@@ -117,41 +118,17 @@ def pad_to_multiple(x: "torch.Tensor", divisor: int, value: float) -> tuple["tor
     return F.pad(x, pads, value=value), size  # type: ignore[return-value]
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def save_weights(network: "torch.nn.Module", spec: LungNetSpec, path: Path) -> str:
-    """Write ``weights.pt`` (float16 tensors: half the size) and return its sha256."""
-    import torch
-
-    state = {k: (v.half() if v.is_floating_point() else v) for k, v in network.state_dict().items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"format": WEIGHTS_FORMAT, "net": spec.to_json(), "state_dict": state}, path)
-    return sha256_of(path)
+    """Write ``weights.pt`` (float16 tensors, see :mod:`covidtrack.segment.weights`) and return its sha256."""
+    return weights.save(network, spec.to_json(), WEIGHTS_FORMAT, path)
 
 
 def load_network(path: Path) -> tuple["torch.nn.Module", LungNetSpec]:
     """Read ``weights.pt`` written by :func:`save_weights` (float32 network, eval mode)."""
-    import torch
-
-    if not path.exists():
-        raise ModelError(f"{path}: weights missing; reinstall the model version or run `python -m covidtrack train lungs`")
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises several types for corrupt files
-        raise ModelError(f"{path}: cannot read weights ({err}); the file is corrupt, retrain or restore it") from err
-    if not isinstance(blob, dict) or blob.get("format") != WEIGHTS_FORMAT:
-        raise ModelError(f"{path}: not a lung model (format {blob.get('format') if isinstance(blob, dict) else '?'})")
-    spec = LungNetSpec.from_json(blob["net"])
-    net = build_network(spec)
-    net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in blob["state_dict"].items()})
-    net.eval()
-    return net, spec
+    net, spec_json = weights.load(
+        path, WEIGHTS_FORMAT, "a lung model", lambda js: build_network(LungNetSpec.from_json(js)), "run `python -m covidtrack train lungs`"
+    )
+    return net, LungNetSpec.from_json(spec_json)
 
 
 # --- post-processing (pure numpy, on the scan grid) ---------------------------------------------
@@ -170,21 +147,6 @@ def _bbox(mask: np.ndarray, margin: int = 1) -> tuple[slice, ...]:
 def _component_sizes(lab: np.ndarray, n: int) -> np.ndarray:
     """Voxel count per label 1..n (bincount: far faster than ndimage.sum_labels for many labels)."""
     return np.bincount(lab.ravel(), minlength=n + 1)[1:]
-
-
-def _assign_fragments(clean: np.ndarray, frag: np.ndarray) -> None:
-    """Give each fragment (connected piece of ``frag``) to the lung side it touches most, in place."""
-    lab, n = ndi.label(frag)
-    if n == 0:
-        return
-    touch = np.zeros((3, n + 1), dtype=np.int64)
-    for side in (RIGHT_LUNG, LEFT_LUNG):
-        ring = ndi.binary_dilation(clean == side) & frag
-        touch[side] = np.bincount(lab[ring], minlength=n + 1)
-    best = np.where(touch[RIGHT_LUNG] >= touch[LEFT_LUNG], RIGHT_LUNG, LEFT_LUNG).astype(np.uint8)
-    best[(touch[RIGHT_LUNG] + touch[LEFT_LUNG]) == 0] = 0  # touches no lung: drop it
-    best[0] = 0
-    clean[frag] = best[lab[frag]]
 
 
 def split_sides(mask: np.ndarray, max_erosions: int = 8) -> np.ndarray:
