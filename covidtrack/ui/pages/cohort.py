@@ -40,7 +40,7 @@ def main() -> None:
     counts = frame.groupby("arm")["patient_key"].nunique()
     cols = st.columns(max(1, len(counts)))
     for col, (arm, n) in zip(cols, counts.items()):
-        col.metric(f"{arm}", f"{n} patients")
+        col.metric(f"{arm}", f"{n} patient{'' if n == 1 else 's'}")
     c1, c2 = st.columns(2)
     c1.plotly_chart(figures.cohort_trajectory_figure(frame, M.POI, bin_days=bin_days), key="cohort_poi", config=PLOTLY_CONFIG, width="stretch")
     c2.plotly_chart(figures.cohort_trajectory_figure(frame, M.INFECTION_ML, bin_days=bin_days), key="cohort_volume", config=PLOTLY_CONFIG, width="stretch")
