@@ -78,6 +78,7 @@ class TrainConfig:
     student_iterations: int = 200
     batch_size: int = 8
     lr: float = 2e-3
+    intensity_aug: float = 1.0  # strength of the re-windowing / gamma / noise augmentation (1 = v1 recipe)
     seed: int = 0
     spec: NetSpec = field(default_factory=NetSpec)
     out_root: Path | None = None  # None: $COVIDTRACK_HOME/models
@@ -191,9 +192,15 @@ def labelled_pairs(samples: Sequence["SliceSample"]) -> list[tuple[np.ndarray, n
 
 
 # --- augmentation ----------------------------------------------------------------------------
-def augment(images: "torch.Tensor", labels: "torch.Tensor", gen: "torch.Generator") -> tuple["torch.Tensor", "torch.Tensor"]:
+def augment(
+    images: "torch.Tensor", labels: "torch.Tensor", gen: "torch.Generator", intensity: float = 1.0
+) -> tuple["torch.Tensor", "torch.Tensor"]:
     """Random geometry (rotation +-15 deg, scale 0.8-1.25, shift +-8 %, left-right flip, elastic)
-    and intensity (re-windowing, gamma, noise) on a batch, batched in torch for CPU speed."""
+    and intensity (re-windowing, gamma, noise) on a batch, batched in torch for CPU speed.
+
+    ``intensity`` scales the intensity ranges (log-ranges of window scale and gamma, offset, noise):
+    1.0 is the v1 recipe; strong re-windowing can make normal lung look like GGO of another image.
+    """
     import math
 
     import torch
@@ -219,11 +226,12 @@ def augment(images: "torch.Tensor", labels: "torch.Tensor", gen: "torch.Generato
     img = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     lab = F.grid_sample(labels.float(), grid, mode="nearest", padding_mode="zeros", align_corners=False).long()
     # intensity: another exporter's window = affine map of the unit image (see intensity.rewindow)
-    scale = torch.exp(uniform(math.log(0.55), math.log(1.35)))[:, None, None, None]
-    offset = uniform(-0.12, 0.12)[:, None, None, None]
-    gamma = torch.exp(uniform(math.log(0.7), math.log(1.5)))[:, None, None, None]
+    k = float(intensity)
+    scale = torch.exp(uniform(k * math.log(0.55), k * math.log(1.35)))[:, None, None, None]
+    offset = uniform(-0.12 * k, 0.12 * k)[:, None, None, None]
+    gamma = torch.exp(uniform(k * math.log(0.7), k * math.log(1.5)))[:, None, None, None]
     img = (img * scale + offset).clamp(0, 1) ** gamma
-    img = img + torch.randn(img.shape, generator=gen) * uniform(0, 0.03)[:, None, None, None]
+    img = img + torch.randn(img.shape, generator=gen) * uniform(0, 0.03 * k)[:, None, None, None]
     return img.clamp(0, 1), lab
 
 
@@ -279,7 +287,7 @@ def _fit(
         if pseudo is not None:
             jdx = torch.randint(0, pseudo[0].shape[0], (cfg.batch_size - n_real,), generator=gen)
             x, y = torch.cat([x, pseudo[0][jdx]]), torch.cat([y, pseudo[1][jdx]])
-        x, y = augment(x, y, gen)
+        x, y = augment(x, y, gen, cfg.intensity_aug)
         loss = loss_fn(net(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -460,6 +468,7 @@ def _card(
             "teacher_iterations": cfg.iterations,
             "student_iterations": cfg.student_iterations if n_unl else 0,
             "batch_size": cfg.batch_size,
+            "intensity_aug": cfg.intensity_aug,
             "approx_epochs_teacher": round(epochs, 1),
             "optimizer": f"AdamW lr {cfg.lr}, 5 % linear warm-up then cosine decay, weight decay 1e-4",
             "loss": "DiceCE (GGO, consolidation) + soft Dice of GGO+consolidation union",
@@ -554,6 +563,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--student-iterations", type=int, default=200, help="student optimiser steps")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--intensity-aug", type=float, default=1.0, help="strength of the intensity augmentation (1 = v1 recipe)")
     parser.add_argument("--size", type=int, default=192, help="network input side (px)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--exclude", default="", help="comma-separated slice names to hold out and score")
@@ -598,6 +608,7 @@ def run(args: argparse.Namespace) -> int:
         student_iterations=0 if args.no_self_training else args.student_iterations,
         batch_size=args.batch_size,
         lr=args.lr,
+        intensity_aug=args.intensity_aug,
         seed=args.seed,
         spec=replace(NetSpec(), input_size=args.size),
         out_root=args.out,
