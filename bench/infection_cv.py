@@ -5,9 +5,13 @@ the 10 slices it never saw: the teacher alone (flip TTA), the student without TT
 with TTA (the shipped configuration). The unlabelled slices are used in every fold (they carry
 no labels, so no held-out label leaks). Folds can run as separate processes
 (``--folds 0,2``); ``--aggregate`` merges the per-fold files into bench/results/infection_cv.json.
+A recipe other than the default is a named variant (``--name``): its folds go to
+``infection_cv_parts/<name>/`` and its aggregate to ``infection_cv_<name>.json``.
 
     COVIDTRACK_THREADS=1 nice -n 5 python bench/infection_cv.py --folds 0,1
     python bench/infection_cv.py --aggregate
+    python bench/infection_cv.py --name s256 --size 256 --iterations 2500 --batch-size 16 \
+        --intensity-aug 0.35 --aux-npz aux.npz --device cuda --folds 0
 """
 
 from __future__ import annotations
@@ -42,16 +46,18 @@ def fold_of(names: list[str]) -> dict[str, int]:
     return {str(n): i % N_FOLDS for i, n in enumerate(order)}
 
 
-def run_fold(k: int, cfg: TrainConfig) -> dict:
+def run_fold(k: int, cfg: TrainConfig, images: Path | None = None, unlabeled: Path | None = None) -> dict:
     from covidtrack.segment.intensity import unit_from_uint8
     from covidtrack.segment.slices import read_medseg_folder, read_unlabeled
 
-    d = SHARED_COVID2D / "medseg_train"
+    d = images or SHARED_COVID2D / "medseg_train"
     samples = read_medseg_folder(d / "Imgs", d / "GT", d / "GT_multiclass")
     folds = fold_of([s.name for s in samples])
     train = [s for s in samples if folds[s.name] != k]
     test = [s for s in samples if folds[s.name] == k]
-    unl = [unit_from_uint8(s.image) for s in read_unlabeled(SHARED_COVID2D / "unlabeled_slices", stride=cfg.unlabeled_stride)]
+    unl = []
+    if cfg.student_iterations > 0:
+        unl = [unit_from_uint8(s.image) for s in read_unlabeled(unlabeled or SHARED_COVID2D / "unlabeled_slices", stride=cfg.unlabeled_stride)]
     out: dict = {"fold": k, "test_names": [s.name for s in test], "train_slices": len(train)}
 
     def score_teacher(net: object) -> None:
@@ -70,8 +76,13 @@ def run_fold(k: int, cfg: TrainConfig) -> dict:
     return out
 
 
-def aggregate() -> dict:
-    parts = [json.loads((PARTS / f"fold{k}.json").read_text()) for k in range(N_FOLDS) if (PARTS / f"fold{k}.json").exists()]
+def parts_dir(name: str) -> Path:
+    return PARTS if name == "default" else PARTS / name
+
+
+def aggregate(name: str = "default") -> dict:
+    d = parts_dir(name)
+    parts = [json.loads((d / f"fold{k}.json").read_text()) for k in range(N_FOLDS) if (d / f"fold{k}.json").exists()]
     if len(parts) != N_FOLDS:
         print(f"warning: only {len(parts)} of {N_FOLDS} folds present", file=sys.stderr)
     result: dict = {
@@ -80,7 +91,8 @@ def aggregate() -> dict:
         "data": "MedSeg COVID-19 CT segmentation, 50 labelled slices (Inf-Net TrainingSet @ c17e524); "
         "COVID-19-CT-Seg unlabelled slices for self-training (non-commercial licence)",
         "config": parts[0]["config"] if parts else None,
-        "hardware": {
+        "variant": name,
+        "hardware": parts[0].get("hardware") if parts and parts[0].get("hardware") else {
             "processor": platform.processor() or platform.machine(),
             "cpu_count": os.cpu_count(),
             "note": "2 CPU cores shared with ~8 other jobs; one thread per fold process",
@@ -114,38 +126,68 @@ def main() -> int:
     parser.add_argument("--folds", default="0,1,2,3,4")
     parser.add_argument("--aggregate", action="store_true")
     parser.add_argument("--card", type=Path, help="with --aggregate: model version folder whose card gets the results")
+    parser.add_argument("--name", default="default", help="variant name (default: the recipe of infection/v1)")
     parser.add_argument("--iterations", type=int, default=TrainConfig.iterations)
     parser.add_argument("--student-iterations", type=int, default=TrainConfig.student_iterations)
+    parser.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
+    parser.add_argument("--lr", type=float, default=TrainConfig.lr)
+    parser.add_argument("--size", type=int, default=NetSpec().input_size)
+    parser.add_argument("--intensity-aug", type=float, default=TrainConfig.intensity_aug)
+    parser.add_argument("--unlabeled-stride", type=int, default=TrainConfig.unlabeled_stride)
+    parser.add_argument("--aux-npz", type=Path, nargs="*", default=[], help="auxiliary pairs (train_infection.save_pairs)")
+    parser.add_argument("--aux-fraction", type=float, default=TrainConfig.aux_fraction)
+    parser.add_argument("--images", type=Path, help="MedSeg folder with Imgs/ GT/ GT_multiclass/ (default ../shared)")
+    parser.add_argument("--unlabeled", type=Path, help="unlabelled slices folder (default ../shared)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", type=Path, help="parts folder (default bench/results/infection_cv_parts[/<name>])")
     args = parser.parse_args()
     if args.aggregate:
-        result = aggregate()
+        result = aggregate(args.name)
         RESULTS.mkdir(parents=True, exist_ok=True)
-        (RESULTS / "infection_cv.json").write_text(json.dumps(result, indent=2) + "\n")
+        out_json = RESULTS / ("infection_cv.json" if args.name == "default" else f"infection_cv_{args.name}.json")
+        out_json.write_text(json.dumps(result, indent=2) + "\n")
         if args.card:
             record_validation(
                 args.card,
                 {"description": result["description"], "summary": result["summary"], "variants": {
                     v: {m: {k: x[k] for k in ("mean_over_folds", "std_over_folds")} for m, x in ms.items()}
-                    for v, ms in result["variants"].items()}, "source": "bench/results/infection_cv.json"},
+                    for v, ms in result["variants"].items()}, "source": f"bench/results/{out_json.name}"},
             )
         for v, ms in result["variants"].items():
             print(v, {m: None if x["mean_over_folds"] is None else round(x["mean_over_folds"], 3) for m, x in ms.items()})
         return 0
-    cfg = TrainConfig(iterations=args.iterations, student_iterations=args.student_iterations, seed=SEED, spec=NetSpec())
-    PARTS.mkdir(parents=True, exist_ok=True)
+    from covidtrack.segment.train_infection import load_pairs
+
+    aux: list = []
+    for path in args.aux_npz:
+        aux += load_pairs(path)
+    cfg = TrainConfig(
+        iterations=args.iterations, student_iterations=args.student_iterations, batch_size=args.batch_size, lr=args.lr,
+        intensity_aug=args.intensity_aug, unlabeled_stride=args.unlabeled_stride, auxiliary=tuple(aux),
+        aux_fraction=args.aux_fraction, device=args.device, seed=SEED, spec=NetSpec(input_size=args.size),
+    )
+    out_dir = args.out or parts_dir(args.name)
+    out_dir.mkdir(parents=True, exist_ok=True)
     for k in (int(f) for f in args.folds.split(",")):
-        out = run_fold(k, cfg)
+        out = run_fold(k, cfg, args.images, args.unlabeled)
         out["config"] = {
+            "name": args.name,
             "net": cfg.spec.to_json(),
             "teacher_iterations": cfg.iterations,
             "student_iterations": cfg.student_iterations,
             "batch_size": cfg.batch_size,
             "lr": cfg.lr,
+            "intensity_aug": cfg.intensity_aug,
             "unlabeled_stride": cfg.unlabeled_stride,
+            "auxiliary": [p.name for p in args.aux_npz],
+            "auxiliary_slices": len(aux),
+            "aux_fraction": cfg.aux_fraction,
             "seed": cfg.seed,
-            "code_commit": os.popen(f"git -C {REPO_ROOT} rev-parse HEAD").read().strip(),
+            "code_commit": os.popen(f"git -C {REPO_ROOT} rev-parse HEAD 2>/dev/null").read().strip() or "unknown",
         }
-        (PARTS / f"fold{k}.json").write_text(json.dumps(out, indent=2) + "\n")
+        out["hardware"] = {"processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+                           "device": out["info"].get("device", "cpu")}
+        (out_dir / f"fold{k}.json").write_text(json.dumps(out, indent=2) + "\n")
     return 0
 
 

@@ -225,12 +225,14 @@ class InfectionModel:
         """(B, 1, S, S) unit images -> (B, 3, S, S) softmax probabilities (with flip TTA)."""
         import torch
 
+        dev = next(self.network.parameters()).device  # CPU in the product; a GPU while training
         with torch.inference_mode():
+            batch = batch.to(dev)
             probs = torch.softmax(self.network(batch), dim=1)
             if self.tta:
                 flipped = torch.softmax(self.network(torch.flip(batch, dims=(3,))), dim=1)
                 probs = 0.5 * (probs + torch.flip(flipped, dims=(3,)))
-        return probs
+        return probs.cpu()
 
     def predict_slices(self, images_unit: Sequence[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
         """2D canonical slices in [0, 1] (any size each) -> per slice (labels uint8 0/1/2, prob float16).

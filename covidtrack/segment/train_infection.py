@@ -62,6 +62,9 @@ class TrainConfig:
     orientation (e.g. corrected axial CT slices windowed with
     :func:`covidtrack.segment.intensity.window_hu`). ``exclude`` names labelled slices held out
     for validation: they are scored after training and reported in the card.
+    ``auxiliary`` holds synthetic or healthy samples in the same form (healthy-lung negatives,
+    phantom slices with their true lesions): they fill ``aux_fraction`` of every batch, so the
+    real labelled slices keep the majority of each batch however many auxiliary samples exist.
     ``iterations`` / ``student_iterations`` count optimiser steps of ``batch_size`` slices;
     ``student_iterations = 0`` (or no ``unlabeled``) disables self-training.
     """
@@ -72,6 +75,9 @@ class TrainConfig:
     unlabeled: Path | None = None
     unlabeled_stride: int = 4
     extra: tuple[tuple[np.ndarray, np.ndarray], ...] = ()
+    auxiliary: tuple[tuple[np.ndarray, np.ndarray], ...] = ()
+    aux_fraction: float = 0.25
+    aux_sources: str = ""  # what the auxiliary samples are (recorded in the card)
     init_weights: Path | None = None
     exclude: tuple[str, ...] = ()
     iterations: int = 300
@@ -85,6 +91,7 @@ class TrainConfig:
     version: str | None = None  # None: next free version number
     validation: dict | None = None  # e.g. cross-validation results to copy into the card
     notes: str = ""
+    device: str = "cpu"  # "cpu", "cuda" or "auto" (cuda when available); inference stays on CPU
 
 
 @dataclass(frozen=True)
@@ -178,6 +185,49 @@ def negatives_from_phantoms(n: int, stride: int = 2) -> list[tuple[np.ndarray, n
     return out
 
 
+def phantom_slices(seeds: Sequence[int], stride: int = 2, healthy: bool = False) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Lung slices of phantoms with their true GGO/consolidation labels (``healthy``: label 0).
+
+    Cropped like :func:`negative_slices` (the field of view inference uses on volumes). Sick
+    phantoms teach what a lesion looks like on a HU volume windowed by the product, next to the
+    8-bit exports of the real slices; they are auxiliary data and never replace the real slices.
+    """
+    from covidtrack.phantom import make_phantom
+    from covidtrack.segment.infection import SquareView
+    from covidtrack.segment.intensity import window_hu
+
+    out: list[tuple[np.ndarray, np.ndarray]] = []
+    for seed in seeds:
+        vol, truth = make_phantom(int(seed), (60, 128, 128), (5.0, 2.7, 2.7), healthy=healthy)
+        lungs = truth.lungs > 0
+        zs = np.nonzero(lungs.any(axis=(1, 2)))[0]
+        if zs.size == 0:
+            continue
+        view = SquareView.around_mask(lungs[zs], (float(vol.spacing[1]), float(vol.spacing[2])))
+        y0, y1, x0, x1 = view.box()
+        inf = np.zeros(lungs.shape, np.uint8) if healthy else np.where(lungs, truth.infection, 0).astype(np.uint8)
+        for z in zs[::stride]:
+            out.append((window_hu(vol.array[z, y0:y1, x0:x1]).astype(np.float32), inf[z, y0:y1, x0:x1].copy()))
+    return out
+
+
+def save_pairs(path: Path, pairs: Sequence[tuple[np.ndarray, np.ndarray]]) -> None:
+    """Write ``(unit image, classes)`` pairs of any sizes to one ``.npz`` (e.g. auxiliary data
+    prepared where the CT files are, for training on another machine)."""
+    arrays = {}
+    for i, (im, lab) in enumerate(pairs):
+        arrays[f"im{i:05d}"] = np.asarray(im, np.float16)
+        arrays[f"lab{i:05d}"] = np.asarray(lab, np.uint8)
+    np.savez_compressed(path, **arrays)
+
+
+def load_pairs(path: Path) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Pairs written by :func:`save_pairs` (images back to float32)."""
+    with np.load(path) as z:
+        keys = sorted(k for k in z.files if k.startswith("im"))
+        return [(z[k].astype(np.float32), z["lab" + k[2:]]) for k in keys]
+
+
 def labelled_pairs(samples: Sequence["SliceSample"]) -> list[tuple[np.ndarray, np.ndarray]]:
     """SliceSamples with masks -> ``(unit, classes)``; binary-only samples count as GGO."""
     from covidtrack.segment.intensity import unit_from_uint8
@@ -207,21 +257,22 @@ def augment(
     import torch.nn.functional as F
 
     b, _, s, _ = images.shape
+    dev = images.device  # ``gen`` lives on the same device
 
     def uniform(lo: float, hi: float, n: int = b) -> "torch.Tensor":
-        return lo + (hi - lo) * torch.rand(n, generator=gen)
+        return lo + (hi - lo) * torch.rand(n, generator=gen, device=dev)
 
     angle = uniform(-15, 15) * math.pi / 180
     zoom = torch.exp(uniform(math.log(0.8), math.log(1.25)))
-    flip = torch.where(torch.rand(b, generator=gen) < 0.5, -1.0, 1.0)
+    flip = torch.where(torch.rand(b, generator=gen, device=dev) < 0.5, -1.0, 1.0)
     cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
-    theta = torch.zeros(b, 2, 3)
+    theta = torch.zeros(b, 2, 3, device=dev)
     theta[:, 0, 0], theta[:, 0, 1] = cos * flip, -sin
     theta[:, 1, 0], theta[:, 1, 1] = sin * flip, cos
     theta[:, 0, 2], theta[:, 1, 2] = uniform(-0.08, 0.08), uniform(-0.08, 0.08)
     grid = F.affine_grid(theta, [b, 1, s, s], align_corners=False)
     # elastic: a smooth random displacement (5x5 control points, up to ~3 % of the field of view)
-    disp = torch.randn(b, 2, 5, 5, generator=gen) * 0.03 * (torch.rand(b, 1, 1, 1, generator=gen) < 0.7)
+    disp = torch.randn(b, 2, 5, 5, generator=gen, device=dev) * 0.03 * (torch.rand(b, 1, 1, 1, generator=gen, device=dev) < 0.7)
     grid = grid + F.interpolate(disp, size=(s, s), mode="bicubic", align_corners=True).permute(0, 2, 3, 1)
     img = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     lab = F.grid_sample(labels.float(), grid, mode="nearest", padding_mode="zeros", align_corners=False).long()
@@ -231,7 +282,7 @@ def augment(
     offset = uniform(-0.12 * k, 0.12 * k)[:, None, None, None]
     gamma = torch.exp(uniform(k * math.log(0.7), k * math.log(1.5)))[:, None, None, None]
     img = (img * scale + offset).clamp(0, 1) ** gamma
-    img = img + torch.randn(img.shape, generator=gen) * uniform(0, 0.03 * k)[:, None, None, None]
+    img = img + torch.randn(img.shape, generator=gen, device=dev) * uniform(0, 0.03 * k)[:, None, None, None]
     return img.clamp(0, 1), lab
 
 
@@ -254,19 +305,43 @@ def make_loss() -> Callable[["torch.Tensor", "torch.Tensor"], "torch.Tensor"]:
 
 
 # --- training loops --------------------------------------------------------------------------
+def resolve_device(name: str) -> "torch.device":
+    """``"auto"`` -> cuda when available, else cpu; anything else as torch spells it."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+Source = tuple["torch.Tensor", "torch.Tensor"]
+
+
+def batch_counts(batch_size: int, shares: Sequence[float]) -> list[int]:
+    """Slices per source in one batch: ``shares`` of the batch (the first source, the real
+    labelled slices, gets the rest and at least one slice)."""
+    counts = [0] + [int(round(batch_size * f)) for f in shares[1:]]
+    counts[0] = batch_size - sum(counts)
+    if counts[0] < 1:
+        raise ValueError(f"batch of {batch_size} leaves no room for real slices with shares {list(shares)}")
+    return counts
+
+
 def _fit(
     net: "torch.nn.Module",
-    real: tuple["torch.Tensor", "torch.Tensor"],
-    pseudo: tuple["torch.Tensor", "torch.Tensor"] | None,
+    sources: Sequence[tuple[Source, float]],
     iterations: int,
     cfg: TrainConfig,
     gen: "torch.Generator",
     log: Log,
     tag: str,
 ) -> list[float]:
-    """AdamW with warm-up and cosine decay; each batch is real slices, or half real / half pseudo-labelled."""
+    """AdamW with warm-up and cosine decay. Each batch mixes ``sources`` ((images, labels), share):
+    the first is the real labelled slices and takes what the other shares leave."""
     import torch
 
+    dev = next(net.parameters()).device
+    counts = batch_counts(cfg.batch_size, [f for _, f in sources])
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=1e-4)
     warm = max(1, iterations // 20)
 
@@ -280,40 +355,42 @@ def _fit(
     net.train()
     history: list[float] = []
     t0 = time.time()
-    n_real = cfg.batch_size if pseudo is None else max(1, cfg.batch_size // 2)
     for it in range(iterations):
-        idx = torch.randint(0, real[0].shape[0], (n_real,), generator=gen)
-        x, y = real[0][idx], real[1][idx]
-        if pseudo is not None:
-            jdx = torch.randint(0, pseudo[0].shape[0], (cfg.batch_size - n_real,), generator=gen)
-            x, y = torch.cat([x, pseudo[0][jdx]]), torch.cat([y, pseudo[1][jdx]])
-        x, y = augment(x, y, gen, cfg.intensity_aug)
+        xs, ys = [], []
+        for ((images, labels), _), n in zip(sources, counts):
+            if n:
+                idx = torch.randint(0, images.shape[0], (n,), generator=gen, device=dev)
+                xs.append(images[idx])
+                ys.append(labels[idx])
+        x, y = augment(torch.cat(xs), torch.cat(ys), gen, cfg.intensity_aug)
         loss = loss_fn(net(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
-        history.append(float(loss.detach()))
+        history.append(loss.detach())
         if (it + 1) % 50 == 0 or it + 1 == iterations:
-            log(f"[{tag}] step {it + 1}/{iterations} loss {np.mean(history[-50:]):.4f} ({time.time() - t0:.0f} s)")
+            history[-50:] = [float(h) for h in history[-50:]]
+            log(f"[{tag}] step {it + 1}/{iterations} loss {np.mean(history[-50:]):.4f} ({time.time() - t0:.1f} s)")
     net.eval()
-    return history
+    return [float(h) for h in history]
 
 
 def pseudo_label(net: "torch.nn.Module", images: "torch.Tensor", batch: int = 16) -> "torch.Tensor":
-    """Teacher labels (N, 1, S, S) int64 for unit images (N, 1, S, S), with flip TTA."""
+    """Teacher labels (N, 1, S, S) int64 for unit images (N, 1, S, S), with flip TTA (on the net's device)."""
     import torch
 
     from covidtrack.segment.infection import labels_from_probs
 
+    dev = next(net.parameters()).device
     out = []
     net.eval()
     with torch.inference_mode():
         for i in range(0, images.shape[0], batch):
-            x = images[i : i + batch]
+            x = images[i : i + batch].to(dev)
             p = torch.softmax(net(x), 1)
             p = 0.5 * (p + torch.flip(torch.softmax(net(torch.flip(x, dims=(3,))), 1), dims=(3,)))
-            lab, _ = labels_from_probs(p.numpy().transpose(1, 0, 2, 3))
+            lab, _ = labels_from_probs(p.cpu().numpy().transpose(1, 0, 2, 3))
             out.append(torch.from_numpy(lab.astype(np.int64))[:, None])
     return torch.cat(out)
 
@@ -327,7 +404,9 @@ def fit_recipe(
 ) -> tuple["torch.nn.Module", dict]:
     """Train teacher (and student when ``unlabeled`` and ``cfg.student_iterations``) in memory.
 
-    Returns the final network (eval mode) and a dict of what happened (losses, counts, seconds).
+    ``cfg.auxiliary`` fills ``cfg.aux_fraction`` of each batch. Training runs on ``cfg.device``;
+    the returned network (eval mode) is on the CPU, with a dict of what happened (losses,
+    counts, seconds). ``on_teacher`` sees the teacher on the training device.
     """
     import torch
 
@@ -335,19 +414,30 @@ def fit_recipe(
 
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
+    dev = resolve_device(cfg.device)
+    if dev.type == "cuda":  # TF32 convolutions and autotuned kernels: same recipe, faster steps
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+    gen = torch.Generator(device=dev).manual_seed(cfg.seed)
     torch.set_num_threads(settings().threads)
     size = cfg.spec.input_size
-    real = stack_samples(labelled, size)
+    real = tuple(t.to(dev) for t in stack_samples(labelled, size))
+    sources: list[tuple[Source, float]] = [(real, 1.0)]  # type: ignore[list-item]
+    if cfg.auxiliary and cfg.aux_fraction > 0:
+        aux = tuple(t.to(dev) for t in stack_samples(cfg.auxiliary, size))
+        sources.append((aux, cfg.aux_fraction))  # type: ignore[arg-type]
     if cfg.init_weights is not None:
         net, spec = load_network(Path(cfg.init_weights))
         if spec != cfg.spec:
             raise ValueError(f"{cfg.init_weights}: architecture {spec} differs from the configured {cfg.spec}")
     else:
         net = build_network(cfg.spec)
-    info: dict = {"labelled_slices": len(labelled), "unlabeled_slices": len(unlabeled)}
+    net = net.to(dev)
+    info: dict = {"labelled_slices": len(labelled), "auxiliary_slices": len(cfg.auxiliary), "unlabeled_slices": len(unlabeled),
+                  "device": str(dev) if dev.type == "cpu" else f"{dev} ({torch.cuda.get_device_name(dev)})"}
     t0 = time.time()
-    hist = _fit(net, real, None, cfg.iterations, cfg, gen, log, "teacher")
+    hist = _fit(net, sources, cfg.iterations, cfg, gen, log, "teacher")
     info["teacher_s"] = round(time.time() - t0, 1)
     info["teacher_final_loss"] = float(np.mean(hist[-50:])) if hist else None
     if on_teacher is not None:  # e.g. the cross-validation bench scores the teacher alone
@@ -358,14 +448,19 @@ def fit_recipe(
         u_lab = pseudo_label(net, u_img)
         info["pseudo_infected_fraction"] = float((u_lab > 0).float().mean())
         log(f"[pseudo] labelled {u_img.shape[0]} slices, infected pixels {info['pseudo_infected_fraction']:.3%} ({time.time() - t1:.0f} s)")
-        hist = _fit(net, real, (u_img, u_lab), cfg.student_iterations, cfg, gen, log, "student")
+        # half of each batch pseudo-labelled, the auxiliary share kept, real slices the rest
+        shares = [(real, 1.0)] + sources[1:] + [((u_img.to(dev), u_lab.to(dev)), 0.5)]
+        hist = _fit(net, shares, cfg.student_iterations, cfg, gen, log, "student")  # type: ignore[arg-type]
         info["student_s"] = round(time.time() - t1, 1)
         info["student_final_loss"] = float(np.mean(hist[-50:])) if hist else None
-    return net, info
+    return net.cpu().eval(), info
 
 
 # --- the library entry point -----------------------------------------------------------------
 def _code_commit() -> str:
+    """HEAD of the repository; ``COVIDTRACK_CODE_COMMIT`` when training on a copy without git."""
+    if os.environ.get("COVIDTRACK_CODE_COMMIT"):
+        return os.environ["COVIDTRACK_CODE_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=5)
         return out.stdout.strip() or "unknown"
@@ -441,7 +536,9 @@ def train(cfg: TrainConfig, log: Log = print) -> TrainResult:
 def _card(
     cfg: TrainConfig, version: str, info: dict, holdout: dict | None, wall: float, sha: str, commit: str, n_train: int, n_held: int, n_unl: int
 ) -> dict:
-    epochs = cfg.iterations * cfg.batch_size / max(1, n_train)
+    real_share = 1.0 - (cfg.aux_fraction if cfg.auxiliary else 0.0)
+    epochs = cfg.iterations * cfg.batch_size * real_share / max(1, n_train)  # passes over the real slices
+    k = cfg.intensity_aug
     return {
         "task": "infection",
         "version": version,
@@ -456,6 +553,9 @@ def _card(
             "labelled": str(cfg.images.name if cfg.images else "none"),
             "labelled_slices": n_train,
             "extra_samples": len(cfg.extra),
+            "auxiliary_samples": len(cfg.auxiliary),
+            "auxiliary_sources": cfg.aux_sources or None,
+            "auxiliary_share_of_batch": cfg.aux_fraction if cfg.auxiliary else 0.0,
             "unlabeled_slices": n_unl,
             "held_out": sorted(cfg.exclude),
             "sources": "MedSeg COVID-19 CT segmentation (Radiopaedia/SIRM) via DengPingFan/Inf-Net @ c17e524 "
@@ -473,9 +573,10 @@ def _card(
             "optimizer": f"AdamW lr {cfg.lr}, 5 % linear warm-up then cosine decay, weight decay 1e-4",
             "loss": "DiceCE (GGO, consolidation) + soft Dice of GGO+consolidation union",
             "augmentation": "rotation +-15 deg, scale 0.8-1.25, shift +-8 %, left-right flip, elastic (5x5 "
-            "control points, 3 %), re-windowing (scale 0.55-1.35, offset +-0.12), gamma 0.7-1.5, Gaussian noise <= 0.03",
+            f"control points, 3 %), re-windowing (scale {0.55 ** k:.2f}-{1.35 ** k:.2f}, offset +-{0.12 * k:.3f}), "
+            f"gamma {0.7 ** k:.2f}-{1.5 ** k:.2f}, Gaussian noise <= {0.03 * k:.3f} (intensity strength {k})",
             "self_training": "teacher labels unlabelled slices (flip TTA); student fine-tuned from the teacher, "
-            "half of each batch real" if n_unl and cfg.student_iterations else "none",
+            "half of each batch pseudo-labelled, the rest real (and auxiliary)" if n_unl and cfg.student_iterations else "none",
             "init_weights": str(cfg.init_weights) if cfg.init_weights else None,
             "wall_time_s": round(wall, 1),
             "hardware": hardware(),
@@ -518,6 +619,8 @@ def model_card_markdown(card: dict) -> str:
         f"- {d['sources']}",
         f"- {d['labelled_slices']} labelled slices used, {d['extra_samples']} extra samples, "
         f"{d['unlabeled_slices']} unlabelled slices for self-training; held out: {d['held_out'] or 'none'}",
+        *([f"- auxiliary (never replacing the real slices; {d.get('auxiliary_share_of_batch', 0):.0%} of each batch): "
+           f"{d['auxiliary_samples']} slices, {d.get('auxiliary_sources') or ''}"] if d.get("auxiliary_samples") else []),
         "",
         "## Training",
         f"- seed {t['seed']}; teacher {t['teacher_iterations']} steps of {t['batch_size']} slices "
@@ -526,7 +629,8 @@ def model_card_markdown(card: dict) -> str:
         f"- augmentation: {t['augmentation']}",
         f"- self-training: {t['self_training']}",
         f"- wall time {t['wall_time_s']} s on {t['hardware']['processor']} ({t['hardware']['cpu_count']} CPU cores, "
-        f"{t['hardware']['threads']} threads, shared machine)",
+        f"{t['hardware']['threads']} threads, shared machine)"
+        + (f"; trained on {t['details']['device']}" if t.get("details", {}).get("device", "cpu") != "cpu" else ""),
         f"- code commit {card['code_commit']}, created {card['created_utc']}",
         "",
         "## Validation",
@@ -575,6 +679,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--negatives", type=Path, nargs="*", default=[], help="healthy CT files/folders: lung slices added with label 0")
     parser.add_argument("--phantom-negatives", type=int, default=0, help="healthy phantoms whose lung slices are added with label 0")
     parser.add_argument("--negative-stride", type=int, default=2, help="use every n-th lung slice of the negatives")
+    parser.add_argument("--phantom-positives", type=int, default=0, help="sick phantoms (seeds 3000..) whose lung slices are added with their true lesions")
+    parser.add_argument("--aux-npz", type=Path, nargs="*", default=[], help="auxiliary pairs prepared with bench/infection_aux.py (save_pairs)")
+    parser.add_argument("--aux-fraction", type=float, default=0.25, help="share of each batch taken by negatives/phantom slices")
+    parser.add_argument("--device", default="cpu", help="training device: cpu, cuda or auto")
     # HITL (covidtrack.hitl.retrain): fine-tune the ACTIVE model on the store's corrected scans
     parser.add_argument("--from-corrections", action="store_true",
                         help="fine-tune the active model on corrected scans + original slices (covidtrack.hitl.retrain)")
@@ -590,13 +698,28 @@ def run(args: argparse.Namespace) -> int:
     if args.validation_json:
         cv = json.loads(Path(args.validation_json).read_text())
         validation = {"description": cv.get("description", ""), "summary": cv.get("summary", {}), "source": str(args.validation_json.name)}
-    extra = negatives_from_files(args.negatives, args.negative_stride) if args.negatives else []
+    aux: list[tuple[np.ndarray, np.ndarray]] = []
+    what: list[str] = []
+    if args.negatives:
+        aux += negatives_from_files(args.negatives, args.negative_stride)
+        what.append(f"healthy lung slices of {', '.join(p.name for p in args.negatives)} (label 0)")
     if args.phantom_negatives:
-        extra += negatives_from_phantoms(args.phantom_negatives, args.negative_stride)
-    if extra:
-        print(f"{len(extra)} healthy negative slices added")
+        aux += negatives_from_phantoms(args.phantom_negatives, args.negative_stride)
+        what.append(f"{args.phantom_negatives} healthy phantoms (label 0)")
+    if args.phantom_positives:
+        aux += phantom_slices(range(3000, 3000 + args.phantom_positives), args.negative_stride)
+        what.append(f"{args.phantom_positives} sick phantoms, seeds 3000.. (true lesions)")
+    for path in args.aux_npz:
+        aux += load_pairs(path)
+        made = path.with_suffix(".json")  # written beside it by bench/infection_aux.py
+        what.append(f"{path.name} ({json.loads(made.read_text())})" if made.exists() else path.name)
+    if aux:
+        print(f"{len(aux)} auxiliary slices: {'; '.join(what)}")
     cfg = TrainConfig(
-        extra=tuple(extra),
+        auxiliary=tuple(aux),
+        aux_fraction=args.aux_fraction,
+        aux_sources="; ".join(what),
+        device=args.device,
         images=args.images,
         masks=args.masks,
         multiclass=args.multiclass,
