@@ -13,7 +13,7 @@ set -u
 export PYTHONUNBUFFERED=1 COVIDTRACK_THREADS=1
 SITE=/tmp/site; mkdir -p "$SITE" && tar xzf .gpu/monai.tgz -C "$SITE"
 export PYTHONPATH="$SITE:$PWD" COVIDTRACK_HOME=/tmp/cthome COVIDTRACK_CODE_COMMIT="$(cat .gpu/commit)"
-W=/tmp/work; mkdir -p "$W/logs"
+W=/tmp/work; rm -rf "$W"; mkdir -p "$W/logs"
 PY=python3
 D=.gpu/covid2d
 DEV=${DEV:-cuda}  # dry run here: DEV=cpu ITER_SCALE=0.002 SMOKE_SIZE=64 DRY_SIZE=64 OUT=/tmp/o bash bench/gpu_infection.sh
@@ -37,8 +37,10 @@ nvidia-smi -L || true
 $PY -c "import torch, monai; print('torch', torch.__version__, 'monai', monai.__version__, 'cuda', torch.cuda.is_available())" || exit 1
 
 # 1. smoke + step time (SKIP_SMOKE=1 with ITER_SCALE set: straight to the cross-validation)
-[ -z "${SKIP_SMOKE:-}" ] && timeout 100 $PY bench/infection_cv.py --name smoke $COMMON --size ${SMOKE_SIZE:-256} --iterations 150 --student-iterations 0 --folds 0 \
-  --out "$W/smoke" > "$W/logs/smoke.log" 2>&1 || { cat "$W/logs/smoke.log"; exit 1; }
+if [ -z "${SKIP_SMOKE:-}" ]; then
+  timeout 100 $PY bench/infection_cv.py --name smoke $COMMON --size ${SMOKE_SIZE:-256} --iterations 150 --student-iterations 0 \
+    --folds 0 --out "$W/smoke" > "$W/logs/smoke.log" 2>&1 || { cat "$W/logs/smoke.log"; exit 1; }
+fi
 grep -E "step|Dice" "$W/logs/smoke.log" 2>/dev/null
 # seconds per 256 px step of a lone process, steps 100-150 (after cudnn autotuning)
 STEP=$($PY -c "
