@@ -486,7 +486,8 @@ def load_training_data(cfg: TrainConfig) -> tuple[list, list, list[np.ndarray]]:
     pairs = labelled_pairs(train_s) + [(np.asarray(u, np.float32), np.asarray(c, np.uint8)) for u, c in cfg.extra]
     if not pairs:
         raise ValueError("no labelled training data: pass images/masks or extra samples")
-    unl = [unit_from_uint8(s.image) for s in read_unlabeled(cfg.unlabeled, stride=cfg.unlabeled_stride)] if cfg.unlabeled else []
+    use_unl = cfg.unlabeled is not None and cfg.student_iterations > 0  # read only when self-training uses them
+    unl = [unit_from_uint8(s.image) for s in read_unlabeled(cfg.unlabeled, stride=cfg.unlabeled_stride)] if use_unl else []
     return pairs, held, unl
 
 
@@ -629,7 +630,7 @@ def model_card_markdown(card: dict) -> str:
         f"- augmentation: {t['augmentation']}",
         f"- self-training: {t['self_training']}",
         f"- wall time {t['wall_time_s']} s on {t['hardware']['processor']} ({t['hardware']['cpu_count']} CPU cores, "
-        f"{t['hardware']['threads']} threads, shared machine)"
+        f"{t['hardware']['threads']} threads{', shared machine' if (t['hardware']['cpu_count'] or 0) <= 2 else ''})"
         + (f"; trained on {t['details']['device']}" if t.get("details", {}).get("device", "cpu") != "cpu" else ""),
         f"- code commit {card['code_commit']}, created {card['created_utc']}",
         "",
