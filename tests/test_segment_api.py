@@ -10,8 +10,8 @@ from covidtrack.events import Progress
 from covidtrack.segment import Segmentation, segment
 from covidtrack.segment.api import lobes_available
 
-SMALL_SHAPE = (48, 80, 80)  # 216 x 344 x 344 mm: the phantom's chest fits, quick to make
-SMALL_SPACING = (4.5, 4.3, 4.3)
+SMALL_SHAPE = (48, 128, 128)  # 216 x 346 x 346 mm: the phantom's chest fits, quick to make
+SMALL_SPACING = (4.5, 2.7, 2.7)  # in-plane pixels near clinical; at 4.3 mm blur alone looks like GGO
 
 
 @pytest.fixture(scope="module")
@@ -80,10 +80,11 @@ def test_sick_phantom_gets_more_infection_than_healthy(phantoms) -> None:
 
 
 def test_healthy_phantom_gets_little_infection(phantoms) -> None:
-    # Goal is < 1 % (issue 3); infection/v2 gives ~3.5 % on this coarse 4.3-4.5 mm grid and v1
-    # gave 23 %. The bound guards against that regression until the model reaches the goal.
+    # Goal < 1 % of the lung (issue 3). infection/v3 gives 0.3 % here; v2 gave ~3.5 % and v1 23 %.
+    # (On a 4.3 mm in-plane grid, far coarser than clinical CT, v3 still calls ~4.5 %: the blur of
+    # such pixels looks like ground glass. README, infection weaknesses.)
     _, _, healthy = phantoms["healthy"]
-    assert _poi(healthy) < 5.0
+    assert _poi(healthy) < 1.0
 
 
 def test_model_versions_filled(phantoms) -> None:

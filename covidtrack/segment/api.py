@@ -17,6 +17,7 @@ import numpy as np
 
 from covidtrack import modelstore
 from covidtrack.events import Progress, ProgressCallback, emit
+from covidtrack.segment.completion import complete_lungs
 from covidtrack.segment.types import Segmentation
 from covidtrack.volume import Volume
 
@@ -70,12 +71,15 @@ def segment(
     lungs_ref: modelstore.ModelRef | None = None,
     infection_ref: modelstore.ModelRef | None = None,
     lobes: bool = True,
+    complete: bool = True,
 ) -> Segmentation:
     """Segment lungs (1 right, 2 left), infection (1 GGO, 2 consolidation) and lobes (1-5).
 
     Models default to the active versions (:func:`covidtrack.modelstore.active`). All label maps
     are uint8 on ``volume``'s canonical grid; infection is zero outside the lungs. ``lobes`` is
-    ``None`` only when the lobes module is not installed or ``lobes=False``.
+    ``None`` only when the lobes module is not installed or ``lobes=False``. With ``complete``
+    (the default), dense infection the infection model finds just outside the lung model's mask
+    and touching it is added to the lungs (:func:`covidtrack.segment.completion.complete_lungs`).
     ``progress`` receives :class:`~covidtrack.events.Progress` events with stages "lungs",
     "infection", "lobes" and an overall fraction in [0, 1].
     """
@@ -87,7 +91,10 @@ def segment(
 
     emit(progress, "infection", STAGES["infection"][0], "loading the infection model", item)
     inf_model = _cached(_infection_model, infection_ref or modelstore.active("infection"))
-    infection, prob = inf_model.predict(volume.array, lungs, volume.spacing, progress=_stage(progress, "infection"))
+    if complete:  # dense infection at the lung border joins the lung (covidtrack.segment.completion)
+        lungs, infection, prob, _ = complete_lungs(inf_model, volume.array, lungs, volume.spacing, progress=_stage(progress, "infection"))
+    else:
+        infection, prob = inf_model.predict(volume.array, lungs, volume.spacing, progress=_stage(progress, "infection"))
     infection = np.where(lungs > 0, infection, 0).astype(np.uint8)  # guaranteed, whatever the model does
     prob = np.where(lungs > 0, prob, 0).astype(np.float16)
     versions["infection"] = inf_model.version

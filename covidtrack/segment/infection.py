@@ -261,12 +261,15 @@ class InfectionModel:
         lungs: np.ndarray,
         spacing: Sequence[float],
         progress: ProgressCallback | None = None,
+        region: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Label infection in a canonical HU volume.
 
         ``ct_hu`` (z, y, x) HU, ``lungs`` (z, y, x) lung mask (any non-zero = lung), ``spacing``
         (z, y, x) mm. Returns ``(labels, prob)``: uint8 0 none / 1 GGO / 2 consolidation and the
-        float16 infection probability, both zero outside the lungs.
+        float16 infection probability, both zero outside the lungs. ``region`` (same shape)
+        widens where labels are kept (e.g. a margin around the lungs, see
+        :mod:`covidtrack.segment.completion`); the field of view still follows ``lungs``.
         """
         import torch
         import torch.nn.functional as F
@@ -275,11 +278,12 @@ class InfectionModel:
             raise InputError("<array>", f"ct {ct_hu.shape} and lungs {lungs.shape} must be equal 3D shapes", "pass the lung mask of this volume")
         labels = np.zeros(ct_hu.shape, dtype=np.uint8)
         prob = np.zeros(ct_hu.shape, dtype=np.float16)
-        inside = lungs > 0
-        zs = np.nonzero(inside.any(axis=(1, 2)))[0]
-        if zs.size == 0:
+        in_lungs = lungs > 0
+        inside = in_lungs if region is None else (region > 0) | in_lungs
+        if not in_lungs.any():
             return labels, prob
-        view = SquareView.around_mask(inside[zs], (float(spacing[1]), float(spacing[2])))
+        zs = np.nonzero(inside.any(axis=(1, 2)))[0]
+        view = SquareView.around_mask(in_lungs[np.nonzero(in_lungs.any(axis=(1, 2)))[0]], (float(spacing[1]), float(spacing[2])))
         y0, y1, x0, x1 = view.box()
         inv = view.inverse_grid()
         size = self.spec.input_size
