@@ -46,6 +46,16 @@ def test_envelope_is_an_in_plane_margin() -> None:
     assert not envelope(one, SPACING, 5.0)[1].any()
 
 
+def test_envelope_on_fine_grids_is_within_a_pixel_or_two() -> None:
+    lungs = np.zeros((3, 120, 120), np.uint8)
+    lungs[1, 50:70, 50:70] = 1  # 1 mm pixels, reach 20 mm: the 2 x 2 block path
+    env = envelope(lungs, SPACING, reach_mm=20.0)
+    yy, xx = np.mgrid[0:120, 0:120]
+    dist = np.hypot(np.clip(np.maximum(50 - yy, yy - 69), 0, None), np.clip(np.maximum(50 - xx, xx - 69), 0, None))
+    assert env[1][dist <= 18].all() and not env[1][dist >= 22].any()
+    assert env[1][lungs[1] > 0].all() and not env[0].any() and not env[2].any()
+
+
 def test_dense_infection_touching_the_lung_is_added_to_that_side() -> None:
     ct, lungs = _scene()
     model = FakeModel()

@@ -35,38 +35,77 @@ MIN_HU = -400.0  # added voxels must be at least this dense (consolidation, effu
 
 
 def envelope(lungs: np.ndarray, spacing: Sequence[float], reach_mm: float = REACH_MM) -> np.ndarray:
-    """The lungs dilated in-plane (slice by slice) by ``reach_mm``."""
+    """The lungs dilated in-plane (slice by slice) by ``reach_mm``.
+
+    A Euclidean distance transform on the lungs' bounding box (plus the reach) with a huge z
+    spacing, so that the nearest lung voxel of every voxel is found in its own slice; far faster
+    than a morphological dilation with a disk of ~30 pixels on a 512 x 512 grid. On grids finer
+    than reach / 8 the distances are taken between 2 x 2 pixel blocks (the margin is then exact
+    to about one pixel, which is all a search region needs).
+    """
+    inside = lungs > 0
+    out = np.zeros(lungs.shape, bool)
+    if not inside.any():
+        return out
     sy, sx = float(spacing[1]), float(spacing[2])
-    ry, rx = max(1, int(round(reach_mm / sy))), max(1, int(round(reach_mm / sx)))
-    yy, xx = np.ogrid[-ry : ry + 1, -rx : rx + 1]
-    disk = (yy * sy) ** 2 + (xx * sx) ** 2 <= reach_mm**2
-    return ndi.binary_dilation(lungs > 0, structure=disk[None])
+    zs, ys, xs = (np.nonzero(inside.any(axis=a))[0] for a in ((1, 2), (0, 2), (0, 1)))
+    my, mx = int(np.ceil(reach_mm / sy)) + 1, int(np.ceil(reach_mm / sx)) + 1
+    box = (slice(zs[0], zs[-1] + 1), slice(max(0, ys[0] - my), ys[-1] + my + 1), slice(max(0, xs[0] - mx), xs[-1] + mx + 1))
+    crop = inside[box]
+    f = 2 if max(sy, sx) * 8 <= reach_mm else 1  # fine grids: distances on 2 x 2 blocks (4x less work)
+    if f == 1:
+        out[box] = ndi.distance_transform_edt(~crop, sampling=(1e6, sy, sx)) <= reach_mm
+        return out
+    ny, nx = crop.shape[1] + crop.shape[1] % 2, crop.shape[2] + crop.shape[2] % 2
+    padded = np.zeros((crop.shape[0], ny, nx), bool)
+    padded[:, : crop.shape[1], : crop.shape[2]] = crop
+    blocks = padded[:, 0::2, 0::2] | padded[:, 1::2, 0::2] | padded[:, 0::2, 1::2] | padded[:, 1::2, 1::2]
+    near = ndi.distance_transform_edt(~blocks, sampling=(1e6, 2 * sy, 2 * sx)) <= reach_mm
+    near = near.repeat(2, axis=1).repeat(2, axis=2)[:, : crop.shape[1], : crop.shape[2]]
+    out[box] = near | crop
+    return out
+
+
+def _box(mask: np.ndarray, margin: int = 1) -> tuple[slice, ...]:
+    """Bounding box of ``mask`` grown by ``margin`` voxels (clipped to the array)."""
+    idx = [np.nonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != d)))[0] for d in range(mask.ndim)]
+    return tuple(slice(max(0, i[0] - margin), min(n, i[-1] + margin + 1)) for i, n in zip(idx, mask.shape))
 
 
 def added_voxels(ct_hu: np.ndarray, lungs: np.ndarray, labels: np.ndarray, min_hu: float = MIN_HU) -> np.ndarray:
     """Infection outside ``lungs`` that is dense and touches the lung (components, 3D)."""
     inside = lungs > 0
     cand = (labels > 0) & ~inside & (ct_hu > min_hu)
+    out = np.zeros(lungs.shape, bool)
     if not cand.any():
-        return cand
-    comp, _ = ndi.label(cand)
-    touching = np.unique(comp[ndi.binary_dilation(inside) & (comp > 0)])
-    return np.isin(comp, touching[touching > 0])
+        return out
+    box = _box(cand)  # everything below happens around the candidates only
+    comp, _ = ndi.label(cand[box])
+    # a lung voxel next to a component sees the component's label within one voxel
+    near = ndi.grey_dilation(comp, size=(3, 3, 3))
+    touching = np.unique(near[inside[box] & (near > 0)])
+    out[box] = np.isin(comp, touching[touching > 0])
+    return out
 
 
-def assign_sides(lungs: np.ndarray, added: np.ndarray) -> np.ndarray:
-    """``lungs`` (0/1/2) with ``added`` voxels labelled as the nearest lung voxel's side."""
+def assign_sides(lungs: np.ndarray, added: np.ndarray, margin: int = 8) -> np.ndarray:
+    """``lungs`` (0/1/2) with ``added`` voxels labelled as the nearest lung voxel's side,
+    component by component (searched within ``margin`` voxels of each component's box)."""
     out = lungs.copy()
     if not added.any():
         return out
-    zs = np.nonzero(added.any(axis=(1, 2)))[0]
-    z0, z1 = max(0, zs[0] - 1), min(lungs.shape[0], zs[-1] + 2)
-    sub = lungs[z0:z1]
-    _, idx = ndi.distance_transform_edt(sub == 0, return_indices=True)
-    nearest = sub[tuple(idx)]
-    block = out[z0:z1]
-    a = added[z0:z1]
-    block[a] = nearest[a]
+    comp, _ = ndi.label(added)
+    for k, sl in enumerate(ndi.find_objects(comp), start=1):
+        if sl is None:
+            continue
+        box = tuple(slice(max(0, q.start - margin), min(n, q.stop + margin)) for q, n in zip(sl, lungs.shape))
+        sub = lungs[box]
+        if not (sub > 0).any():
+            continue
+        _, idx = ndi.distance_transform_edt(sub == 0, return_indices=True)
+        nearest = sub[tuple(idx)]
+        mine = comp[box] == k
+        out[box][mine] = nearest[mine]
     return out
 
 
