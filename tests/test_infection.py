@@ -293,6 +293,75 @@ def test_fine_tuning_from_weights_with_extra_samples(tiny_model) -> None:
         train(replace(cfg, spec=NetSpec(**{**TINY_SPEC_KW, "input_size": 32})), log=lambda m: None)
 
 
+def test_batch_counts_keep_the_real_slices_in_every_batch() -> None:
+    from covidtrack.segment.train_infection import batch_counts
+
+    assert batch_counts(16, [1.0, 0.25]) == [12, 4]
+    assert batch_counts(16, [1.0, 0.25, 0.5]) == [4, 4, 8]
+    assert batch_counts(8, [1.0]) == [8]
+    with pytest.raises(ValueError, match="no room for real slices"):
+        batch_counts(4, [1.0, 0.5, 0.5])
+
+
+def test_auxiliary_pairs_round_trip_through_npz(tmp_path: Path) -> None:
+    from covidtrack.segment.train_infection import load_pairs, save_pairs
+
+    rng = np.random.default_rng(0)
+    pairs = [(rng.random((30, 41)).astype(np.float32), rng.integers(0, 3, (30, 41)).astype(np.uint8)),
+             (rng.random((12, 12)).astype(np.float32), np.zeros((12, 12), np.uint8))]
+    save_pairs(tmp_path / "aux.npz", pairs)
+    back = load_pairs(tmp_path / "aux.npz")
+    assert len(back) == 2 and [b[0].shape for b in back] == [(30, 41), (12, 12)]
+    np.testing.assert_allclose(back[0][0], pairs[0][0], atol=1e-3)  # float16 storage
+    np.testing.assert_array_equal(back[0][1], pairs[0][1])
+    assert back[1][0].dtype == np.float32 and back[1][1].dtype == np.uint8
+
+
+def test_phantom_slices_carry_the_true_lesions() -> None:
+    from covidtrack.segment.train_infection import phantom_slices
+
+    sick = phantom_slices([3000], stride=3)
+    healthy = phantom_slices([3000], stride=3, healthy=True)
+    assert sick and len(sick) == len(healthy)
+    for unit, classes in sick:
+        assert unit.shape == classes.shape and unit.dtype == np.float32
+        assert 0.0 <= float(unit.min()) and float(unit.max()) <= 1.0
+        assert set(np.unique(classes)) <= {0, 1, 2}
+    assert sum(int((c > 0).sum()) for _, c in sick) > 100  # a sick phantom at its peak has lesions
+    assert not any(c.any() for _, c in healthy)
+
+
+def test_training_with_auxiliary_samples_records_them(covidtrack_home: Path) -> None:
+    from covidtrack.segment.infection import NetSpec
+    from covidtrack.segment.train_infection import TrainConfig, train
+
+    aux = tuple((np.full((32, 32), 0.2, np.float32), np.zeros((32, 32), np.uint8)) for _ in range(3))
+    cfg = TrainConfig(images=TINY / "Imgs", masks=TINY / "GT", multiclass=TINY / "GT_multiclass",
+                      auxiliary=aux, aux_fraction=0.5, aux_sources="three blank negatives", iterations=2,
+                      student_iterations=0, batch_size=2, spec=NetSpec(**TINY_SPEC_KW), device="auto")
+    card = train(cfg, log=lambda m: None).ref.card()
+    data = card["training_data"]
+    assert data["auxiliary_samples"] == 3 and data["auxiliary_share_of_batch"] == 0.5
+    assert data["auxiliary_sources"] == "three blank negatives"
+    assert data["unlabeled_slices"] == 0  # not read when there is no self-training
+    assert card["training"]["details"]["auxiliary_slices"] == 3
+
+
+def test_volume_prediction_in_a_wider_region_keeps_the_lung_field_of_view(tiny_model) -> None:
+    _, model = tiny_model
+    rng = np.random.default_rng(2)
+    ct = rng.integers(-1000, 100, (4, 40, 50)).astype(np.int16)
+    lungs = np.zeros(ct.shape, np.uint8)
+    lungs[:, 10:30, 10:40] = 1
+    region = np.zeros(ct.shape, bool)
+    region[:, 8:32, 8:42] = True
+    plain, _ = model.predict(ct, lungs, (2.5, 0.8, 0.8))
+    wide, wide_prob = model.predict(ct, lungs, (2.5, 0.8, 0.8), region=region)
+    assert not wide[~region].any() and not wide_prob[~region].any()
+    # the same field of view (it follows the lungs), so inside the lungs nothing changes
+    np.testing.assert_array_equal(wide[lungs > 0], plain[lungs > 0])
+
+
 # --- the shipped model -----------------------------------------------------------------------
 def _shipped_model():
     from covidtrack import modelstore
