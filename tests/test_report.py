@@ -54,6 +54,15 @@ def test_mean_ci_matches_t_interval() -> None:
     assert base["lo"] == pytest.approx(3 - half) and base["hi"] == pytest.approx(3 + half)
 
 
+
+def test_mean_ci_band_stops_at_the_floor() -> None:
+    s = pd.DataFrame({"arm": ["A"] * 3, "patient_key": ["p1", "p2", "p3"], "day": [0, 0, 0], "value": [0.1, 0.2, 6.0]})
+    free = stats.mean_ci(s, bin_days=7)
+    floored = stats.mean_ci(s, bin_days=7, floor=0.0)
+    assert float(free["lo"].iloc[0]) < 0  # the symmetric t-interval of a skewed sample dips below 0
+    assert float(floored["lo"].iloc[0]) == 0.0
+    assert float(floored["hi"].iloc[0]) == float(free["hi"].iloc[0])
+
 def test_filters_and_summary() -> None:
     cohort = synthetic.cohort_frame(12, seed=1)
     only_a = stats.filter_cohort(cohort, arms=["arm A"])

@@ -291,7 +291,9 @@ def cohort_trajectory_figure(
     # SVG by default: one path per arm is cheap, and WebGL is slow where the browser has no GPU
     scatter = go.Scattergl if webgl else go.Scatter
     series = per_patient_series(cohort, metric, region)
-    summary = mean_ci(series, bin_days=bin_days)
+    # volumes and POI cannot be negative: the band stops at 0 (a mean HU series keeps its sign)
+    floor = 0.0 if len(series) and float(series["value"].min()) >= 0 else None
+    summary = mean_ci(series, bin_days=bin_days, floor=floor)
     fig = go.Figure()
     for i, arm in enumerate(sorted(series["arm"].dropna().unique())):
         colour = ARM_COLOURS[i % len(ARM_COLOURS)]

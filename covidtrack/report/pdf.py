@@ -321,7 +321,7 @@ def write_cohort_pdf(cohort: pd.DataFrame, out: str | Path, arms: list[str] | No
                                     "Last POI %": show["last"], "Day": show["last_day"], "Ratio": show["relative"]}))
         if len(resp) > 40:
             pdf.para(f"... and {len(resp) - 40} more (see the dashboard's Cohort page for the full list).", 7.5)
-    summary = mean_ci(per_patient_series(frame, M.POI))
+    summary = mean_ci(per_patient_series(frame, M.POI), floor=0.0)
     if len(summary):
         pdf.h2("Mean POI (%) by day bin and arm")
         pdf.dataframe(summary.rename(columns={"arm": "Arm", "day": "Day", "n": "n", "mean": "Mean", "lo": "95 % CI low", "hi": "95 % CI high"}))
