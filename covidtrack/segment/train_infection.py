@@ -133,32 +133,43 @@ def stack_samples(pairs: Sequence[tuple[np.ndarray, np.ndarray]], size: int) -> 
     return torch.from_numpy(np.stack(ims))[:, None], torch.from_numpy(np.stack(labs).astype(np.int64))[:, None]
 
 
-def negative_slices(hu: np.ndarray, lungs: np.ndarray, spacing: Sequence[float], stride: int = 2) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Healthy-lung examples from a HU volume: every ``stride``-th axial slice through the lungs,
-    windowed and cropped to the field of view inference uses (lung box + margin), label 0 everywhere.
-
-    They teach the network that aerated lung with vessels is not GGO; the 2D training slices are
-    all from COVID-19 patients.
+def lung_slices(
+    hu: np.ndarray, lungs: np.ndarray, spacing: Sequence[float], stride: int = 2, classes: np.ndarray | None = None
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Training examples from a HU volume: every ``stride``-th axial slice through the lungs,
+    windowed and cropped to the field of view inference uses (lung box + margin), with
+    ``classes`` (0/1/2, zeroed outside the lungs) as labels, or label 0 everywhere when None.
     """
     from covidtrack.segment.infection import SquareView
     from covidtrack.segment.intensity import window_hu
 
-    zs = np.nonzero((lungs > 0).any(axis=(1, 2)))[0]
+    inside = lungs > 0
+    zs = np.nonzero(inside.any(axis=(1, 2)))[0]
     if zs.size == 0:
         return []
-    view = SquareView.around_mask(lungs[zs] > 0, (float(spacing[1]), float(spacing[2])))
+    sy, sx = float(spacing[1]), float(spacing[2])
+    view = SquareView.around_mask(inside[zs], (sy, sx))
     y0, y1, x0, x1 = view.box()
-    # square in mm -> resample the box so that its pixels are square before padding
     out = []
     for z in zs[::stride]:
         crop = window_hu(hu[z, y0:y1, x0:x1])
-        sy, sx = float(spacing[1]), float(spacing[2])
-        if abs(sy - sx) > 1e-3:
+        lab = np.zeros(crop.shape, np.uint8) if classes is None else np.where(inside[z], classes[z], 0)[y0:y1, x0:x1].astype(np.uint8)
+        if abs(sy - sx) > 1e-3:  # square in mm -> resample the box so that its pixels are square
             from scipy.ndimage import zoom
 
-            crop = zoom(crop, (sy / min(sy, sx), sx / min(sy, sx)), order=1)
-        out.append((crop.astype(np.float32), np.zeros(crop.shape, np.uint8)))
+            factors = (sy / min(sy, sx), sx / min(sy, sx))
+            crop, lab = zoom(crop, factors, order=1), zoom(lab, factors, order=0)
+        out.append((crop.astype(np.float32), lab))
     return out
+
+
+def negative_slices(hu: np.ndarray, lungs: np.ndarray, spacing: Sequence[float], stride: int = 2) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Healthy-lung examples (label 0 everywhere), see :func:`lung_slices`.
+
+    They teach the network that aerated lung with vessels is not GGO; the 2D training slices are
+    all from COVID-19 patients.
+    """
+    return lung_slices(hu, lungs, spacing, stride)
 
 
 def negatives_from_files(paths: Sequence[Path], stride: int = 2) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -176,13 +187,7 @@ def negatives_from_files(paths: Sequence[Path], stride: int = 2) -> list[tuple[n
 
 def negatives_from_phantoms(n: int, stride: int = 2) -> list[tuple[np.ndarray, np.ndarray]]:
     """:func:`negative_slices` of ``n`` healthy phantoms (seeds 1000..)."""
-    from covidtrack.phantom import make_phantom
-
-    out: list[tuple[np.ndarray, np.ndarray]] = []
-    for seed in range(1000, 1000 + n):
-        vol, truth = make_phantom(seed, (60, 128, 128), (5.0, 2.7, 2.7), healthy=True)
-        out += negative_slices(vol.array, truth.lungs, vol.spacing, stride)
-    return out
+    return phantom_slices(range(1000, 1000 + n), stride, healthy=True)
 
 
 def phantom_slices(seeds: Sequence[int], stride: int = 2, healthy: bool = False) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -193,21 +198,11 @@ def phantom_slices(seeds: Sequence[int], stride: int = 2, healthy: bool = False)
     8-bit exports of the real slices; they are auxiliary data and never replace the real slices.
     """
     from covidtrack.phantom import make_phantom
-    from covidtrack.segment.infection import SquareView
-    from covidtrack.segment.intensity import window_hu
 
     out: list[tuple[np.ndarray, np.ndarray]] = []
     for seed in seeds:
         vol, truth = make_phantom(int(seed), (60, 128, 128), (5.0, 2.7, 2.7), healthy=healthy)
-        lungs = truth.lungs > 0
-        zs = np.nonzero(lungs.any(axis=(1, 2)))[0]
-        if zs.size == 0:
-            continue
-        view = SquareView.around_mask(lungs[zs], (float(vol.spacing[1]), float(vol.spacing[2])))
-        y0, y1, x0, x1 = view.box()
-        inf = np.zeros(lungs.shape, np.uint8) if healthy else np.where(lungs, truth.infection, 0).astype(np.uint8)
-        for z in zs[::stride]:
-            out.append((window_hu(vol.array[z, y0:y1, x0:x1]).astype(np.float32), inf[z, y0:y1, x0:x1].copy()))
+        out += lung_slices(vol.array, truth.lungs, vol.spacing, stride, classes=None if healthy else truth.infection)
     return out
 
 
