@@ -132,6 +132,7 @@ def test_quality_flags() -> None:
     assert _value(df, "whole", M.FLAG_LUNG_RANGE) == 1.0
     assert _value(df, "whole", M.FLAG_COVERAGE) == 0.0
     assert _value(df, "whole", M.FLAG_THICK) == 0.0
+    assert _value(df, "whole", M.FLAG_COARSE) == 0.0  # 0.5 x 0.8 mm pixels
     assert _value(df, "whole", M.FLAG_SMALL_LUNG) == 0.0  # POI < 50 % everywhere
 
     lungs = seg.lungs.copy()
@@ -142,6 +143,9 @@ def test_quality_flags() -> None:
     df2 = M.scan_metrics(thick, Segmentation(lungs=lungs, infection=inf, lobes=seg.lobes))
     assert _value(df2, "whole", M.FLAG_COVERAGE) == 1.0
     assert _value(df2, "whole", M.FLAG_THICK) == 1.0
+    assert _value(df2, "whole", M.FLAG_COARSE) == 0.0  # 0.5 x 0.8 mm pixels
+    coarse = Volume(array=vol.array, spacing=(2.0, 3.5, 0.8))
+    assert _value(M.scan_metrics(coarse, seg), "whole", M.FLAG_COARSE) == 1.0
     assert _value(df2, "LLL", M.FLAG_SMALL_LUNG) == 1.0
     assert _value(df2, "RUL", M.FLAG_SMALL_LUNG) == 0.0
     assert _value(df2, "whole", M.FLAG_SMALL_LUNG) == 1.0

@@ -192,3 +192,19 @@ def test_unknown_patient_is_a_clear_error(store_with_patients: list[str], tmp_pa
     assert cli(["report", "--patient", "nobody", "--out", str(tmp_path / "x.pdf")]) == 2
     assert "no patient" in capsys.readouterr().err
     assert not (tmp_path / "x.pdf").exists()
+
+
+def test_raised_flags_name_the_date_and_what_to_check() -> None:
+    from covidtrack import metrics
+
+    frame = pd.DataFrame({
+        "study_date": pd.to_datetime(["2020-03-01"] * 3 + ["2020-03-05"] * 3),
+        "region": ["whole", "whole", "RUL", "whole", "whole", "whole"],
+        "metric": [metrics.FLAG_COARSE, metrics.FLAG_THICK, metrics.FLAG_SMALL_LUNG, metrics.FLAG_COARSE, metrics.POI, metrics.FLAG_THICK],
+        "value": [1.0, 0.0, 1.0, 1.0, 30.0, 1.0],
+    })
+    flags = data.raised_flags(frame)
+    assert [(str(d), f) for d, f in zip(flags["study_date"], flags["flag"])] == [
+        ("2020-03-01", metrics.FLAG_COARSE), ("2020-03-05", metrics.FLAG_COARSE), ("2020-03-05", metrics.FLAG_THICK)]
+    assert "over-called" in flags["message"].iloc[0]
+    assert data.raised_flags(frame[frame["metric"] == metrics.POI]).empty

@@ -61,6 +61,26 @@ PATIENT_COLUMNS = ("scan_id", "study_date", "day", "region", "metric", "value", 
 COHORT_COLUMNS = ("patient_key", "label", "arm", *PATIENT_COLUMNS)
 
 
+# What a raised quality flag means for the reader (covidtrack.metrics.quality_flags and the
+# small-lung flag), worded as what to check.
+FLAG_MESSAGES: dict[str, str] = {
+    metrics.FLAG_COVERAGE: "lungs touch the first or last slice: the scan may not cover the whole lung",
+    metrics.FLAG_THICK: f"slices thicker than {metrics.MAX_SLICE_MM:g} mm: faint ground glass is blurred away or over-called",
+    metrics.FLAG_COARSE: f"in-plane pixels coarser than {metrics.MAX_PIXEL_MM:g} mm: infection tends to be over-called",
+    metrics.FLAG_LUNG_RANGE: "total lung volume outside 1.5-9 L: check the lung mask",
+    metrics.FLAG_SMALL_LUNG: "a very small lung or lobe with very high infection: check the lung mask",
+}
+
+
+def raised_flags(frame: pd.DataFrame) -> pd.DataFrame:
+    """Quality flags raised on the whole-lung rows: columns ``study_date`` (date), ``flag``,
+    ``message``, one row per scan and flag, sorted by date."""
+    rows = frame[(frame["region"] == "whole") & frame["metric"].isin(list(FLAG_MESSAGES)) & (frame["value"] > 0)]
+    out = pd.DataFrame({"study_date": pd.to_datetime(rows["study_date"]).dt.date, "flag": rows["metric"],
+                        "message": rows["metric"].map(FLAG_MESSAGES)})
+    return out.drop_duplicates().sort_values(["study_date", "flag"]).reset_index(drop=True)
+
+
 def metric_label(metric: str) -> str:
     return METRIC_LABELS.get(metric, metric.replace("_", " "))
 
