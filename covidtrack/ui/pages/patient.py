@@ -98,8 +98,8 @@ def main() -> None:
     dates = sorted(pd.to_datetime(frame["study_date"]).dt.date.unique()) if len(frame) else []
     versions = ", ".join(sorted(frame["model_version"].dropna().unique())) if len(frame) else "–"
     st.caption(
-        f"Key `{key}` · arm **{row['arm']}** · {row['scans']} scans"
-        + (f" from {dates[0]} to {dates[-1]}" if dates else "")
+        f"Key `{key}` · arm **{row['arm']}** · {row['scans']} scan{'' if row['scans'] == 1 else 's'}"
+        + ((f" from {dates[0]} to {dates[-1]}" if len(dates) > 1 else f" on {dates[0]}") if dates else "")
         + f" · models: {versions}"
     )
     _alias_editor(key, str(row["label"]))
