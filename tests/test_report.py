@@ -208,3 +208,20 @@ def test_raised_flags_name_the_date_and_what_to_check() -> None:
         ("2020-03-01", metrics.FLAG_COARSE), ("2020-03-05", metrics.FLAG_COARSE), ("2020-03-05", metrics.FLAG_THICK)]
     assert "over-called" in flags["message"].iloc[0]
     assert data.raised_flags(frame[frame["metric"] == metrics.POI]).empty
+    lines = data.flag_lines(frame)
+    assert len(lines) == 2 and lines[0].endswith("(2020-03-01, 2020-03-05)")
+
+
+def test_single_scan_trajectory_shows_whole_days() -> None:
+    from covidtrack import metrics
+
+    frame = pd.DataFrame({
+        "study_date": pd.to_datetime(["2020-03-02"] * 3), "day": [0, 0, 0], "region": ["whole"] * 3,
+        "metric": [metrics.POI, metrics.INFECTION_VOLUME, metrics.SEVERITY], "value": [1.1, 61.0, 5.0],
+    })
+    fig = figures.trajectory_figure(frame, x="date")
+    lo, hi = (pd.Timestamp(v) for v in fig.layout.xaxis.range)
+    assert (hi - lo) == pd.Timedelta(days=8)  # not a millisecond-wide axis around one point
+    bars = [t for t in fig.data if t.type == "bar"]
+    assert bars and bars[0].width == 86400000.0
+    assert list(figures.trajectory_figure(frame, x="day").layout.xaxis.range) == [-4, 4]

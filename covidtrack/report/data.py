@@ -81,6 +81,15 @@ def raised_flags(frame: pd.DataFrame) -> pd.DataFrame:
     return out.drop_duplicates().sort_values(["study_date", "flag"]).reset_index(drop=True)
 
 
+def flag_lines(frame: pd.DataFrame) -> list[str]:
+    """One line per raised flag: what to check, then the dates it was raised on."""
+    flags = raised_flags(frame)
+    if flags.empty:
+        return []
+    dates = flags.groupby("message", sort=False)["study_date"].apply(lambda d: ", ".join(str(x) for x in d))
+    return [f"{message} ({when})" for message, when in dates.items()]
+
+
 def metric_label(metric: str) -> str:
     return METRIC_LABELS.get(metric, metric.replace("_", " "))
 

@@ -145,6 +145,14 @@ def trajectory_figure(frame: pd.DataFrame, x: XAxis = "date", lobe_view: bool = 
         fig.update_yaxes(range=[0, 25], row=r, col=c)
     for col in (1, 2):
         fig.update_xaxes(title_text=_x_title(x), row=rows, col=col)
+    dates = pd.to_datetime(frame["study_date"]).dropna().unique() if len(frame) else []
+    if len(dates) == 1:  # one scan: a week around it, whole days (plotly would zoom to milliseconds)
+        day0 = pd.Timestamp(dates[0])
+        if x == "date":
+            fig.update_xaxes(range=[day0 - pd.Timedelta(days=4), day0 + pd.Timedelta(days=4)], tickformat="%b %d\n%Y", dtick=86400000.0 * 2)
+        else:
+            fig.update_xaxes(range=[-4, 4], dtick=2)
+        fig.update_traces(width=86400000.0 if x == "date" else 1.0, selector=dict(type="bar"))  # one day wide
     fig.update_yaxes(rangemode="tozero")
     _layout(fig, None, height if rows > 1 else max(320, height // 2 + 40))
     # a legend on the right keeps the subplot titles readable

@@ -21,7 +21,7 @@ from fpdf import FPDF
 from fpdf.fonts import FontFace
 
 from covidtrack.report import figures
-from covidtrack.report.data import LOBES, M, PatientHeader, lobe_table, metric_label, select
+from covidtrack.report.data import LOBES, M, PatientHeader, flag_lines, lobe_table, metric_label, select
 from covidtrack.report.export import Engine, FigureExporter
 from covidtrack.report.stats import change_from_baseline, compare_arms, mean_ci, per_patient_series, responders
 from covidtrack.report.viewer import AlignedSeries, png_bytes, render
@@ -228,6 +228,11 @@ def write_patient_pdf(data: PatientReportData, out: str | Path, engine: Engine =
     pdf.set_text_color(150, 30, 30)
     pdf.multi_cell(0, 4.5, DISCLAIMER, new_x="LMARGIN", new_y="NEXT")
     pdf.set_text_color(0)
+    flags = flag_lines(data.frame)
+    if flags:
+        pdf.h2("Check before reading these numbers", need_mm=15)
+        for line in flags:
+            pdf.para(f"- {line}", 8.5)
     with FigureExporter(engine) as ex:
         pdf.h2("Trajectories", need_mm=CONTENT_W_MM * 0.56)
         pdf.figure(ex.png(figures.trajectory_figure(data.frame, x="date", height=560), 1000, 560), aspect=0.56)

@@ -8,7 +8,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from covidtrack.report import figures
-from covidtrack.report.data import LOBES, M, metric_label, raised_flags, select, wide_by_date
+from covidtrack.report.data import LOBES, M, flag_lines, metric_label, select, wide_by_date
 from covidtrack.ui import resources, widgets
 
 # Columns of the on-screen table (the CSV download has every metric).
@@ -109,10 +109,9 @@ def main() -> None:
         st.info("No metrics for this patient yet.")
         return
     _tiles(frame)
-    flags = raised_flags(frame)
-    if len(flags):
-        dates = flags.groupby("message", sort=False)["study_date"].apply(lambda d: ", ".join(str(x) for x in d))
-        st.warning("Check before reading these numbers:\n" + "\n".join(f"- {m} ({d})" for m, d in dates.items()))
+    flags = flag_lines(frame)
+    if flags:
+        st.warning("Check before reading these numbers:\n" + "\n".join(f"- {line}" for line in flags))
     st.subheader("Trajectories")
     trajectory, heatmap = _trajectory_figs(key, rev, x, lobe_view)
     st.plotly_chart(trajectory, key="trajectory", config=PLOTLY_CONFIG, width="stretch")
