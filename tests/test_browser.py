@@ -67,32 +67,54 @@ def server(covidtrack_home: Path) -> Iterator[tuple[str, str]]:
             proc.kill()
 
 
-def test_patient_page_shows_trajectory_and_viewer(server: tuple[str, str]) -> None:
+@pytest.fixture
+def driver() -> Iterator[object]:
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
 
-    url, key = server
     profile = tempfile.mkdtemp(prefix="covidtrack-chromium-")
     opts = webdriver.ChromeOptions()
     opts.binary_location = CHROMIUM
     for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                 "--no-first-run", "--disable-sync", "--disable-quic", "--window-size=1400,2000", f"--user-data-dir={profile}"):
         opts.add_argument(arg)
-    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=opts)
+    drv = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=opts)
     try:
-        driver.get(f"{url}/patient?patient={key}")
-        wait = WebDriverWait(driver, 90)
-        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".st-key-trajectory .main-svg"))
-        traj = driver.find_element(By.CSS_SELECTOR, ".st-key-trajectory")
-        assert "POI" in traj.text and "Infection volume" in traj.text
-        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".st-key-viewer .main-svg image")) >= N_SCANS)
-        viewer = driver.find_element(By.CSS_SELECTOR, ".st-key-viewer")
-        assert "day 0" in viewer.text
-        assert viewer.size["height"] > 150 and viewer.size["width"] > 400
-        heading = driver.find_element(By.TAG_NAME, "h1").text
-        assert key in heading
+        yield drv
     finally:
-        driver.quit()
+        drv.quit()
         shutil.rmtree(profile, ignore_errors=True)
+
+
+@pytest.mark.parametrize("path", ["", "patients", "cohort"])
+def test_every_menu_address_opens_its_page(server: tuple[str, str], driver, path: str) -> None:
+    """"/" and "/patients" both open the patient list (the menu's first page has its own address)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    url, _ = server
+    driver.get(f"{url}/{path}")
+    title = {"": "Patients", "patients": "Patients", "cohort": "Cohort"}[path]
+    WebDriverWait(driver, 60).until(lambda d: any(title in h.text for h in d.find_elements(By.TAG_NAME, "h1")))
+    body = driver.find_element(By.TAG_NAME, "body").text
+    assert "Page not found" not in body
+    assert "Patient timeline" in body and "Models" in body  # the menu is there
+    assert "Home" not in [a.text for a in driver.find_elements(By.CSS_SELECTOR, "[data-testid='stSidebar'] a")]
+
+
+def test_patient_page_shows_trajectory_and_viewer(server: tuple[str, str], driver) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    url, key = server
+    driver.get(f"{url}/patient?patient={key}")
+    wait = WebDriverWait(driver, 90)
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".st-key-trajectory .main-svg"))
+    traj = driver.find_element(By.CSS_SELECTOR, ".st-key-trajectory")
+    assert "POI" in traj.text and "Infection volume" in traj.text
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".st-key-viewer .main-svg image")) >= N_SCANS)
+    viewer = driver.find_element(By.CSS_SELECTOR, ".st-key-viewer")
+    assert "day 0" in viewer.text
+    assert viewer.size["height"] > 150 and viewer.size["width"] > 400
+    heading = driver.find_element(By.TAG_NAME, "h1").text
+    assert key in heading
