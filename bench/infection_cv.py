@@ -46,7 +46,8 @@ def fold_of(names: list[str]) -> dict[str, int]:
     return {str(n): i % N_FOLDS for i, n in enumerate(order)}
 
 
-def run_fold(k: int, cfg: TrainConfig, images: Path | None = None, unlabeled: Path | None = None) -> dict:
+def run_fold(k: int, cfg: TrainConfig, images: Path | None = None, unlabeled: Path | None = None,
+             save_probs: Path | None = None) -> dict:
     from covidtrack.segment.intensity import unit_from_uint8
     from covidtrack.segment.slices import read_medseg_folder, read_unlabeled
 
@@ -73,6 +74,18 @@ def run_fold(k: int, cfg: TrainConfig, images: Path | None = None, unlabeled: Pa
     out["student_tta"] = scores_to_json(evaluate_model_on_samples(InfectionModel(net, cfg.spec, "student", tta=True), test))
     out["predict_s_per_slice_tta"] = round((time.time() - t1) / len(test), 3)
     print(f"fold {k} student Dice {out['student_tta']['mean']['dice']['mean']:.3f} ({out['train_s']:.0f} s)", flush=True)
+    if save_probs is not None:  # out-of-fold probabilities, for post-processing studies (bench/infection_postprocess.py)
+        model = InfectionModel(net, cfg.spec, "student", tta=True)
+        images = [unit_from_uint8(s.image) for s in test]
+        probs = model.slice_probabilities(images)
+        save_probs.mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(
+            save_probs / f"fold{k}.npz", names=np.array([s.name for s in test]),
+            **{f"image_{i}": img.astype(np.float16) for i, img in enumerate(images)},
+            **{f"probs_{i}": p.astype(np.float16) for i, p in enumerate(probs)},
+            **{f"classes_{i}": s.classes for i, s in enumerate(test)},
+            **{f"infection_{i}": s.infection for i, s in enumerate(test)},
+        )
     return out
 
 
@@ -140,6 +153,7 @@ def main() -> int:
     parser.add_argument("--unlabeled", type=Path, help="unlabelled slices folder (default ../shared)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, help="parts folder (default bench/results/infection_cv_parts[/<name>])")
+    parser.add_argument("--save-probs", type=Path, help="write each fold's out-of-fold probabilities here (foldK.npz)")
     args = parser.parse_args()
     if args.aggregate:
         result = aggregate(args.name)
@@ -169,7 +183,7 @@ def main() -> int:
     out_dir = args.out or parts_dir(args.name)
     out_dir.mkdir(parents=True, exist_ok=True)
     for k in (int(f) for f in args.folds.split(",")):
-        out = run_fold(k, cfg, args.images, args.unlabeled)
+        out = run_fold(k, cfg, args.images, args.unlabeled, args.save_probs)
         out["config"] = {
             "name": args.name,
             "net": cfg.spec.to_json(),

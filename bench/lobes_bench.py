@@ -114,7 +114,8 @@ def lung_mask_for(volume) -> tuple[np.ndarray, str]:
     try:
         from covidtrack.segment.lungs import LungModel
 
-        return LungModel.load().predict(volume), "covidtrack.segment.lungs.LungModel"
+        model = LungModel.load()
+        return model.predict(volume), f"covidtrack.segment.lungs.LungModel {model.version}"
     except Exception as err:  # no shipped lung model yet: use the classical one, and say so
         from covidtrack.segment.lung_targets import extract_lungs
 

@@ -273,6 +273,19 @@ def test_slice_prediction_keeps_each_image_size(tiny_model) -> None:
     assert all(o[1].dtype == np.float16 for o in outs)
 
 
+def test_slice_probabilities_are_a_softmax_that_gives_the_labels(tiny_model) -> None:
+    from covidtrack.segment.infection import labels_from_probs
+
+    _, model = tiny_model
+    img = np.random.default_rng(0).random((37, 29)).astype(np.float32)
+    (probs,) = model.slice_probabilities([img])
+    assert probs.shape == (3, 37, 29)
+    np.testing.assert_allclose(probs.sum(axis=0), 1.0, atol=1e-4)
+    ((labels, p_inf),) = model.predict_slices([img])
+    assert np.array_equal(labels, labels_from_probs(probs)[0])
+    np.testing.assert_allclose(p_inf, probs[1] + probs[2], atol=2e-3)
+
+
 def test_fine_tuning_from_weights_with_extra_samples(tiny_model) -> None:
     """The HITL path: start from a version's weights, add corrected samples, write a new version."""
     from covidtrack.segment.infection import NetSpec

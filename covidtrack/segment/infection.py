@@ -234,15 +234,15 @@ class InfectionModel:
                 probs = 0.5 * (probs + torch.flip(flipped, dims=(3,)))
         return probs.cpu()
 
-    def predict_slices(self, images_unit: Sequence[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
-        """2D canonical slices in [0, 1] (any size each) -> per slice (labels uint8 0/1/2, prob float16).
+    def slice_probabilities(self, images_unit: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """2D canonical slices in [0, 1] (any size each) -> per slice the softmax (3, H, W), float32.
 
         No lung mask is applied: this is the path for 2D evaluation against expert masks.
         """
         import torch
         import torch.nn.functional as F
 
-        out: list[tuple[np.ndarray, np.ndarray]] = []
+        out: list[np.ndarray] = []
         size = self.spec.input_size
         for img in images_unit:
             if img.ndim != 2:
@@ -251,7 +251,14 @@ class InfectionModel:
             x = torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32))[None, None]
             probs = self._probs(resample_to_view(x, view, size))
             back = F.grid_sample(probs, view.inverse_grid(), mode="bilinear", padding_mode="border", align_corners=False)
-            labels, p_inf = labels_from_probs(back[0].numpy())
+            out.append(back[0].numpy())
+        return out
+
+    def predict_slices(self, images_unit: Sequence[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """2D canonical slices in [0, 1] (any size each) -> per slice (labels uint8 0/1/2, prob float16)."""
+        out: list[tuple[np.ndarray, np.ndarray]] = []
+        for probs in self.slice_probabilities(images_unit):
+            labels, p_inf = labels_from_probs(probs)
             out.append((labels, p_inf.astype(np.float16)))
         return out
 
