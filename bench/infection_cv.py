@@ -154,6 +154,7 @@ def main() -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, help="parts folder (default bench/results/infection_cv_parts[/<name>])")
     parser.add_argument("--save-probs", type=Path, help="write each fold's out-of-fold probabilities here (foldK.npz)")
+    parser.add_argument("--train-seed", type=int, default=SEED, help="training seed (the fold assignment always uses seed 0)")
     args = parser.parse_args()
     if args.aggregate:
         result = aggregate(args.name)
@@ -178,7 +179,7 @@ def main() -> int:
     cfg = TrainConfig(
         iterations=args.iterations, student_iterations=args.student_iterations, batch_size=args.batch_size, lr=args.lr,
         intensity_aug=args.intensity_aug, unlabeled_stride=args.unlabeled_stride, auxiliary=tuple(aux),
-        aux_fraction=args.aux_fraction, device=args.device, seed=SEED, spec=NetSpec(input_size=args.size),
+        aux_fraction=args.aux_fraction, device=args.device, seed=args.train_seed, spec=NetSpec(input_size=args.size),
     )
     out_dir = args.out or parts_dir(args.name)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -121,15 +121,45 @@ def volume_study(log=print) -> dict:
     return result
 
 
+def _score(folds: list[list[dict]], key: str = "probs") -> dict:
+    per_fold = [summarize([score_slice(s["name"], labels_threshold(s[key]), s["infection"], s["classes"]) for s in fold]) for fold in folds]
+    out = {m: float(np.mean([f[m]["mean"] for f in per_fold if f[m]["mean"] is not None])) for m in METRICS}
+    out["per_fold_dice"] = [round(f["dice"]["mean"], 4) for f in per_fold]
+    return out
+
+
+def ensemble_study(a: list[list[dict]], b: list[list[dict]], args: argparse.Namespace) -> int:
+    """Two models per fold (training seeds differ): each alone and the mean of their probabilities."""
+    if [[s["name"] for s in f] for f in a] != [[s["name"] for s in f] for f in b]:
+        raise SystemExit("the two folders hold different folds or slices")
+    for fa, fb in zip(a, b):
+        for sa, sb in zip(fa, fb):
+            sa["mean_probs"] = 0.5 * (sa["probs"] + sb["probs"])
+    result = {"model_a": _score(a), "model_b": _score(b), "mean_of_both": _score(a, "mean_probs")}
+    for k, r in result.items():
+        print(f"{k:12s} " + "  ".join(f"{m} {r[m]:.3f}" for m in METRICS) + f"  folds {r['per_fold_dice']}")
+    if args.json:
+        args.json.write_text(json.dumps({
+            "what": "two-model ensemble (mean of softmax probabilities) vs each model, out-of-fold MedSeg slices, threshold 0.5",
+            "models": [args.probs.name, args.ensemble.name],
+            "hardware": {"processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count()},
+            "result": result}, indent=2) + "\n")
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--probs", type=Path, required=True)
     ap.add_argument("--json", type=Path)
     ap.add_argument("--volumes", action="store_true", help="also run the variants on phantoms and healthy real CTs (~3 min)")
+    ap.add_argument("--ensemble", type=Path, help="a second out-of-fold folder (same folds, another training seed): "
+                    "score each model and their mean instead of the variants")
     args = ap.parse_args()
     folds = load_folds(args.probs)
     if not folds:
         raise SystemExit(f"{args.probs}: no fold*.npz; run bench/infection_cv.py --save-probs {args.probs} first")
+    if args.ensemble:
+        return ensemble_study(folds, load_folds(args.ensemble), args)
     result = {}
     for name, fn in VARIANTS.items():
         per_fold = [summarize([score_slice(s["name"], fn(s["probs"]), s["infection"], s["classes"]) for s in fold]) for fold in folds]
