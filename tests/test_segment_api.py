@@ -104,3 +104,38 @@ def test_progress_events(phantoms) -> None:
     assert fractions == sorted(fractions), "overall progress must never go back"
     assert fractions[-1] == 1.0
     assert all(0.0 <= f <= 1.0 for f in fractions)
+
+
+def test_poi_error_parts_add_up_to_the_error_with_known_values() -> None:
+    from covidtrack.segment.eval_phantoms import poi_error_parts, score
+
+    truth_lungs = np.zeros((1, 10, 10), np.uint8)
+    truth_lungs[0, :, :8] = 1  # 80 voxels
+    truth_inf = np.zeros_like(truth_lungs)
+    truth_inf[0, :2, :8] = 1  # 16 infected: POI 20 %
+    lungs = np.zeros_like(truth_lungs)
+    lungs[0, 1:, :] = 1  # 90 voxels; misses truth row 0 (8 infected voxels outside the mask)
+    infection = np.zeros_like(truth_lungs)
+    infection[0, 1, :4] = 1  # finds 4 of the 8 true voxels inside the mask
+    infection[0, 5, :3] = 2  # 3 false positives
+    parts = poi_error_parts(lungs, infection, truth_lungs, truth_inf)
+    assert parts["missed_inside_lung"] == pytest.approx(-100 * 4 / 90)
+    assert parts["outside_lung_mask"] == pytest.approx(-100 * 8 / 90)
+    assert parts["false_positive"] == pytest.approx(100 * 3 / 90)
+    assert parts["lung_volume"] == pytest.approx(100 * (16 / 90 - 16 / 80))
+    row = score(0, lungs, infection, truth_lungs, truth_inf, 0.0)
+    assert row.poi_error_pp == pytest.approx(100 * 7 / 90 - 20.0)
+    assert sum(row.poi_error_parts_pp.values()) == pytest.approx(row.poi_error_pp)
+
+
+def test_ggo_found_by_hu_band() -> None:
+    from covidtrack.segment.eval_phantoms import found_by_hu
+
+    truth = np.zeros((1, 2, 4), np.uint8)
+    truth[0, 0] = 1  # four GGO voxels
+    hu = np.array([[[-700.0, -700.0, -400.0, -400.0], [0.0, 0.0, 0.0, 0.0]]])
+    pred = np.zeros_like(truth)
+    pred[0, 0, 2:] = 1  # only the denser two are found
+    shares = found_by_hu(hu, pred, truth)
+    assert shares["[-750,-650)"] == 0.0 and shares["[-450,-300)"] == 1.0
+    assert np.isnan(shares["[-1100,-750)"])

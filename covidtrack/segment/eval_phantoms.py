@@ -7,7 +7,11 @@ and reports:
 - lung Dice (both lungs together) and per side (right / left);
 - infection Dice (GGO + consolidation together, any label) and per class;
 - whole-lung POI (percentage of infection = infected lung volume / lung volume x 100, %) of the
-  prediction and of the truth, and their difference in percentage points (pp).
+  prediction and of the truth, and their difference in percentage points (pp);
+- that difference split into parts that add up to it (:func:`poi_error_parts`): true infection
+  the model misses inside the predicted lung mask, true infection outside the predicted lung
+  mask, false-positive infection, and the effect of the predicted lung volume;
+- the share of true GGO found per HU band (faint ground glass is what the model misses most).
 """
 
 from __future__ import annotations
@@ -44,6 +48,8 @@ class PhantomScore:
     poi_truth_pct: float
     poi_pred_pct: float
     poi_error_pp: float
+    poi_error_parts_pp: dict[str, float]
+    ggo_found_by_hu: dict[str, float]  # share of true GGO voxels called infected, per HU band
     seconds: float
 
 
@@ -60,7 +66,47 @@ def poi_pct(lungs: np.ndarray, infection: np.ndarray) -> float:
     return float("nan") if n == 0 else 100.0 * int((lung & (infection > 0)).sum()) / n
 
 
-def score(seed: int, lungs: np.ndarray, infection: np.ndarray, truth_lungs: np.ndarray, truth_inf: np.ndarray, seconds: float) -> PhantomScore:
+def poi_error_parts(lungs: np.ndarray, infection: np.ndarray, truth_lungs: np.ndarray, truth_inf: np.ndarray) -> dict[str, float]:
+    """The POI error (pp) as a sum of four parts.
+
+    With predicted lung L, true lung L*, true infection I* (inside L*) and predicted infection I
+    (inside L): POI - POI* = -missed_inside/L - outside_lung/L + false_positive/L + (I*/L - I*/L*),
+    where ``missed_inside`` is I* inside L but not in I, ``outside_lung`` is I* outside L and
+    ``false_positive`` is I outside I*. NaN parts when a lung mask is empty.
+    """
+    lung, tlung = lungs > 0, truth_lungs > 0
+    inf, tinf = (infection > 0) & lung, (truth_inf > 0) & tlung
+    n, nt = int(lung.sum()), int(tlung.sum())
+    if n == 0 or nt == 0:
+        return {k: float("nan") for k in ("missed_inside_lung", "outside_lung_mask", "false_positive", "lung_volume")}
+    n_true = int(tinf.sum())
+    return {
+        "missed_inside_lung": -100.0 * int((tinf & lung & ~inf).sum()) / n,
+        "outside_lung_mask": -100.0 * int((tinf & ~lung).sum()) / n,
+        "false_positive": 100.0 * int((inf & ~tinf).sum()) / n,
+        "lung_volume": 100.0 * (n_true / n - n_true / nt),
+    }
+
+
+#: HU bands for :func:`found_by_hu` (the phantoms' ground glass spans -750 to -300 HU, faintest first).
+HU_BANDS = ((-1100.0, -750.0), (-750.0, -650.0), (-650.0, -550.0), (-550.0, -450.0), (-450.0, -300.0), (-300.0, 3000.0))
+
+
+def found_by_hu(hu: np.ndarray | None, infection: np.ndarray, truth_inf: np.ndarray) -> dict[str, float]:
+    """Share of the true GGO voxels that the prediction calls infected, per HU band (NaN if empty)."""
+    if hu is None:
+        return {}
+    ggo, found = truth_inf == GGO, infection > 0
+    out = {}
+    for lo, hi in HU_BANDS:
+        band = ggo & (hu >= lo) & (hu < hi)
+        n = int(band.sum())
+        out[f"[{lo:.0f},{hi:.0f})"] = float("nan") if n == 0 else int((band & found).sum()) / n
+    return out
+
+
+def score(seed: int, lungs: np.ndarray, infection: np.ndarray, truth_lungs: np.ndarray, truth_inf: np.ndarray, seconds: float,
+          hu: np.ndarray | None = None) -> PhantomScore:
     truth_poi = poi_pct(truth_lungs, truth_inf)
     pred_poi = poi_pct(lungs, infection)
     return PhantomScore(
@@ -75,6 +121,8 @@ def score(seed: int, lungs: np.ndarray, infection: np.ndarray, truth_lungs: np.n
         poi_truth_pct=truth_poi,
         poi_pred_pct=pred_poi,
         poi_error_pp=pred_poi - truth_poi,
+        poi_error_parts_pp=poi_error_parts(lungs, infection, truth_lungs, truth_inf),
+        ggo_found_by_hu=found_by_hu(hu, infection, truth_inf),
         seconds=seconds,
     )
 
@@ -90,12 +138,13 @@ def evaluate(n: int, first_seed: int = 2000, log=print) -> dict:
         volume, truth = make_phantom(seed)
         t = time.perf_counter()
         seg = segment(volume, lobes=False)
-        row = score(seed, seg.lungs, seg.infection, truth.lungs, truth.infection, time.perf_counter() - t)
+        row = score(seed, seg.lungs, seg.infection, truth.lungs, truth.infection, time.perf_counter() - t, hu=volume.array)
         versions = seg.model_versions
         rows.append(row)
         log(f"phantom {seed} {row.shape}: lung Dice {row.lung_dice:.4f} (R {row.right_dice:.4f}, L {row.left_dice:.4f}), "
             f"infection Dice {row.infection_dice:.4f}, POI truth {row.poi_truth_pct:.2f} % pred {row.poi_pred_pct:.2f} % "
-            f"(error {row.poi_error_pp:+.2f} pp), {row.seconds:.1f} s")
+            f"(error {row.poi_error_pp:+.2f} pp: " + ", ".join(f"{k.replace('_', ' ')} {v:+.2f}" for k, v in row.poi_error_parts_pp.items())
+            + f"), {row.seconds:.1f} s")
 
     def stat(name: str) -> dict:
         vals = np.array([getattr(r, name) for r in rows], dtype=float)
