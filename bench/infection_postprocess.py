@@ -52,12 +52,6 @@ def hysteresis_labels(probs: np.ndarray, low: float) -> np.ndarray:
     return grow_hysteresis(labels, p_inf, low)
 
 
-def labels_threshold(probs: np.ndarray, thr: float, cons_bias: float = 1.0) -> np.ndarray:
-    """The product rule with another infection threshold and/or consolidation bias."""
-    p_inf = probs[1] + probs[2]
-    return np.where(p_inf >= thr, np.where(probs[2] > cons_bias * probs[1], 2, 1), 0).astype(np.uint8)
-
-
 def hu_split_labels(probs: np.ndarray, image: np.ndarray, hu: float) -> np.ndarray:
     """The product's infection mask, typed by density: consolidation where the smoothed image is above ``hu``."""
     from scipy import ndimage as ndi
@@ -71,9 +65,9 @@ def hu_split_labels(probs: np.ndarray, image: np.ndarray, hu: float) -> np.ndarr
 
 VARIANTS = {  # each: (probabilities (3, H, W), unit image) -> labels
     "base": lambda p, img: labels_from_probs(p)[0],
-    **{f"thr_{t}": (lambda p, img, t=t: labels_threshold(p, t)) for t in (0.3, 0.4, 0.6)},
+    **{f"thr_{t}": (lambda p, img, t=t: labels_from_probs(p, t)[0]) for t in (0.3, 0.4, 0.6)},
     **{f"hyst_{lo}": (lambda p, img, lo=lo: hysteresis_labels(p, low=lo)) for lo in (0.2, 0.3, 0.4)},
-    **{f"cons_{b}": (lambda p, img, b=b: labels_threshold(p, 0.5, cons_bias=b)) for b in (0.6, 0.8)},
+    **{f"cons_{b}": (lambda p, img, b=b: labels_from_probs(p, cons_bias=b)[0]) for b in (0.6, 0.8)},
     **{f"husplit_{h}": (lambda p, img, h=h: hu_split_labels(p, img, h)) for h in (-450, -350, -250)},
 }
 

@@ -164,14 +164,18 @@ def resample_to_view(images: "torch.Tensor", view: SquareView, size: int, mode: 
     return F.grid_sample(images, grid, mode=mode, padding_mode="zeros", align_corners=False)
 
 
-def labels_from_probs(probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def labels_from_probs(
+    probs: np.ndarray, threshold: float = INFECTION_THRESHOLD, cons_bias: float = 1.0
+) -> tuple[np.ndarray, np.ndarray]:
     """Softmax probabilities (3, ...) -> (labels uint8 0/1/2, infection probability float32).
 
-    Infection where P(GGO) + P(consolidation) >= 0.5; its type is the larger of the two. Deciding
-    "infected" on the sum first keeps voxels whose probability is split between the two types.
+    Infection where P(GGO) + P(consolidation) >= ``threshold`` (0.5); its type is consolidation
+    where P(consolidation) > ``cons_bias`` x P(GGO), else GGO. Deciding "infected" on the sum first
+    keeps voxels whose probability is split between the two types. The defaults are the product's
+    rule; other values exist for the post-processing study (bench/infection_postprocess.py).
     """
     p_inf = probs[1] + probs[2]
-    labels = np.where(p_inf >= INFECTION_THRESHOLD, np.where(probs[2] > probs[1], 2, 1), 0).astype(np.uint8)
+    labels = np.where(p_inf >= threshold, np.where(probs[2] > cons_bias * probs[1], 2, 1), 0).astype(np.uint8)
     return labels, p_inf.astype(np.float32)
 
 
