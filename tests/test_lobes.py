@@ -125,11 +125,14 @@ def _plate_ct(lungs: np.ndarray, plane_z: np.ndarray) -> np.ndarray:
 def test_ct_refinement_follows_a_visible_fissure() -> None:
     lungs = ellipsoid_lungs()
     prior_h = fissure_heights(lungs, SPACING)["left_oblique"]
-    # a visible fissure 6 voxels (15 mm) below the prior's guess, same orientation
-    true_h = np.where(np.isfinite(prior_h), prior_h - 6.0, np.nan)
+    cols = (lungs == 2).any(axis=0)
+    # a visible oblique fissure: a plane rising 45 degrees towards the back (y grows
+    # posteriorly), whose shape the prior does not share (~19 mm away on average)
+    yy = np.indices(prior_h.shape)[0].astype(float)
+    rise = np.tan(np.radians(45.0)) * (yy - yy[cols].mean()) * SPACING[1] / SPACING[0]
+    true_h = np.where(cols, np.nanmean(prior_h) + 6.0 + rise, np.nan)
     ct = _plate_ct(lungs, np.nan_to_num(true_h, nan=-100))
     refined = fissure_heights(lungs, SPACING, ct)["left_oblique"]
-    cols = (lungs == 2).any(axis=0)
     # where the plate lies inside the lung, the refined surface must sit on it
     z_lo = np.argmax(lungs == 2, axis=0)
     z_hi = lungs.shape[0] - 1 - np.argmax((lungs == 2)[::-1], axis=0)
@@ -140,6 +143,34 @@ def test_ct_refinement_follows_a_visible_fissure() -> None:
     assert err_ref < 3.0, f"refined surface {err_ref:.1f} mm from the visible fissure"
     lobes = lobes_from_lung_mask(lungs, SPACING, ct)
     assert_partition_invariants(lobes, lungs)
+
+
+def test_oriented_plate_tells_steep_from_flat_sheets() -> None:
+    """The oblique cone keeps a 45-degree sheet and drops a flat one; the horizontal cone the reverse."""
+    from covidtrack.segment.fissures import HORIZONTAL_CONE_DEG, OBLIQUE_CONE_DEG, hessian, oriented_plate
+
+    shape, spacing = (60, 60, 40), (1.5, 1.5, 1.5)
+    z, y, _ = np.indices(shape)
+    ct = np.full(shape, -850.0, np.float32)
+    flat = (np.abs(z - 15) < 0.6) & (y < 28)  # a horizontal sheet in the front half
+    steep = (np.abs((z - 40) - (y - 45)) < 0.8) & (y > 32)  # rising 45 degrees in the back half
+    ct[flat | steep] = -600.0
+    region = np.ones(shape, bool)
+    ev = oriented_plate(hessian(ct, spacing), region, {"oblique": OBLIQUE_CONE_DEG, "horizontal": HORIZONTAL_CONE_DEG})
+    inner = (slice(None), slice(None), slice(8, 32))  # away from the sheets' side edges
+    on_flat = ev["oblique"][inner][flat[inner]].mean(), ev["horizontal"][inner][flat[inner]].mean()
+    on_steep = ev["oblique"][inner][steep[inner]].mean(), ev["horizontal"][inner][steep[inner]].mean()
+    assert on_steep[0] > 10 * on_flat[0]
+    assert on_flat[1] > 10 * on_steep[1]
+
+
+def test_quadratic_surface_is_exact_on_a_quadratic() -> None:
+    from covidtrack.segment.fissures import quadratic_surface
+
+    yy, xx = np.indices((30, 40)).astype(float)
+    truth = 20 + 0.3 * yy - 0.1 * xx + 0.01 * yy**2 - 0.004 * xx * yy + 0.002 * xx**2
+    partial = np.where((yy > 5) & (xx < 30), truth, np.nan)  # fitted on part, evaluated everywhere
+    assert np.allclose(quadratic_surface(partial, (2.0, 1.5, 1.5)), truth, atol=1e-6)
 
 
 # --------------------------------------------------------------------------------------------
