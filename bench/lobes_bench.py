@@ -345,7 +345,9 @@ def main() -> None:
     s = result["lidc_leave_one_out"]["summary"]
     print(json.dumps(s, indent=1))
     for k, v in result["phantoms"].items():
-        print(k, {m: {n: round(d, 3) for n, d in v[m]["dice"].items()} for m in ("mask_only", "with_ct")})
+        if k != "summary":
+            print(k, {m: {n: round(d, 3) for n, d in v[m]["dice"].items()} for m in ("mask_only", "with_ct")})
+    print("phantom summary", json.dumps(result["phantoms"]["summary"], indent=1))
     print("refinement capture", json.dumps(result["refinement_capture"]["by_shift"]))
     for k, v in result["real_ct"].items():
         print(k, v["with_CT"], v["mask_only"]["seconds"], round(v["voxels_moved_by_ct_pct"], 1))

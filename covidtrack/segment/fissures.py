@@ -68,6 +68,7 @@ HORIZONTAL_CONE_DEG = (0.0, 0.0, 20.0, 35.0)
 EXTEND_REACH_MM = 40.0  # how far a seen fissure is continued into unseen columns
 EXTEND_PLANE_MM = 15.0  # window (Gaussian sigma) of the local planes that continue it
 EXTEND_MIN_SEEN = 0.15  # fraction of a surface's columns that must be seen to continue it
+EDGE_EROSION = 2  # voxels: evidence next to the lung's border is the border's, not a fissure's
 
 
 @dataclass(frozen=True, eq=False)
@@ -448,7 +449,7 @@ def refine(
 ) -> dict[str, np.ndarray]:
     """Refine the prior heights of one lung's fissures with the CT (all on the working grid)."""
     side = frame.side
-    eroded = ndi.binary_erosion(lung, iterations=1)  # the pleura is an edge, not a fissure
+    eroded = ndi.binary_erosion(lung, iterations=EDGE_EROSION)  # the pleura is an edge, not a fissure
     D = max(1, int(round(max(band for band, _ in SEARCH_PASSES) / float(spacing[0]))))
     zi = np.arange(lung.shape[0])[:, None, None]
     band = np.zeros(lung.shape, bool)
