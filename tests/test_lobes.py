@@ -292,3 +292,21 @@ def test_real_lidc_lung_golden() -> None:
         assert ours[name]["mean_mm"] < 0.5 * naive[name]["mean_mm"], (name, ours[name], naive[name])
     shares = lobe_shares(lobes)
     assert 3.0 < shares["RML"] < 15.0 and 15.0 < shares["RLL"] < 35.0
+
+
+def test_local_plane_fit_continues_a_surface_along_its_slope() -> None:
+    """Seen on the left half only, a tilted plane is continued exactly into the right half (a
+    global quadratic would bend); columns too far from any data get NaN."""
+    from covidtrack.segment.fissures import local_plane_fit
+
+    yy, xx = np.indices((40, 60)).astype(float)
+    plane = 30.0 + 0.4 * yy - 0.25 * xx
+    seen = xx < 30
+    h = np.where(seen, plane, np.nan)
+    fit = local_plane_fit(h, seen.astype(float), (2.0, 1.5, 1.5), sigma_mm=10.0)
+    near = (xx >= 30) & (xx < 40)
+    assert np.allclose(fit[seen], plane[seen], atol=1e-6)
+    assert np.allclose(fit[near], plane[near], atol=1e-3)
+    tiny = np.zeros_like(h) * np.nan
+    tiny[0, 0] = 1.0
+    assert np.isnan(local_plane_fit(tiny, np.isfinite(tiny).astype(float), (2.0, 1.5, 1.5), 10.0)[39, 59])
