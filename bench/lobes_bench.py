@@ -54,6 +54,26 @@ def _true_fissure_distances(pred: np.ndarray, truth_lobes: np.ndarray, spacing) 
     return out
 
 
+def _prior_normal_angles(truth, spacing) -> dict[str, float]:
+    """Median angle (degrees) between the shape prior's surface normal and the true fissure's
+    normal, over the columns the true fissure crosses: how far off the prior's local
+    orientation is (the reason the CT search does not score sheets across it)."""
+    from covidtrack.segment.fissures import _surface_normal
+    from covidtrack.segment.lobes import fissure_heights
+
+    prior_h = fissure_heights(truth.lungs, spacing)
+    true_h = _truth_heights(truth.lobes)
+    out = {}
+    for name, th in true_h.items():
+        cols = np.isfinite(th)
+        n_true = _surface_normal(np.where(cols, th, np.nanmean(th)), spacing)
+        ph = prior_h[name]
+        n_prior = _surface_normal(np.where(np.isfinite(ph), ph, np.nanmean(ph)), spacing)
+        cos = np.clip(np.abs((n_true * n_prior).sum(axis=0)), 0.0, 1.0)
+        out[name] = float(np.median(np.degrees(np.arccos(cos[cols]))))
+    return out
+
+
 def phantoms(seeds: tuple[int, ...] = (0, 1, 2, 3, 4)) -> dict:
     from covidtrack.phantom.series import make_phantom
 
@@ -67,6 +87,7 @@ def phantoms(seeds: tuple[int, ...] = (0, 1, 2, 3, 4)) -> dict:
             row[mode] = {"dice": lobe_dice(lobes, truth.lobes), "seconds": round(time.perf_counter() - t0, 2),
                          "fissure_distance_mm": _true_fissure_distances(lobes, truth.lobes, vol.spacing)}
         row["truth_shares_pct"] = lobe_shares(truth.lobes)
+        row["prior_normal_angle_deg_median"] = _prior_normal_angles(truth, vol.spacing)
         out[f"seed{seed}"] = row
     summary = {}
     for mode in ("mask_only", "with_ct"):
@@ -77,6 +98,8 @@ def phantoms(seeds: tuple[int, ...] = (0, 1, 2, 3, 4)) -> dict:
             "fissure_distance_mm_mean": {k: float(np.mean([r["fissure_distance_mm"][k] for r in rows]))
                                          for k in rows[0]["fissure_distance_mm"]},
         }
+    angles = [out[f"seed{s}"]["prior_normal_angle_deg_median"] for s in seeds]
+    summary["prior_normal_angle_deg_median"] = {k: [round(a[k], 1) for a in angles] for k in angles[0]}
     out["summary"] = {"seeds": list(seeds), **summary,
                       "note": "phantoms at peak disease; fissure distance = mean distance from every true fissure face "
                               "to the nearest predicted border of the same two lobes (goal with CT: 3 mm; Dice goal 0.90)"}
