@@ -10,8 +10,8 @@ ones (along it).
   cone of angles from the body axis: oblique fissures are steep (normal 30-75 degrees from the
   z axis), the horizontal fissure is nearly flat (under 20 degrees). It needs no guess of the
   surface's local shape, which the shape prior does not give reliably: its surfaces follow the
-  dome of the diaphragm and differ from a real fissure's orientation by 40-50 degrees (median,
-  phantoms).
+  dome of the diaphragm and differ from the phantoms' fissure orientation by 39-52 degrees
+  (median per fissure, ``bench/lobes_bench.py``).
 - :func:`directional_evidence`: sheet evidence for a *given* normal (``-n^T H n`` minus bright
   curvature within the sheet's plane); sharper than the cone once the surface's orientation is
   known.
