@@ -27,7 +27,8 @@ Two stages (:func:`refine_passes`):
 1. *search*: wide then narrower bands scored by :func:`oriented_plate`. Columns where the
    fissure was seen keep their height; local planes fitted to them continue the fissure along
    its own slope into unseen columns nearby (within ``EXTEND_REACH_MM``), where the prior's
-   shape would otherwise bend it back; far from any seen column the prior returns.
+   shape would otherwise bend it back; far from any seen column the prior returns. The search is
+   then run again (narrower bands) from a quadratic fitted to its result.
 2. *follow*: narrow bands scored by :func:`directional_evidence`, with the normal of a
    quadratic surface fitted to stage 1's result (its overall orientation, without the
    column-to-column wiggle of single vessels).
@@ -62,6 +63,7 @@ SEEN_LEVEL = 0.3  # evidence (0..1) above which a column counts as having seen t
 FADE_WEIGHT = 0.02  # how fast an unseen column falls back to the prior
 SMOOTH_COLUMNS = 2.0  # final smoothing of the offsets (columns, ~4 mm on the working grid)
 SEARCH_PASSES = ((40.0, 30.0), (16.0, 12.0), (8.0, 8.0))  # stage 1: (band, prior sigma) in mm per pass
+RESTART_PASSES = ((24.0, 18.0), (12.0, 10.0), (6.0, 6.0))  # stage 1 again, from a quadratic fitted to its result
 FOLLOW_PASSES = ((12.0, 10.0), (6.0, 6.0))  # stage 2, with the fitted surface's own orientation
 OBLIQUE_CONE_DEG = (20.0, 30.0, 75.0, 85.0)  # normal's angle from z: ramps 0->1, flat, 1->0
 HORIZONTAL_CONE_DEG = (0.0, 0.0, 20.0, 35.0)
@@ -414,8 +416,9 @@ def refine_passes(
     *,
     floor: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Search (oriented plate measure of ``kind``, wide to narrow bands), then follow
-    (directional evidence along the normal of a quadratic fitted to the search result)."""
+    """Search (oriented plate measure of ``kind``, wide to narrow bands; again from a quadratic
+    fitted to the result), then follow (directional evidence along the normal of a quadratic
+    fitted to the search result)."""
     cone = evidence.cones[kind]
 
     def cone_at(at: tuple[np.ndarray, ...], _normal: np.ndarray) -> np.ndarray:
@@ -424,10 +427,17 @@ def refine_passes(
     def directional_at(at: tuple[np.ndarray, ...], normal: np.ndarray) -> np.ndarray:
         return directional_evidence(evidence.hess, at, normal)
 
-    h = h0
-    for band, sigma in SEARCH_PASSES:
-        h = refine_surface(cone_at, lung, h, spacing, evidence.cone_scale[kind], floor=floor,
-                           band_mm=band, prior_sigma_mm=sigma)
+    def search(start: np.ndarray, passes: tuple[tuple[float, float], ...]) -> np.ndarray:
+        h = start
+        for band, sigma in passes:
+            h = refine_surface(cone_at, lung, h, spacing, evidence.cone_scale[kind], floor=floor,
+                               band_mm=band, prior_sigma_mm=sigma)
+        return h
+
+    h = search(h0, SEARCH_PASSES)
+    # restart from the smooth surface the first search implies: columns the first search left on
+    # the prior's shape (or on a vessel) start again near where the rest of the fissure runs
+    h = search(np.where(np.isfinite(h0), quadratic_surface(h, spacing), np.nan), RESTART_PASSES)
     for band, sigma in FOLLOW_PASSES:
         h = refine_surface(directional_at, lung, h, spacing, evidence.hess_scale, floor=floor, band_mm=band,
                            prior_sigma_mm=sigma, orientation_from=quadratic_surface(h, spacing))
