@@ -22,7 +22,7 @@ sys.path.insert(0, str(REPO))
 from covidtrack.config import settings  # noqa: E402
 from covidtrack.labels import LOBE_LABELS  # noqa: E402
 from covidtrack.segment.eval_fissures import leave_one_out, lobe_dice, lobe_shares  # noqa: E402
-from covidtrack.segment.lobes import load_prior, lobes_from_lung_mask, split_lungs  # noqa: E402
+from covidtrack.segment.lobes import fissure_heights, load_prior, lobes_from_lung_mask, split_lungs  # noqa: E402
 from covidtrack.segment.train_lobes import case_points, load_case, read_mask_canonical  # noqa: E402
 
 SHARED = REPO.parent / "shared" / "data"
@@ -59,7 +59,6 @@ def _prior_normal_angles(truth, spacing) -> dict[str, float]:
     normal, over the columns the true fissure crosses: how far off the prior's local
     orientation is (the reason the CT search does not score sheets across it)."""
     from covidtrack.segment.fissures import _surface_normal
-    from covidtrack.segment.lobes import fissure_heights
 
     prior_h = fissure_heights(truth.lungs, spacing)
     true_h = _truth_heights(truth.lobes)
@@ -71,6 +70,28 @@ def _prior_normal_angles(truth, spacing) -> dict[str, float]:
         n_prior = _surface_normal(np.where(np.isfinite(ph), ph, np.nanmean(ph)), spacing)
         cos = np.clip(np.abs((n_true * n_prior).sum(axis=0)), 0.0, 1.0)
         out[name] = float(np.median(np.degrees(np.arccos(cos[cols]))))
+    return out
+
+
+def oblique_rise_deg(heights: dict[str, np.ndarray], lungs: np.ndarray, spacing) -> dict[str, float]:
+    """How steeply each oblique fissure rises towards the back: per sagittal slice a line z(y)
+    fitted to the fissure where it lies inside the lung, its angle (degrees, + = higher
+    posteriorly), median over the slices. A real oblique fissure rises steeply (it runs from about
+    T4 at the back to the diaphragm at the front); a value near 0 means a flat, implausible cut."""
+    out = {}
+    for name, side in (("right_oblique", 1), ("left_oblique", 2)):
+        m = lungs == side
+        z_lo = np.argmax(m, axis=0)
+        z_hi = m.shape[0] - 1 - np.argmax(m[::-1], axis=0)
+        h = heights[name]
+        inside = m.any(axis=0) & np.isfinite(h) & (h > z_lo + 1) & (h < z_hi - 1)
+        angles = []
+        for x in range(m.shape[2]):
+            ys = np.nonzero(inside[:, x])[0]
+            if len(ys) >= 20:
+                slope = np.polyfit(ys * float(spacing[1]), h[ys, x] * float(spacing[0]), 1)[0]
+                angles.append(float(np.degrees(np.arctan(slope))))
+        out[name] = float(np.median(angles)) if angles else float("nan")
     return out
 
 
@@ -88,6 +109,9 @@ def phantoms(seeds: tuple[int, ...] = (0, 1, 2, 3, 4)) -> dict:
                          "fissure_distance_mm": _true_fissure_distances(lobes, truth.lobes, vol.spacing)}
         row["truth_shares_pct"] = lobe_shares(truth.lobes)
         row["prior_normal_angle_deg_median"] = _prior_normal_angles(truth, vol.spacing)
+        row["oblique_rise_deg"] = {"truth": oblique_rise_deg(_truth_heights(truth.lobes), truth.lungs, vol.spacing),
+                                   "mask_only": oblique_rise_deg(fissure_heights(truth.lungs, vol.spacing), truth.lungs, vol.spacing),
+                                   "with_ct": oblique_rise_deg(fissure_heights(truth.lungs, vol.spacing, vol.array), truth.lungs, vol.spacing)}
         out[f"seed{seed}"] = row
     summary = {}
     for mode in ("mask_only", "with_ct"):
@@ -98,6 +122,8 @@ def phantoms(seeds: tuple[int, ...] = (0, 1, 2, 3, 4)) -> dict:
             "fissure_distance_mm_mean": {k: float(np.mean([r["fissure_distance_mm"][k] for r in rows]))
                                          for k in rows[0]["fissure_distance_mm"]},
         }
+    summary["oblique_rise_deg"] = {m: {k: [round(out[f"seed{s}"]["oblique_rise_deg"][m][k], 1) for s in seeds]
+                                       for k in ("right_oblique", "left_oblique")} for m in ("truth", "mask_only", "with_ct")}
     angles = [out[f"seed{s}"]["prior_normal_angle_deg_median"] for s in seeds]
     summary["prior_normal_angle_deg_median"] = {k: [round(a[k], 1) for a in angles] for k in angles[0]}
     out["summary"] = {"seeds": list(seeds), **summary,
@@ -250,7 +276,6 @@ def start_consistency(vol, lungs: np.ndarray, shifts_mm: tuple[float, ...] = (-1
     over the lung's columns) between each result and the unshifted one is reported per fissure.
     Equal to the shift: the CT moved nothing; near 0: every start ends on the same sheet."""
     from covidtrack.segment import fissures as F
-    from covidtrack.segment.lobes import fissure_heights
 
     refine = F.refine
     results = {}
@@ -290,6 +315,8 @@ def real_cts() -> dict:
             secs = time.perf_counter() - t0
             res[mode] = lobes
             row[mode.replace(" ", "_")] = {"seconds": round(secs, 2), "shares_pct": lobe_shares(lobes)}
+        row["oblique_rise_deg"] = {"mask_only": oblique_rise_deg(fissure_heights(lungs, vol.spacing), lungs, vol.spacing),
+                                   "with_ct": oblique_rise_deg(fissure_heights(lungs, vol.spacing, vol.array), lungs, vol.spacing)}
         if min(vol.spacing) <= 2.0 and max(vol.spacing) <= 2.0:  # thin slices: fissures can be seen
             row["start_shift_spread_mm"] = start_consistency(vol, lungs)
         changed = (res["mask only"] != res["with CT"]) & (lungs > 0)

@@ -22,20 +22,21 @@ The offsets are chosen jointly for all columns by semi-global matching (dynamic 
 along 4 directions): neighbouring columns may differ by one voxel at a small cost and by more
 at a large cost, and a weak quadratic pull keeps the prior where nothing is visible.
 
-Two stages (:func:`refine_passes`):
+The right lung's fissures go through two stages (:func:`refine_passes`):
 
 1. *search*: wide then narrower bands scored by :func:`oriented_plate`. Columns where the
    fissure was seen keep their height; local planes fitted to them continue the fissure along
    its own slope into unseen columns nearby (within ``EXTEND_REACH_MM``), where the prior's
    shape would otherwise bend it back; far from any seen column the prior returns. The search is
-   then run again (narrower bands) from a quadratic fitted to its result.
+   then run again (narrower bands) from a quadratic fitted to the columns where it saw the
+   fissure.
 2. *follow*: narrow bands scored by :func:`directional_evidence`, with the normal of a
    quadratic surface fitted to stage 1's result (its overall orientation, without the
    column-to-column wiggle of single vessels).
 
-Measured on phantoms (``bench/lobes_bench.py``): the right lung's fissures end up within a few
-mm of the truth; the left oblique fissure stays harder (it runs through the hilum's vessels,
-and over the heart the column frame gives it a place where the true fissure has none).
+The left oblique fissure keeps the narrower refinement of :func:`follow_prior` (directional
+evidence across the current surface's normal, +-24 then +-10 mm): with the search it came out
+worse on the phantoms and flatter on both real CTs (``bench/lobes_bench.py``, README).
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ SMOOTH_COLUMNS = 2.0  # final smoothing of the offsets (columns, ~4 mm on the wo
 SEARCH_PASSES = ((40.0, 30.0), (16.0, 12.0), (8.0, 8.0))  # stage 1: (band, prior sigma) in mm per pass
 RESTART_PASSES = ((24.0, 18.0), (12.0, 10.0), (6.0, 6.0))  # stage 1 again, from a quadratic fitted to its result
 FOLLOW_PASSES = ((12.0, 10.0), (6.0, 6.0))  # stage 2, with the fitted surface's own orientation
+PRIOR_FOLLOW_PASSES = ((24.0, 18.0), (10.0, 10.0))  # left oblique: (band, prior sigma) mm, see follow_prior
 OBLIQUE_CONE_DEG = (20.0, 30.0, 75.0, 85.0)  # normal's angle from z: ramps 0->1, flat, 1->0
 HORIZONTAL_CONE_DEG = (0.0, 0.0, 20.0, 35.0)
 EXTEND_REACH_MM = 40.0  # how far a seen fissure is continued into unseen columns
@@ -232,6 +234,8 @@ def refine_surface(
     band_mm: float = SEARCH_PASSES[0][0],
     prior_sigma_mm: float = PRIOR_SIGMA_MM,
     orientation_from: np.ndarray | None = None,
+    seen_out: list | None = None,
+    extend_along_slope: bool = True,
 ) -> np.ndarray:
     """Move one surface (z voxel height per column, NaN outside) to the visible fissure.
 
@@ -278,7 +282,10 @@ def refine_surface(
     best = ndi.median_filter(offsets[choice].astype(float), size=3)
     seen = np.take_along_axis(evidence, choice[..., None], axis=-1)[..., 0] * cols
     best = _extend_offsets(best, seen)
-    return _extend_seen(np.where(cols, h0 + best, np.nan), seen, spacing)
+    if seen_out is not None:
+        seen_out.append(seen)
+    h = np.where(cols, h0 + best, np.nan)
+    return _extend_seen(h, seen, spacing) if extend_along_slope else h
 
 
 def _extend_offsets(offset: np.ndarray, seen: np.ndarray) -> np.ndarray:
@@ -427,17 +434,22 @@ def refine_passes(
     def directional_at(at: tuple[np.ndarray, ...], normal: np.ndarray) -> np.ndarray:
         return directional_evidence(evidence.hess, at, normal)
 
+    seen: list[np.ndarray] = []
+
     def search(start: np.ndarray, passes: tuple[tuple[float, float], ...]) -> np.ndarray:
         h = start
         for band, sigma in passes:
             h = refine_surface(cone_at, lung, h, spacing, evidence.cone_scale[kind], floor=floor,
-                               band_mm=band, prior_sigma_mm=sigma)
+                               band_mm=band, prior_sigma_mm=sigma, seen_out=seen)
         return h
 
     h = search(h0, SEARCH_PASSES)
-    # restart from the smooth surface the first search implies: columns the first search left on
-    # the prior's shape (or on a vessel) start again near where the rest of the fissure runs
-    h = search(np.where(np.isfinite(h0), quadratic_surface(h, spacing), np.nan), RESTART_PASSES)
+    # restart from the smooth surface that the *seen* part of the fissure implies: columns the
+    # first search left on the prior's shape (or on a vessel) start again near it
+    anchor = np.isfinite(h) & (seen[-1] >= SEEN_LEVEL)
+    if anchor.sum() >= max(30, EXTEND_MIN_SEEN * np.isfinite(h).sum()):
+        fit = quadratic_surface(np.where(anchor, h, np.nan), spacing, weight=seen[-1])
+        h = search(np.where(np.isfinite(h0), fit, np.nan), RESTART_PASSES)
     for band, sigma in FOLLOW_PASSES:
         h = refine_surface(directional_at, lung, h, spacing, evidence.hess_scale, floor=floor, band_mm=band,
                            prior_sigma_mm=sigma, orientation_from=quadratic_surface(h, spacing))
@@ -477,5 +489,24 @@ def refine(
         hor = refine_passes(evidence, "horizontal", eroded, np.where(exists, hor0, np.nan), spacing, floor=obl)
         out["right_horizontal"] = np.where(exists, hor, hor0 - heights["right_oblique"] + obl)
     else:
-        out["left_oblique"] = refine_passes(evidence, "oblique", eroded, heights["left_oblique"], spacing)
+        out["left_oblique"] = follow_prior(evidence, eroded, heights["left_oblique"], spacing)
     return out
+
+
+def follow_prior(evidence: FissureEvidence, lung: np.ndarray, h0: np.ndarray, spacing: tuple[float, float, float]) -> np.ndarray:
+    """The narrower refinement kept for the left oblique fissure: sheets scored across the
+    current surface's own normal in bands of +-24 then +-10 mm, no search by orientation.
+
+    The orientation-gated search (:func:`refine_passes`) placed the left oblique fissure worse on
+    the phantoms and flattened it on both real CTs (``bench/lobes_bench.py``): over the heart the
+    prior puts a fissure where there is none, and the search carries that part across the lung.
+    """
+
+    def directional_at(at: tuple[np.ndarray, ...], normal: np.ndarray) -> np.ndarray:
+        return directional_evidence(evidence.hess, at, normal)
+
+    h = h0
+    for band, sigma in PRIOR_FOLLOW_PASSES:
+        h = refine_surface(directional_at, lung, h, spacing, evidence.hess_scale, band_mm=band,
+                           prior_sigma_mm=sigma, extend_along_slope=False)
+    return h
