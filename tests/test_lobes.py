@@ -328,3 +328,14 @@ def test_local_plane_fit_continues_a_surface_along_its_slope() -> None:
     tiny = np.zeros_like(h) * np.nan
     tiny[0, 0] = 1.0
     assert np.isnan(local_plane_fit(tiny, np.isfinite(tiny).astype(float), (2.0, 1.5, 1.5), 10.0)[39, 59])
+
+
+def test_thick_slices_keep_the_prior() -> None:
+    """On 5 mm slices a fissure cannot be seen, so the CT must not move the borders."""
+    lungs = ellipsoid_lungs((26, 64, 96))
+    spacing = (5.0, 2.0, 2.0)
+    prior_h = fissure_heights(lungs, spacing)["left_oblique"]
+    ct = _plate_ct(lungs, np.nan_to_num(prior_h - 2.0, nan=-100), side=2)  # a plate 10 mm away
+    assert np.array_equal(lobes_from_lung_mask(lungs, spacing, ct), lobes_from_lung_mask(lungs, spacing))
+    thin = fissure_heights(lungs, (2.5, 2.0, 2.0), ct)["left_oblique"]  # same voxels read as 2.5 mm: used
+    assert np.nanmean(np.abs(thin - fissure_heights(lungs, (2.5, 2.0, 2.0))["left_oblique"])) > 0.5

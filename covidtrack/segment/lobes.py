@@ -41,6 +41,7 @@ from covidtrack.errors import InputError, ModelError
 from covidtrack.labels import LEFT_LUNG, RIGHT_LUNG
 
 WORK_SPACING_MM = 2.0  # working grid: fine enough for fissures, coarse enough for 2 CPU cores
+MAX_FISSURE_SLICE_MM = 2.5  # thicker slices: the CT step is skipped (on the 5 mm real CT it only flattened the fissures)
 SURFACES = ("right_oblique", "right_horizontal", "left_oblique")
 PRIOR_FILE = "prior.npz"
 
@@ -378,8 +379,12 @@ def fissure_heights(
 
     The prior gives the heights from the mask; with ``ct`` (HU, same grid) each surface is
     moved to the plate-like fissure seen near it (:func:`covidtrack.segment.fissures.refine`).
+    Slices thicker than ``MAX_FISSURE_SLICE_MM`` cannot show a fissure (a sheet under 1 mm thick
+    averaged over the slice), so there the CT is not used and the prior stands.
     """
     prior = prior or load_prior()
+    if ct is not None and float(spacing[0]) > MAX_FISSURE_SLICE_MM:
+        ct = None
     f = _stride(spacing, work_spacing_mm)
     small = downsample_labels(lungs, f)
     ct_small = downsample_mean(ct, f) if ct is not None else None
