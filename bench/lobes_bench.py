@@ -174,8 +174,11 @@ def refinement_capture(seeds: tuple[int, ...] = (0, 1, 2), shifts_mm: tuple[floa
                     floor = None
                     if name == "right_horizontal":
                         floor = true_h["right_oblique"]
-                    kind = "horizontal" if name == "right_horizontal" else "oblique"
-                    got = F.refine_passes(evidence, kind, eroded, start, sp, floor=floor)
+                    if name == "left_oblique":  # the product's step for this fissure
+                        got = F.follow_prior(evidence, eroded, start, sp)
+                    else:
+                        kind = "horizontal" if name == "right_horizontal" else "oblique"
+                        got = F.refine_passes(evidence, kind, eroded, start, sp, floor=floor)
                     err = np.abs(got - th)[cols] * sp[0]
                     rows.append({"seed": seed, "fissure": name, "shift_mm": shift, "mean_mm": float(np.nanmean(err)),
                                  "median_mm": float(np.nanmedian(err)), "start_mean_mm": float(np.nanmean(np.abs(start - th)[cols]) * sp[0])})

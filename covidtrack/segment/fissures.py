@@ -394,15 +394,19 @@ class FissureEvidence:
     hess_scale: float
 
 
-def fissure_evidence(ct: np.ndarray, lung: np.ndarray, spacing: tuple[float, float, float], region: np.ndarray) -> FissureEvidence:
-    """Hessian, oriented plate measures and their visibility levels inside ``region`` (a part of
-    the eroded lung: the bands the surfaces may move in), computed on the lung's box only."""
+def fissure_evidence(
+    ct: np.ndarray, lung: np.ndarray, spacing: tuple[float, float, float], region: np.ndarray, *, cones: bool = True
+) -> FissureEvidence:
+    """Hessian, oriented plate measures (unless ``cones=False``: the left lung needs none) and
+    their visibility levels inside ``region`` (a part of the eroded lung: the bands the surfaces
+    may move in), computed on the lung's box only."""
     box = ndi.find_objects(lung.astype(np.uint8))[0]
     box = tuple(slice(max(sl.start - 4, 0), sl.stop + 4) for sl in box)
     hess_box = hessian(ct[box], spacing)
-    cones_box = oriented_plate(hess_box, region[box], {"oblique": OBLIQUE_CONE_DEG, "horizontal": HORIZONTAL_CONE_DEG})
+    kinds = {"oblique": OBLIQUE_CONE_DEG, "horizontal": HORIZONTAL_CONE_DEG} if cones else {}
+    cones_box = oriented_plate(hess_box, region[box], kinds) if kinds else {}
     hess = {k: _uncrop(v, box, lung.shape) for k, v in hess_box.items()}
-    cones = {k: _uncrop(v, box, lung.shape) for k, v in cones_box.items()}
+    cone_maps = {k: _uncrop(v, box, lung.shape) for k, v in cones_box.items()}
     inner = np.nonzero(region)
 
     def level(values: np.ndarray) -> float:
@@ -410,7 +414,7 @@ def fissure_evidence(ct: np.ndarray, lung: np.ndarray, spacing: tuple[float, flo
         return float(np.percentile(values, EVIDENCE_PERCENTILE)) if values.size > 20 else 1.0
 
     curvature = -(hess[(0, 0)][inner] + hess[(1, 1)][inner] + hess[(2, 2)][inner])
-    return FissureEvidence(cones=cones, cone_scale={k: level(v[inner]) for k, v in cones.items()},
+    return FissureEvidence(cones=cone_maps, cone_scale={k: level(v[inner]) for k, v in cone_maps.items()},
                            hess=hess, hess_scale=level(curvature))
 
 
@@ -478,7 +482,7 @@ def refine(
     for h in heights.values():
         hh = np.where(np.isfinite(h), h, -1e9)[None]
         band |= np.abs(zi - hh) <= D + 1
-    evidence = fissure_evidence(ct, lung, spacing, eroded & band)
+    evidence = fissure_evidence(ct, lung, spacing, eroded & band, cones=side == RIGHT_LUNG)
     out = dict(heights)
     if side == RIGHT_LUNG:
         obl = refine_passes(evidence, "oblique", eroded, heights["right_oblique"], spacing)
