@@ -19,9 +19,10 @@ fissures of real lungs by :mod:`covidtrack.segment.train_lobes`) holds ``T`` on 
 - left lung: ``t < T_oblique`` -> LLL, else LUL.
 
 Because the frame follows the lung's own diaphragm and apex, the mask alone already gives an
-anatomical partition. With a CT, :mod:`covidtrack.segment.fissures` moves each surface, column by
-column, to the plate-like fissure it can see near the prior, keeping the surface smooth and
-falling back to the prior where the fissure is not visible.
+anatomical partition. With a CT of thin slices (at most ``MAX_FISSURE_SLICE_MM``),
+:mod:`covidtrack.segment.fissures` moves each surface, column by column, to the plate-like
+fissure it can see, keeping the surface smooth and falling back to the prior where the fissure
+is not visible.
 
 All heavy work happens on a working grid of about 2 mm; the fissure heights (smooth 2D maps)
 are interpolated back to the lungs' own columns, so the output is on the input grid with
@@ -432,7 +433,8 @@ def lobes_from_lung_mask(
     ``Segmentation.lungs`` (so a mask holding only 1 is a right lung alone). With
     ``split_binary=True`` a 0/1 mask of both lungs is split into right and left first
     (:func:`split_lungs`). ``spacing``: ``(z, y, x)`` in mm.
-    ``ct``: optional HU array on the same grid; where given, visible fissures move the borders.
+    ``ct``: optional HU array on the same grid; where given (and slices are at most
+    ``MAX_FISSURE_SLICE_MM`` thick), visible fissures move the borders.
     Every lung voxel gets exactly one lobe, right-lung voxels 1-3 and left-lung voxels 4-5.
     """
     lungs = np.asarray(lungs)
