@@ -1,4 +1,4 @@
-"""Command line: ``python -m covidtrack COMMAND ...``.
+"""covidtrack command line: python -m covidtrack COMMAND ... (COMMAND --help for each).
 
 Each module in :mod:`covidtrack.cli` adds its commands through ``register(subparsers)``;
 this file only discovers them, so the CLI stays a thin layer over the library.
@@ -33,6 +33,11 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except CovidtrackError as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a path the user named cannot be written or read: say which, no traceback
+        where = err.filename or "a file"
+        print(f"error: {where}: {err.strerror or err}. Fix: check the path, that its folder exists and that "
+              "you may write there", file=sys.stderr)
         return 2
 
 

@@ -59,7 +59,17 @@ def settings() -> Settings:
     - ``COVIDTRACK_SALT``: salt for the pseudonymous patient key. Set it per site and keep
       it secret; the default only guarantees that raw IDs never reach the store.
     """
+    from covidtrack.errors import InputError
+
     home = Path(os.environ.get("COVIDTRACK_HOME", "covidtrack-data")).expanduser().resolve()
-    threads = int(os.environ.get("COVIDTRACK_THREADS", str(os.cpu_count() or 1)))
+    if home.exists() and not home.is_dir():
+        raise InputError(home, "COVIDTRACK_HOME names a file, not a folder",
+                         "point COVIDTRACK_HOME at a folder (it is created when missing)")
+    raw_threads = os.environ.get("COVIDTRACK_THREADS", "").strip() or str(os.cpu_count() or 1)
+    try:
+        threads = int(raw_threads)
+    except ValueError:
+        raise InputError("COVIDTRACK_THREADS", f"{raw_threads!r} is not a whole number",
+                         "set COVIDTRACK_THREADS to a number of CPU threads, e.g. 2, or unset it for all cores") from None
     salt = os.environ.get("COVIDTRACK_SALT", "covidtrack-default-salt")
     return Settings(home=home, threads=max(1, threads), salt=salt)

@@ -21,6 +21,8 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import importlib
+import io
+import os
 import queue
 import threading
 from collections.abc import Callable, Generator
@@ -110,17 +112,34 @@ def _in_thread(fn: Callable[[ProgressCallback], T], stage: str, lo: float, hi: f
     return box["result"]
 
 
-def _parse_date(value: str | dt.date | None, volume: Volume, where: str) -> dt.date:
-    if isinstance(value, dt.date):
-        return value
+EARLIEST_CT_DATE = dt.date(1971, 10, 1)  # the first clinical CT scan: anything earlier is a typo
+
+
+def _given_date(value: str | dt.date | None, where: str) -> dt.date | None:
+    """The date the user passed (checked: YYYY-MM-DD, not before CT existed, not in the future),
+    or None when none was given."""
     if value is None or str(value).strip() == "":
-        if volume.meta.study_date is not None:
-            return volume.meta.study_date
-        raise InputError(where, "no study date given and none in the file", "pass --date YYYY-MM-DD")
-    try:
-        return dt.date.fromisoformat(str(value).strip())
-    except ValueError:
-        raise InputError(where, f"date {value!r} is not YYYY-MM-DD", "write the date as e.g. 2020-03-14") from None
+        return None
+    if isinstance(value, dt.date):
+        day = value
+    else:
+        try:
+            day = dt.date.fromisoformat(str(value).strip())
+        except ValueError:
+            raise InputError(where, f"date {value!r} is not YYYY-MM-DD", "write the date as e.g. 2020-03-14") from None
+    if day < EARLIEST_CT_DATE or day > dt.date.today():
+        raise InputError(where, f"date {day.isoformat()} is implausible for a CT scan (before 1971 or in the future)",
+                         "check the year; write the date as YYYY-MM-DD")
+    return day
+
+
+def _parse_date(value: str | dt.date | None, volume: Volume, where: str) -> dt.date:
+    given = _given_date(value, where)
+    if given is not None:
+        return given
+    if volume.meta.study_date is not None:
+        return volume.meta.study_date
+    raise InputError(where, "no study date given and none in the file", "pass --date YYYY-MM-DD")
 
 
 def _default_segmenter() -> Segmenter:
@@ -157,9 +176,11 @@ def ingest(
     *,
     alias: str | None = None,
     patient_is_key: bool = False,
+    series_uid: str | None = None,
 ) -> Generator[Progress, None, IngestResult]:
     """Ingest one scan (a path or a Volume) for ``patient`` (a raw ID, pseudonymised here, or a
     key already when ``patient_is_key``). ``date`` defaults to the study date in the file.
+    ``series_uid`` picks one series of a DICOM folder that holds several.
 
     Raises :class:`~covidtrack.errors.InputError` for bad input (nothing is stored then).
     """
@@ -172,10 +193,19 @@ def ingest(
         store = Store.open()  # opened before any file is written: the DuckDB lock fences other writers
     try:
         yield Progress("load", 0.0, "reading scan", item)
-        volume = source if isinstance(source, Volume) else io.load_ct(source)
+        volume = source if isinstance(source, Volume) else io.load_ct(source, series_uid=series_uid)
+        for note in volume.meta.notes:
+            yield Progress("load", 0.01, f"note: {note}", item)
         key = patient.strip() if patient_is_key else io.patient_key(patient)
         if not key:
             raise InputError(item, "no patient ID given", "pass --patient ID (it is pseudonymised before storing)")
+        given_date = _given_date(date, item)  # a bad date is refused before anything else
+        if alias:
+            pats = store.patients()
+            taken = pats[(pats["alias"] == alias) & (pats["patient_key"] != key)]
+            if len(taken):
+                raise InputError(item, f"alias {alias!r} already names patient {taken['patient_key'].iloc[0]}",
+                                 "pick another --alias (an alias must name one patient)")
         content_hash = io.volume_hash(volume)
         existing = store.scan_by_hash(content_hash)
         if existing is not None:
@@ -185,11 +215,21 @@ def ingest(
                     item, f"the same scan is already stored as {scan_id} for another patient",
                     "check the patient ID; one scan belongs to one patient",
                 )
+            stored = store.scans(key).set_index("scan_id").loc[scan_id, "study_date"]
+            stored_date = pd.Timestamp(stored).date()
+            if given_date is not None and given_date != stored_date:
+                raise InputError(
+                    item, f"the same scan is already stored as {scan_id} dated {stored_date}, not {given_date}",
+                    "drop --date (or the manifest's date) to keep the stored one; a scan has one date",
+                )
+            note = ""
             if arm is not None or alias is not None:
                 store.set_patient(key, arm=arm, alias=alias)
-            yield Progress("done", 1.0, f"already stored as {scan_id}", scan_id)
+                changed = [f"{k} set to {v!r}" for k, v in (("arm", arm), ("alias", alias)) if v is not None]
+                note = "; patient's " + ", ".join(changed)
+            yield Progress("done", 1.0, f"already stored as {scan_id}{note}", scan_id)
             return IngestResult(scan_id=scan_id, patient_key=key, created=False)
-        study_date = _parse_date(date, volume, item)
+        study_date = _parse_date(given_date, volume, item)
 
         seg_fn = segmenter or _default_segmenter()
         yield Progress("segment", _SEGMENT[0], "segmenting lungs, lobes and infection", item)
@@ -287,25 +327,52 @@ def _register_hook(store: Any, key: str, scan_id: str, item: str) -> Generator[P
     return done, warnings
 
 
+def _manifest_text(path: Path) -> str:
+    """The manifest's text: UTF-8 (with or without a BOM) or UTF-16 with its BOM (Excel's
+    "Unicode text"); anything else is refused, not guessed."""
+    data = path.read_bytes()
+    try:
+        if data[:2] in (b"\xff\xfe", b"\xfe\xff"):
+            return data.decode("utf-16")
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise InputError(path, f"not UTF-8 text (byte {err.start}: {data[err.start:err.start + 1]!r})",
+                         "save the manifest as 'CSV UTF-8' (Excel) or re-encode it as UTF-8") from err
+
+
 def read_manifest(path: str | Path) -> list[dict[str, str]]:
-    """Rows of a manifest CSV (columns patient, date, path; optional arm, alias). Relative
-    paths are resolved against the manifest's folder."""
+    """Rows of a manifest CSV (columns patient, date, path; optional arm, alias, series_uid). Relative
+    paths are resolved against the manifest's folder. The whole manifest is checked before
+    anything is ingested: a row without a patient or a path is refused with its line number."""
     path = Path(path)
+    if path.is_dir():
+        raise InputError(path, "is a folder, not a manifest", "pass the CSV file itself (columns patient,date,path)")
     if not path.is_file():
         raise InputError(path, "manifest not found", "check the path to the CSV file")
-    with path.open(newline="", encoding="utf-8-sig") as fh:
-        reader = csv.DictReader(fh)
-        header = [h.strip().lower() for h in (reader.fieldnames or [])]
-        missing = [c for c in MANIFEST_COLUMNS if c not in header]
-        if missing:
-            raise InputError(path, f"manifest lacks column(s) {', '.join(missing)} (has {', '.join(header) or 'none'})",
-                             "write a header line: patient,date,path,arm")
-        rows = []
-        for raw in reader:
-            row = {k.strip().lower(): (v or "").strip() for k, v in raw.items() if k is not None}
-            p = Path(row["path"])
-            row["path"] = str(p if p.is_absolute() else (path.parent / p))
-            rows.append(row)
+    reader = csv.DictReader(io.StringIO(_manifest_text(path), newline=""))
+    header = [h.strip().lower() for h in (reader.fieldnames or [])]
+    missing = [c for c in MANIFEST_COLUMNS if c not in header]
+    if missing:
+        raise InputError(path, f"manifest lacks column(s) {', '.join(missing)} (has {', '.join(header) or 'none'})",
+                         "write a header line: patient,date,path,arm")
+    rows, empty = [], []
+    for raw in reader:
+        row = {k.strip().lower(): (v or "").strip() for k, v in raw.items() if k is not None}
+        if not any(row.values()):
+            continue  # a blank line
+        line = reader.line_num
+        for col in ("patient", "path"):
+            if not row.get(col):
+                empty.append(f"line {line}: {col} is empty")
+        if not row.get("path"):
+            continue
+        p = Path(row["path"])
+        row["path"] = os.path.normpath(p if p.is_absolute() else (path.parent / p))
+        row["line"] = str(line)
+        rows.append(row)
+    if empty:
+        raise InputError(path, "; ".join(empty[:5]) + (f" (and {len(empty) - 5} more)" if len(empty) > 5 else ""),
+                         "fill in every row's patient and path (nothing was ingested)")
     return rows
 
 
@@ -331,6 +398,7 @@ def ingest_manifest(
             events = ingest(
                 row["path"], row["patient"], row["date"] or None, arm=row.get("arm") or None, store=store,
                 segmenter=segmenter, register=register, alias=row.get("alias") or None,
+                series_uid=row.get("series_uid") or None,
             )
             try:
                 while True:
@@ -343,10 +411,10 @@ def ingest_manifest(
             except ModelError:
                 raise  # a missing/corrupt model fails every file: stop and say so once
             except (InputError, StoreError) as err:
-                failed.append((row["path"], str(err)))
-                yield Progress("failed", (i + 1) / n, str(err), row["path"])
+                failed.append((row["path"], f"line {row['line']}: {err}"))
+                yield Progress("failed", (i + 1) / n, failed[-1][1], row["path"])
             except Exception as err:  # noqa: BLE001 - one odd file must not stop the others
-                failed.append((row["path"], f"{type(err).__name__}: {err}"))
+                failed.append((row["path"], f"line {row['line']}: {type(err).__name__}: {err}"))
                 yield Progress("failed", (i + 1) / n, failed[-1][1], row["path"])
         summary = ManifestSummary(tuple(ok), tuple(failed))
         yield Progress("summary", 1.0, summary.describe(), str(manifest))
@@ -369,6 +437,8 @@ def export_metrics(out_dir: str | Path, fmt: str = "csv", all_versions: bool = F
     if fmt not in ("csv", "parquet"):
         raise InputError(str(out_dir), f"format {fmt!r} unknown", "use --format csv or --format parquet")
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise InputError(out, "is a file; export writes two tables into a folder", "name a folder (it is created when missing)")
     out.mkdir(parents=True, exist_ok=True)
     own_store = store is None
     if own_store:

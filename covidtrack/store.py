@@ -609,7 +609,7 @@ class Store:
         """The stored canonical scan as a Volume (int16 HU) with its metadata."""
         row = self._one("SELECT volume_path, meta, geometry, patient_key, study_date FROM scans WHERE scan_id = ?", [scan_id])
         if row is None:
-            raise StoreError(f"{self.path}: scan {scan_id} not found. Fix: list scans with Store.scans()")
+            raise StoreError(f"{self.path}: scan {scan_id} not found. Fix: `python -m covidtrack patients --scans` lists the stored scans")
         arr, spacing, origin, direction = read_canonical(self.abs(row[0]))  # type: ignore[arg-type]
         meta, geometry = json.loads(row[1] or "{}"), json.loads(row[2] or "{}")
         src = geometry.get("source")

@@ -37,7 +37,7 @@ def phantom_array(shape: tuple[int, int, int] = (12, 24, 20), seed: int = 0) -> 
     return np.clip(np.rint(arr), -1024, 3000).astype(np.int16)  # >= -1024 so it survives the HU floor
 
 
-def _base(series_uid: str, study_uid: str, modality: str, patient_id: str) -> Dataset:
+def _base(series_uid: str, study_uid: str, modality: str, patient_id: str, study_date: str = "20200315") -> Dataset:
     ds = Dataset()
     ds.PatientName = "Synthetic^Test"
     ds.PatientID = patient_id
@@ -45,7 +45,7 @@ def _base(series_uid: str, study_uid: str, modality: str, patient_id: str) -> Da
     ds.SeriesInstanceUID = series_uid
     ds.FrameOfReferenceUID = generate_uid()
     ds.Modality = modality
-    ds.StudyDate = "20200315"
+    ds.StudyDate = study_date
     ds.SeriesDescription = f"synthetic {modality}"
     ds.Manufacturer = "covidtrack-tests"
     ds.ConvolutionKernel = "B30f"
@@ -72,6 +72,7 @@ def write_series(
     patient_id: str = "PAT-0001",
     reverse_files: bool = False,
     image_type: tuple[str, ...] = ("ORIGINAL", "PRIMARY", "AXIAL"),
+    study_date: str = "20200315",
 ) -> list[Path]:
     """Write ``canonical`` (z, y, x, HU) as a DICOM series in ``folder``; return the files.
 
@@ -113,7 +114,7 @@ def write_series(
         if k in skip_slices:
             continue
         pos = first + (k * dk + jitter.get(k, 0.0)) * normal + k * shear * col
-        ds = _base(series_uid, study_uid, modality, patient_id)
+        ds = _base(series_uid, study_uid, modality, patient_id, study_date)
         ds.SOPClassUID = CTImageStorage
         ds.SOPInstanceUID = generate_uid()
         ds.ImageType = list(image_type)

@@ -89,6 +89,23 @@ def test_unknown_series_uid(tmp_path: Path, canonical: np.ndarray) -> None:
     _raises(NoImageDataError, tmp_path, "1.2.3.4", series_uid="1.2.3.4")
 
 
+def test_several_series_of_one_date_load_the_largest_and_name_the_others(tmp_path: Path, canonical: np.ndarray) -> None:
+    gen.write_series(tmp_path / "long", canonical, series_uid="1.2.826.0.1.111")
+    gen.write_series(tmp_path / "short", canonical[:10].copy(), series_uid="1.2.826.0.1.222")
+    vol = load_ct(tmp_path)
+    assert vol.shape[0] == canonical.shape[0]
+    assert any("1.2.826.0.1.222" in n and "--series-uid" in n for n in vol.meta.notes)
+    picked = load_ct(tmp_path, series_uid="1.2.826.0.1.222")
+    assert picked.shape[0] == 10 and not any("--series-uid" in n for n in picked.meta.notes)
+
+
+def test_series_of_different_dates_in_one_folder_are_refused(tmp_path: Path, canonical: np.ndarray) -> None:
+    gen.write_series(tmp_path / "a", canonical, series_uid="1.2.826.0.1.1", study_date="20060101")
+    gen.write_series(tmp_path / "b", canonical, series_uid="1.2.826.0.1.2", study_date="20070101")
+    _raises(InputError, tmp_path, "2 different dates", "2006-01-01", "2007-01-01", "--series-uid", "1.2.826.0.1.2")
+    assert load_ct(tmp_path, series_uid="1.2.826.0.1.2").meta.study_date.year == 2007
+
+
 def test_single_2d_image(tmp_path: Path) -> None:
     one = gen.write_2d(tmp_path / "folder" / "slice.dcm")
     _raises(GeometryError, tmp_path / "folder", "single 2D image")
@@ -194,6 +211,41 @@ def test_unreadable_nifti(tmp_path: Path, canonical: np.ndarray, content: bytes 
     assert isinstance(info.value, (UnreadableFileError, NoImageDataError))
 
 
+@pytest.mark.parametrize("form", ["mha", "mha-compressed", "mhd", "mhd-no-raw"])
+def test_cut_short_metaimage_names_the_file_and_says_truncated(tmp_path: Path, canonical: np.ndarray, form: str) -> None:
+    img = sitk.GetImageFromArray(canonical)
+    if form.startswith("mha"):
+        path = tmp_path / "scan.mha"
+        sitk.WriteImage(img, str(path), useCompression=form == "mha-compressed")
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) - 200])
+        _raises(UnreadableFileError, path, "scan.mha", "truncated")
+    else:
+        path = tmp_path / "scan.mhd"
+        sitk.WriteImage(img, str(path))
+        raw = tmp_path / "scan.raw"
+        if form == "mhd-no-raw":
+            raw.unlink()
+            _raises(UnreadableFileError, path, "scan.mhd", "scan.raw", "missing")
+        else:
+            raw.write_bytes(raw.read_bytes()[:100])
+            _raises(UnreadableFileError, path, "scan.raw", "truncated")
+
+
+def test_truncated_mask_is_refused(tmp_path: Path, canonical: np.ndarray) -> None:
+    from covidtrack.io.files import load_mask
+
+    vol_path = tmp_path / "ct.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(canonical), str(vol_path))
+    volume = load_ct(vol_path)
+    mask = tmp_path / "mask.nii"
+    sitk.WriteImage(sitk.GetImageFromArray((canonical > 0).astype(np.uint8)), str(mask))
+    data = mask.read_bytes()
+    mask.write_bytes(data[: len(data) // 2])
+    with pytest.raises(UnreadableFileError, match="mask.nii.*truncated"):
+        load_mask(mask, volume)
+
+
 def test_4d_file_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "fourd.nii.gz"
     img = sitk.JoinSeries([sitk.GetImageFromArray(gen.phantom_array((12, 16, 16)))] * 2)
@@ -235,3 +287,24 @@ def test_nan_voxels_in_a_float_file_become_air_with_a_note(tmp_path: Path, canon
     vol = load_ct(path)
     assert (vol.array[0, :2, :2] == -1024).all()
     assert any("NaN" in note for note in vol.meta.notes)
+
+
+def test_cli_names_unwritable_outputs_and_bad_settings_without_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from covidtrack.__main__ import main
+
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert main(["export", str(afile)]) == 2  # an existing file, not a folder
+    assert "is a file" in capsys.readouterr().err
+    assert main(["export", str(afile / "sub")]) == 2  # below a file: the OS refuses, the CLI says where
+    err = capsys.readouterr().err
+    assert "afile" in err and "Fix:" in err and "Traceback" not in err
+    monkeypatch.setenv("COVIDTRACK_THREADS", "abc")
+    assert main(["export", str(tmp_path / "out")]) == 2
+    assert "COVIDTRACK_THREADS" in capsys.readouterr().err
+    monkeypatch.setenv("COVIDTRACK_THREADS", "1")
+    monkeypatch.setenv("COVIDTRACK_HOME", str(afile))
+    assert main(["export", str(tmp_path / "out")]) == 2
+    assert "names a file" in capsys.readouterr().err

@@ -117,6 +117,19 @@ def test_idempotent_by_content_hash(tmp_path: Path) -> None:
         assert store.counts() == counts and _files(store.home) == files
         with pytest.raises(InputError, match="another patient"):
             drain(ingest(vol, "P2", "2020-03-14", store=store, segmenter=truth_segmenter))
+        # a different date for the same scan is a conflict, not silently ignored; a bad date is
+        # named as such even for a scan that is already stored
+        with pytest.raises(InputError, match="dated 2020-03-14, not 2020-03-15"):
+            drain(ingest(vol, "P1", "2020-03-15", store=store, segmenter=truth_segmenter))
+        with pytest.raises(InputError, match="YYYY-MM-DD"):
+            drain(ingest(vol, "P1", "notadate", store=store, segmenter=truth_segmenter))
+        with pytest.raises(InputError, match="alias 'Ann' already names patient"):
+            store.set_patient(store.patients().patient_key.iloc[0], alias="Ann")
+            other, _ = synthetic_chest(lesion_shift=3)
+            drain(ingest(other, "P9", "2020-03-20", alias="Ann", store=store, segmenter=truth_segmenter))
+        events: list[Progress] = []
+        again = drain(ingest(vol, "P1", None, arm="B", store=store, segmenter=truth_segmenter), events.append)
+        assert not again.created and "arm set to 'B'" in events[-1].message
         assert store.counts() == counts
 
 
@@ -126,6 +139,9 @@ def test_bad_date_and_bad_file_are_input_errors(tmp_path: Path) -> None:
         drain(ingest(vol, "P1", "14/03/2020", segmenter=truth_segmenter))
     with pytest.raises(InputError, match="--date"):
         drain(ingest(vol, "P1", None, segmenter=truth_segmenter))
+    for implausible in ("1850-01-01", "2999-01-01"):
+        with pytest.raises(InputError, match="implausible"):
+            drain(ingest(vol, "P1", implausible, segmenter=truth_segmenter))
     with pytest.raises(InputError):
         drain(ingest(tmp_path / "missing.nii.gz", "P1", "2020-03-14", segmenter=truth_segmenter))
     with S.Store.open() as store:
@@ -160,6 +176,30 @@ def test_manifest_continues_past_bad_files(tmp_path: Path) -> None:
     bad.write_text("who,when\nx,y\n")
     with pytest.raises(InputError, match="patient"):
         drain(ingest_manifest(bad, segmenter=truth_segmenter))
+    assert [msg.split(":")[0] for _, msg in summary.failed] == ["line 3", "line 5"]
+
+
+def test_manifest_is_checked_whole_before_anything_is_stored(tmp_path: Path) -> None:
+    a, _ = synthetic_chest()
+    _write(a, tmp_path / "a.nii.gz")
+    # an empty path would otherwise resolve to the manifest's own folder and ingest it
+    empty = tmp_path / "empty.csv"
+    empty.write_text("patient,date,path\nP1,2020-03-01,a.nii.gz\nP2,2020-03-02,\n,2020-03-03,a.nii.gz\n")
+    with pytest.raises(InputError, match="line 3: path is empty; line 4: patient is empty"):
+        drain(ingest_manifest(empty, segmenter=truth_segmenter))
+    latin1 = tmp_path / "latin1.csv"
+    latin1.write_bytes("patient,date,path,alias\nP1,2020-03-01,a.nii.gz,Jos\u00e9\n".encode("latin-1"))
+    with pytest.raises(InputError, match="not UTF-8.*CSV UTF-8"):
+        drain(ingest_manifest(latin1, segmenter=truth_segmenter))
+    with pytest.raises(InputError, match="is a folder"):
+        drain(ingest_manifest(tmp_path, segmenter=truth_segmenter))
+    with S.Store.open() as store:
+        assert store.counts()["scans"] == 0
+    # Excel's "Unicode text" (UTF-16 with BOM) is read
+    utf16 = tmp_path / "utf16.csv"
+    utf16.write_bytes("patient,date,path,alias\nP1,2020-03-01,a.nii.gz,Jos\u00e9\n".encode("utf-16"))
+    summary = drain(ingest_manifest(utf16, segmenter=truth_segmenter, register=False))
+    assert len(summary.ok) == 1 and not summary.failed
 
 
 def test_registration_hook(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -285,6 +325,10 @@ def test_cli_ingest_manifest_and_export(tmp_path: Path, capsys: pytest.CaptureFi
     assert wide["whole_poi"].item() == pytest.approx(long.query("region == 'whole' and metric == 'poi'").value.item())
     with S.Store.open() as store:
         assert export_metrics(tmp_path / "all", "csv", all_versions=True, store=store)[0].exists()
+        scan_id, key = store.scans().scan_id.item(), store.scans().patient_key.item()
+    assert cli_main(["patients", "--scans"]) == 0
+    listing = capsys.readouterr().out
+    assert key in listing and scan_id in listing and "control" in listing and "2020-03-01" in listing
 
 
 def test_real_default_segmenter_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

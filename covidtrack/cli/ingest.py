@@ -35,7 +35,8 @@ def _ingest(args: argparse.Namespace) -> int:
     from covidtrack.pipeline import drain, ingest
 
     result = drain(
-        ingest(args.path, args.patient, args.date, arm=args.arm, alias=args.alias, register=not args.no_register),
+        ingest(args.path, args.patient, args.date, arm=args.arm, alias=args.alias, register=not args.no_register,
+               series_uid=args.series_uid),
         ProgressBar(),
     )
     state = "stored" if result.created else "already stored"
@@ -60,10 +61,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--date", default=None, help="study date YYYY-MM-DD (default: from the DICOM header)")
     p.add_argument("--arm", default=None, help="cohort arm, e.g. treated / control")
     p.add_argument("--alias", default=None, help="name to show instead of the pseudonymous key")
+    p.add_argument("--series-uid", default=None,
+                   help="SeriesInstanceUID of the series to load when the folder holds several (see `series`)")
     p.add_argument("--no-register", action="store_true", help="skip registration to the baseline")
     p.set_defaults(func=_ingest)
 
-    m = sub.add_parser("ingest-manifest", help="ingest every scan listed in a CSV (patient,date,path[,arm,alias])")
+    m = sub.add_parser("ingest-manifest", help="ingest every scan listed in a CSV (patient,date,path[,arm,alias,series_uid])")
     m.add_argument("manifest", help="CSV file; relative paths are relative to it")
     m.add_argument("--no-register", action="store_true", help="skip registration to the baseline")
     m.set_defaults(func=_ingest_manifest)

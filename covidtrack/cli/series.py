@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 
@@ -47,11 +48,13 @@ def run(args: argparse.Namespace) -> int:
             )
             for s in scan.series
         ]
+        if not rows and not scan.unreadable:
+            print(f"error: {path}: no DICOM series in this folder or its subfolders. Fix: pass the folder that "
+                  "holds the .dcm files, or a NIfTI/NRRD/MHA file", file=sys.stderr)
+            return 1
         widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
         for row in [header, *rows]:
             print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
-        if not rows:
-            print(f"no DICOM series under {path}")
         if any(s.is_localizer for s in scan.series):
             print("* localizer / scout images (never chosen automatically)")
         for bad, reason in scan.unreadable:
@@ -59,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     if args.check or path.is_file():
         vol = load_ct(path, series_uid=args.series_uid)
         z, y, x = vol.shape
-        print(f"loaded {vol.meta.source_format} {vol.meta.source_name}: {z}x{y}x{x} (z, y, x) voxels, "
+        print(f"loaded {vol.meta.source_format.upper()} '{vol.meta.source_name}': {z}x{y}x{x} (z, y, x) voxels, "
               f"spacing {', '.join(f'{s:.3f}' for s in vol.spacing)} mm, HU {int(vol.array.min())}..{int(vol.array.max())}")
         for note in vol.meta.notes:
             print(f"note: {note}")

@@ -14,6 +14,7 @@ the file and the fix; see README.d/io.md for the full list of checks.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from pathlib import Path
 
@@ -42,7 +43,8 @@ def load_ct(path: str | Path, series_uid: str | None = None) -> Volume:
     """Load a CT scan as a canonical int16 HU :class:`Volume`.
 
     ``path`` is a DICOM folder (searched recursively; with several series, the axial CT series
-    with the most slices unless ``series_uid`` is given) or a NIfTI / NRRD / MHA file. A single
+    with the most slices unless ``series_uid`` is given, and a note names the others; CT series
+    of different dates in one folder are refused) or a NIfTI / NRRD / MHA file. A single
     DICOM file is refused (a 2D slice): pass its folder.
     """
     from covidtrack.io import dicom
@@ -64,6 +66,9 @@ def load_ct(path: str | Path, series_uid: str | None = None) -> Volume:
         )
     info = dicom.choose_series(scan, series_uid)
     array, grid, meta = dicom.read_series(scan, info)
+    note = dicom.skipped_series_note(scan, info) if series_uid is None else None
+    if note:
+        meta = dataclasses.replace(meta, notes=meta.notes + (note,))
     return orient.canonical_volume(array, grid, meta)
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from covidtrack.config import settings
-from covidtrack.errors import GeometryError, NoImageDataError, NotCTError, UnreadableFileError
+from covidtrack.errors import GeometryError, InputError, NoImageDataError, NotCTError, UnreadableFileError
 from covidtrack.io import validate
 from covidtrack.volume import ScanMeta, SourceGrid
 
@@ -316,8 +316,27 @@ def choose_series(scan: DicomScan, series_uid: str | None) -> SeriesInfo:
             scan.folder, f"no CT series here, only: {found}",
             "covidtrack analyses CT scans; load the CT series of the study",
         )
+    dates = sorted({s.study_date for s in ct if s.study_date is not None})
+    if len(dates) > 1:
+        listing = "; ".join(f"{s.series_uid} ({s.study_date or 'no date'}, {s.n_slices} images"
+                            f"{', ' + s.description if s.description else ''})" for s in ct)
+        raise InputError(
+            scan.folder, f"holds CT series of {len(dates)} different dates ({', '.join(map(str, dates))}): "
+            "one folder, one timepoint",
+            f"ingest each date on its own: pass --series-uid (see `python -m covidtrack series`): {listing}",
+        )
     axial = [s for s in ct if s.orientation == "axial"] or ct
     return max(axial, key=lambda s: (s.n_slices, s.series_uid))
+
+
+def skipped_series_note(scan: DicomScan, chosen: SeriesInfo) -> str | None:
+    """A note naming the other CT series of the folder that were not loaded, if any."""
+    others = [s for s in scan.series if s.modality == "CT" and not s.is_localizer and s.series_uid != chosen.series_uid]
+    if not others:
+        return None
+    listed = ", ".join(f"{s.series_uid} ({s.n_slices} images{', ' + s.description if s.description else ''})" for s in others[:3])
+    return (f"{len(others)} other CT series in the folder not loaded: {listed}"
+            f"{' ...' if len(others) > 3 else ''}; choose one with --series-uid")
 
 
 def refuse_single_file(path: Path, image_suffixes: tuple[str, ...]) -> None:

@@ -39,6 +39,13 @@ def read_image(path: Path, what: str = "image") -> "sitk.Image":  # noqa: F821 -
         raise NoImageDataError(path, "does not exist", "check the path (typo? unmounted drive?)")
     if path.is_file() and path.stat().st_size == 0:
         raise NoImageDataError(path, "is an empty file (0 bytes)", f"re-export or re-copy the {what}")
+    # ITK pads missing voxel data of a cut-short NIfTI with zeros and reports a cut-short
+    # MetaImage with an unrelated reason: check both against their headers first
+    name = path.name.lower()
+    if path.is_file() and name.endswith((".nii", ".nii.gz")):
+        _check_nifti_complete(path)
+    elif path.is_file() and name.endswith((".mha", ".mhd")):
+        _check_metaimage_complete(path)
     try:
         return sitk.ReadImage(str(path))
     except RuntimeError as err:
@@ -80,8 +87,6 @@ def read_volume_file(path: Path) -> Volume:
     """A NIfTI / NRRD / MHA CT volume -> canonical :class:`Volume` (checks as for DICOM)."""
     import SimpleITK as sitk
 
-    if path.name.lower().endswith((".nii", ".nii.gz")):
-        _check_nifti_complete(path)
     image = read_image(path, "image")
     _geometry_checks(image, path)
     notes: list[str] = []
@@ -149,6 +154,57 @@ def _check_nifti_complete(path: Path) -> None:
         total = path.stat().st_size
     if total < expected:
         raise UnreadableFileError(path, f"holds {total} bytes but its header needs {expected}: the file is truncated", fix)
+
+
+_MET_BYTES = {"MET_CHAR": 1, "MET_UCHAR": 1, "MET_SHORT": 2, "MET_USHORT": 2, "MET_INT": 4, "MET_UINT": 4,
+              "MET_LONG": 4, "MET_ULONG": 4, "MET_LONG_LONG": 8, "MET_ULONG_LONG": 8, "MET_FLOAT": 4, "MET_DOUBLE": 8}
+
+
+def _check_metaimage_complete(path: Path) -> None:
+    """Refuse a MetaImage (.mha / .mhd) whose voxel data is missing or shorter than its header
+    says (ITK reports that as an unrelated "No such file or directory")."""
+    fix = "re-export or re-copy the file (the transfer or the export was cut short)"
+    header: dict[str, str] = {}
+    offset = 0
+    with path.open("rb") as fh:
+        for _ in range(200):  # the header is a few dozen "Key = Value" lines ending with ElementDataFile
+            line = fh.readline()
+            if not line:
+                break
+            offset += len(line)
+            key, sep, value = line.decode("latin-1").partition("=")
+            if not sep:
+                return  # not a MetaImage header: let ITK say what it is
+            header[key.strip()] = value.strip()
+            if key.strip() == "ElementDataFile":
+                break
+    data_file = header.get("ElementDataFile")
+    if data_file is None:
+        return
+    try:
+        dims = [int(v) for v in header.get("DimSize", "").split()]
+        n_bytes = int(np.prod(dims)) * _MET_BYTES[header.get("ElementType", "")] * int(header.get("ElementNumberOfChannels", "1"))
+    except (KeyError, ValueError):
+        return  # unusual header: ITK decides
+    compressed = header.get("CompressedData", "False").lower() == "true"
+    if compressed:
+        if "CompressedDataSize" not in header:
+            return
+        n_bytes = int(header["CompressedDataSize"])
+    if data_file == "LOCAL":
+        have = path.stat().st_size - offset
+        source = path
+    elif any(ch in data_file for ch in "%*") or data_file.startswith("LIST"):
+        return  # a file list / pattern: ITK decides
+    else:
+        source = path.parent / data_file
+        if not source.is_file():
+            raise UnreadableFileError(path, f"its voxel data file {data_file} is missing (expected beside it)",
+                                      f"copy {data_file} into the same folder as {path.name}")
+        have = source.stat().st_size
+    if have < n_bytes:
+        raise UnreadableFileError(source, f"holds {have} bytes of voxel data but the header of {path.name} needs "
+                                  f"{n_bytes}: the file is truncated", fix)
 
 
 def _nifti_nan_mask(path: Path, shape: tuple[int, ...]) -> np.ndarray:

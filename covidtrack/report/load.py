@@ -265,6 +265,11 @@ def resolve_patient(store: "Store", ident: str) -> str:
     hit = pats[pats["alias"] == ident]
     if len(hit) == 1:
         return str(hit["patient_key"].iloc[0])
+    if len(hit) > 1:
+        raise StoreError(
+            f"{store.path}: alias {ident!r} is shared by {len(hit)} patients ({', '.join(hit['patient_key'])}). "
+            "Fix: pass the patient key instead (`python -m covidtrack patients` lists them)"
+        )
     # a raw patient ID typed by the user: the store only knows its salted hash
     try:
         from covidtrack.io.dicom import patient_key as hash_key
@@ -275,5 +280,5 @@ def resolve_patient(store: "Store", ident: str) -> str:
     except (ImportError, AttributeError):
         pass
     raise StoreError(
-        f"{store.path}: no patient with key or alias {ident!r}. Fix: list patients with the dashboard's Patients page"
+        f"{store.path}: no patient with key or alias {ident!r}. Fix: `python -m covidtrack patients` lists keys and aliases"
     )
