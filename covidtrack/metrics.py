@@ -68,6 +68,8 @@ FLAG_THICK = "flag_thick_slices"
 FLAG_COARSE = "flag_coarse_pixels"
 FLAG_LUNG_RANGE = "flag_lung_volume_range"
 FLAG_SMALL_LUNG = "flag_small_lung_high_infection"
+SLICE_MM = "slice_thickness_mm"  # max(slice spacing, nominal thickness): what the scan can resolve along z
+PIXEL_MM = "pixel_spacing_mm"  # the coarser in-plane pixel side
 
 
 @dataclass(frozen=True)
@@ -104,6 +106,8 @@ UNITS: dict[str, str] = {
     FLAG_COARSE: "flag",
     FLAG_LUNG_RANGE: "flag",
     FLAG_SMALL_LUNG: "flag",
+    SLICE_MM: "mm",
+    PIXEL_MM: "mm",
     **{b.metric: "mL" for b in DENSITY_BINS},
 }
 
@@ -224,6 +228,9 @@ def scan_metrics(volume: Volume, segmentation: Segmentation) -> pd.DataFrame:
     rows.append(("whole", LESION_COUNT, float(lesions.size)))
     rows.append(("whole", LARGEST_LESION, float(lesions[0]) if lesions.size else 0.0))
     rows += [(("whole", name, value)) for name, value in quality_flags(volume, segmentation).items()]
+    # the acquisition's resolution, so a trajectory can tell when dates were measured differently
+    rows.append(("whole", SLICE_MM, float(max(volume.spacing[0], volume.meta.slice_thickness_mm or 0.0))))
+    rows.append(("whole", PIXEL_MM, float(max(volume.spacing[1], volume.spacing[2]))))
     rows.append(("whole", FLAG_SMALL_LUNG, float(max(small_flags, default=0.0))))
 
     df = pd.DataFrame(rows, columns=["region", "metric", "value"])

@@ -212,6 +212,22 @@ def test_raised_flags_name_the_date_and_what_to_check() -> None:
     assert len(lines) == 2 and lines[0].endswith("(2020-03-01, 2020-03-05)")
 
 
+
+def test_a_resolution_change_between_dates_is_flagged() -> None:
+    from covidtrack import metrics
+
+    dates = pd.to_datetime(["2020-03-01", "2020-03-01", "2020-03-09", "2020-03-09", "2020-03-20", "2020-03-20"])
+    frame = pd.DataFrame({"study_date": dates, "region": ["whole"] * 6,
+                          "metric": [metrics.SLICE_MM, metrics.PIXEL_MM] * 3,
+                          "value": [1.0, 0.7, 1.25, 0.8, 5.0, 0.75]})
+    lines = data.flag_lines(frame)
+    assert len(lines) == 1 and "slice thickness differs" in lines[0]
+    assert "1 mm on 2020-03-01" in lines[0] and "5 mm on 2020-03-20" in lines[0]
+    # within a factor of 2 (1.0 vs 1.25 mm): nothing to say; older stores without the rows: nothing either
+    assert data.flag_lines(frame[frame["study_date"] < "2020-03-15"]) == []
+    assert data.flag_lines(frame[~frame["metric"].isin([metrics.SLICE_MM, metrics.PIXEL_MM])]) == []
+
+
 def test_single_scan_trajectory_shows_whole_days() -> None:
     from covidtrack import metrics
 

@@ -51,7 +51,8 @@ def read_image(path: Path, what: str = "image") -> "sitk.Image":  # noqa: F821 -
     except RuntimeError as err:
         detail = [line for line in str(err).splitlines() if line.strip()]
         raise UnreadableFileError(
-            path, f"cannot be read as an {what} ({detail[-1].strip() if detail else 'unknown ITK error'})",
+            path, f"cannot be read as {'an' if what[:1] in 'aeiou' else 'a'} {what} "
+            f"({detail[-1].strip() if detail else 'unknown ITK error'})",
             f"check that the file is complete and really a {'/'.join(s.lstrip('.') for s in IMAGE_SUFFIXES)} file; "
             "re-export or re-copy it",
         ) from err

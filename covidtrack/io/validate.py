@@ -127,7 +127,7 @@ def check_slice_steps(positions_mm: np.ndarray, path: str | Path, names: list[st
     if gaps.size:
         i = int(gaps[0])
         raise GeometryError(
-            path, f"missing slices: {gaps.size} gap(s) larger than {GAP_FACTOR}x the median spacing {median:.3g} mm, "
+            path, f"missing slices: {gaps.size} gap{'s' if gaps.size > 1 else ''} larger than {GAP_FACTOR}x the median spacing {median:.3g} mm, "
             f"first a {steps[i]:.3g} mm step between {label(i)}",
             "re-export the complete series; covidtrack does not interpolate missing slices",
         )

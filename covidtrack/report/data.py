@@ -81,13 +81,36 @@ def raised_flags(frame: pd.DataFrame) -> pd.DataFrame:
     return out.drop_duplicates().sort_values(["study_date", "flag"]).reset_index(drop=True)
 
 
+RESOLUTION_CHANGE = 2.0  # slice thickness or pixel size differing by this factor between dates
+
+
+def resolution_lines(frame: pd.DataFrame) -> list[str]:
+    """A line when the dates were acquired at very different resolutions (slice thickness or
+    pixel size differing by ``RESOLUTION_CHANGE`` or more): faint ground glass is measured
+    differently then, so a change in infection volume may partly be the scanner's."""
+    out = []
+    for metric, what in ((metrics.SLICE_MM, "slice thickness"), (metrics.PIXEL_MM, "pixel size")):
+        rows = frame[(frame["region"] == "whole") & (frame["metric"] == metric)].drop_duplicates("study_date")
+        rows = rows.sort_values("study_date")
+        if len(rows) < 2 or rows["value"].min() <= 0:
+            continue
+        lo, hi = rows.loc[rows["value"].idxmin()], rows.loc[rows["value"].idxmax()]
+        if hi["value"] / lo["value"] >= RESOLUTION_CHANGE:
+            out.append(f"{what} differs between dates ({lo['value']:.2g} mm on {pd.Timestamp(lo['study_date']).date()}, "
+                       f"{hi['value']:.2g} mm on {pd.Timestamp(hi['study_date']).date()}): infection volumes measured at "
+                       "such different resolutions are not strictly comparable")
+    return out
+
+
 def flag_lines(frame: pd.DataFrame) -> list[str]:
-    """One line per raised flag: what to check, then the dates it was raised on."""
+    """One line per raised flag: what to check, then the dates it was raised on; then a line per
+    resolution change between dates (:func:`resolution_lines`)."""
     flags = raised_flags(frame)
-    if flags.empty:
-        return []
-    dates = flags.groupby("message", sort=False)["study_date"].apply(lambda d: ", ".join(str(x) for x in d))
-    return [f"{message} ({when})" for message, when in dates.items()]
+    lines: list[str] = []
+    if not flags.empty:
+        dates = flags.groupby("message", sort=False)["study_date"].apply(lambda d: ", ".join(str(x) for x in d))
+        lines = [f"{message} ({when})" for message, when in dates.items()]
+    return lines + resolution_lines(frame)
 
 
 def metric_label(metric: str) -> str:

@@ -154,6 +154,12 @@ def _atomic_output(pdf: FPDF, out: Path) -> Path:
     return out
 
 
+def _poi_text(poi: float) -> str:
+    """POI with one decimal; a trace (> 0, under 0.05 %) reads "<0.1 %", not "0.0 %", so it
+    agrees with its severity score of 1."""
+    return "<0.1 %" if 0 < poi < 0.05 else f"{poi:.1f} %"
+
+
 def _lobe_table_for_pdf(frame: pd.DataFrame) -> pd.DataFrame:
     """Per date: POI % (score 0-5) for each lobe, total score 0-25, infection volume (mL)."""
     table = lobe_table(frame)
@@ -162,7 +168,7 @@ def _lobe_table_for_pdf(frame: pd.DataFrame) -> pd.DataFrame:
     out = pd.DataFrame({"Date": table["Date"].astype(str), "Day": table["Day"]})
     for lobe in LOBES:
         poi, score = table[f"{lobe} POI %"], table[f"{lobe} score"]
-        out[lobe] = [f"{p:.1f} % ({s})" if pd.notna(p) and s is not None and pd.notna(s) else (f"{p:.1f} %" if pd.notna(p) else "–") for p, s in zip(poi, score)]
+        out[lobe] = [f"{_poi_text(p)} ({s})" if pd.notna(p) and s is not None and pd.notna(s) else (_poi_text(p) if pd.notna(p) else "–") for p, s in zip(poi, score)]
     out["Score /25"] = [_fmt(v) for v in table["Total score"]]
     inf = select(frame, M.INFECTION_ML, "whole").drop_duplicates("study_date")
     poi = select(frame, M.POI, "whole").drop_duplicates("study_date")
@@ -257,14 +263,20 @@ def write_patient_pdf(data: PatientReportData, out: str | Path, engine: Engine =
             pdf.h2("Change map vs baseline (same slice)", need_mm=70)
             pdf.para("New infection red, resolved green, persistent amber.", 8)
             _image_grid(pdf, [render(a, t, "axial", k, "change", 360) for t in follow], [_captions(a)[t] for t in follow])
-    pdf.h2("Change summary vs baseline (mL, in baseline space)")
     summary = _change_summary(data.change)
+    # heading, notes and table on one page where the table fits on one (~6 mm per row)
+    pdf.h2("Change summary vs baseline (mL, in baseline space)", need_mm=min(30 + 6.5 * (len(summary) + 1), 200))
     if summary.empty:
         pdf.para("No registered follow-up yet: change per lobe needs a follow-up registered to the baseline.")
     else:
-        pdf.dataframe(summary, col_widths=(24, 18, 22, 22, 24, 20))
+        pdf.para("Each follow-up's infection is warped onto the baseline and compared inside the baseline lungs; "
+                 "net = new - resolved. It can differ from the change in the per-date infection volumes above by the "
+                 "registration's local stretching and by infection that lands outside the baseline lungs.", 8)
+    # the closing note goes before the last table, so it never stands alone on a page of its own
     pdf.para(f"Figures rendered with {engine_used or 'n/a'}. Metrics: model versions listed above; "
-             "volumes in mL from the scan's own voxel spacing.", 7)
+             "per-date volumes in mL from each scan's own voxel spacing.", 7)
+    if not summary.empty:
+        pdf.dataframe(summary, col_widths=(24, 18, 22, 22, 24, 20))
     return _atomic_output(pdf, Path(out))
 
 
