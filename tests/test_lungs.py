@@ -197,17 +197,3 @@ def test_classical_targets_on_phantom(phantom) -> None:
     assert _dice(labels > 0, truth.lungs > 0) > 0.9
     assert _dice(labels == RIGHT_LUNG, truth.lungs == RIGHT_LUNG) > 0.85
     assert report.right_ml > 0 and report.left_ml > 0
-
-
-def test_inserted_consolidation_sites_lie_over_the_diaphragm_or_against_the_mediastinum() -> None:
-    from covidtrack.segment.train_lungs import _basal_or_medial
-
-    # two box lungs side by side, x 10-29 and 40-59, z 0-39: the midline is x = 34.5
-    lung = np.zeros((40, 20, 70), bool)
-    lung[:, :, 10:30] = True
-    lung[:, :, 40:60] = True
-    idx = np.argwhere(lung)
-    pleural = np.array([[35, 5, 10], [35, 5, 29], [35, 5, 40], [2, 5, 10], [35, 5, 59]])
-    kept = {tuple(p) for p in _basal_or_medial(pleural, idx)}
-    # medial walls of both lungs (x 29, 40) and the base (z 2) stay; lateral walls high up go
-    assert kept == {(35, 5, 29), (35, 5, 40), (2, 5, 10)}

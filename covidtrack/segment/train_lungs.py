@@ -139,10 +139,7 @@ def insert_opacities(hu: np.ndarray, case: Case, rng: np.random.Generator, spaci
             centre = post[rng.integers(len(post))] if len(post) else pleural[rng.integers(len(pleural))]
             radii = rng.uniform([30, 30, 30], [80, 60, 60])
         elif kind == "consolidation":
-            # half of them against the heart or the diaphragm, where a dense opacity has the HU of
-            # the soft tissue it touches and only the lung's shape tells them apart
-            inner = _basal_or_medial(pleural, case.lung_idx) if rng.random() < 0.5 else pleural
-            centre = inner[rng.integers(len(inner))] if len(inner) else pleural[rng.integers(len(pleural))]
+            centre = pleural[rng.integers(len(pleural))]
             radii = rng.uniform(8, 35, size=3)
         else:
             centre = case.lung_idx[rng.integers(len(case.lung_idx))]
@@ -163,16 +160,6 @@ def insert_opacities(hu: np.ndarray, case: Case, rng: np.random.Generator, spaci
         texture = value + rng.normal(0, 15, size=w.shape).astype(np.float32)
         out[box] = out[box] * (1 - w) + texture * w
     return out.astype(np.float32)
-
-
-def _basal_or_medial(pleural: np.ndarray, lung_idx: np.ndarray) -> np.ndarray:
-    """Pleural voxels (``(n, 3)`` z, y, x indices) over the diaphragm (lowest 35 % of the lungs'
-    height) or against the mediastinum (within 30 % of the half-width from the midline)."""
-    z_cut = np.percentile(lung_idx[:, 0], 35)
-    x_lo, x_hi = lung_idx[:, 2].min(), lung_idx[:, 2].max()
-    mid, half = (x_lo + x_hi) / 2.0, max((x_hi - x_lo) / 2.0, 1.0)
-    keep = (pleural[:, 0] <= z_cut) | (np.abs(pleural[:, 2] - mid) <= 0.3 * half)
-    return pleural[keep]
 
 
 def sample_patch(case: Case, rng: np.random.Generator, spec) -> tuple[np.ndarray, np.ndarray]:
