@@ -15,6 +15,7 @@ Variants (study only; the product keeps ``base``, see the README):
     python bench/infection_cv.py --name oof700 --size 256 --iterations 700 --batch-size 16 \\
         --intensity-aug 0.35 --aux-npz aux.npz --save-probs /tmp/oof/probs --out /tmp/oof/parts
     python bench/infection_postprocess.py --probs /tmp/oof/probs [--volumes] [--json bench/results/infection_postprocess.json]
+    python bench/infection_postprocess.py --probs /tmp/oof/probs --errors --json bench/results/infection_errors.json
 """
 
 from __future__ import annotations
@@ -151,17 +152,55 @@ def ensemble_study(a: list[list[dict]], b: list[list[dict]], args: argparse.Name
     return 0
 
 
+def error_study(folds: list[list[dict]], args: argparse.Namespace) -> int:
+    """Where the unseen-slice errors come from: pixel confusion between expert and model classes,
+    and two oracles that each fix one half of the task: the expert's extent typed by the model,
+    and the model's extent typed by the expert (model pixels the expert left clear count as GGO)."""
+    conf = np.zeros((3, 3), np.int64)
+    variants: dict[str, list] = {"model": [], "expert_extent_model_type": [], "model_extent_expert_type": []}
+    for fold in folds:
+        for s in fold:
+            labels, _ = labels_from_probs(s["probs"])
+            gt = s["classes"]
+            np.add.at(conf, (gt.ravel(), labels.ravel()), 1)
+            typed = np.where(s["probs"][2] > s["probs"][1], 2, 1)
+            variants["model"].append(score_slice(s["name"], labels, s["infection"], gt))
+            variants["expert_extent_model_type"].append(score_slice(s["name"], np.where(gt > 0, typed, 0), s["infection"], gt))
+            variants["model_extent_expert_type"].append(score_slice(s["name"], np.where(labels > 0, np.where(gt == 2, 2, 1), 0),
+                                                                    s["infection"], gt))
+    names = ("clear", "GGO", "consolidation")
+    result = {
+        "what": "error analysis of out-of-fold infection labels (product rule, threshold 0.5) on the 50 MedSeg slices: "
+                "pixel confusion (for each expert class, the share of its pixels the model labels clear / GGO / consolidation) and two oracles",
+        "data": f"{sum(len(f) for f in folds)} MedSeg slices in {len(folds)} folds (bench/infection_cv.py fold assignment)",
+        "probabilities": str(args.probs.name),
+        "hardware": {"processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count()},
+        "confusion_share_of_expert_class": {names[i]: {names[j]: round(float(conf[i, j] / max(conf[i].sum(), 1)), 4) for j in range(3)}
+                                            for i in range(3)},
+        "mean_over_slices": {k: {m: summarize(v)[m]["mean"] for m in ("dice", "dice_ggo", "dice_consolidation")} for k, v in variants.items()},
+        "slices_without_expert_ggo_but_model_ggo": [sc.name for sc in variants["model"] if sc.dice_ggo == 0.0
+                                                     and not (next(s for f in folds for s in f if s["name"] == sc.name)["classes"] == 1).any()],
+    }
+    print(json.dumps(result, indent=1))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--probs", type=Path, required=True)
     ap.add_argument("--json", type=Path)
     ap.add_argument("--volumes", action="store_true", help="also run the variants on phantoms and healthy real CTs (~3 min)")
+    ap.add_argument("--errors", action="store_true", help="error analysis (confusion, oracles) instead of the variants")
     ap.add_argument("--ensemble", type=Path, help="a second out-of-fold folder (same folds, another training seed): "
                     "score each model and their mean instead of the variants")
     args = ap.parse_args()
     folds = load_folds(args.probs)
     if not folds:
         raise SystemExit(f"{args.probs}: no fold*.npz; run bench/infection_cv.py --save-probs {args.probs} first")
+    if args.errors:
+        return error_study(folds, args)
     if args.ensemble:
         return ensemble_study(folds, load_folds(args.ensemble), args)
     result = {}
