@@ -54,6 +54,23 @@ def test_mean_ci_matches_t_interval() -> None:
     assert base["lo"] == pytest.approx(3 - half) and base["hi"] == pytest.approx(3 + half)
 
 
+def test_no_ci_band_from_fewer_than_three_patients_and_such_means_are_hollow() -> None:
+    from covidtrack.report import figures
+
+    # days 0 and 16: 3 patients each (a band); day 8: 2 patients (no band, a hollow mean)
+    visits = {"p0": [(0, 1.0), (8, 2.0), (16, 3.0)], "p1": [(0, 3.0), (8, 4.0), (16, 5.0)], "p2": [(0, 5.0), (16, 9.0)]}
+    frame = pd.DataFrame([dict(patient_key=k, label=k, arm="A", scan_id=f"{k}-{d}", study_date=pd.Timestamp("2020-03-01") + pd.Timedelta(days=d),
+                               day=d, region="whole", metric=M.POI, value=v, unit="%", model_version="m")
+                          for k, rows in visits.items() for d, v in rows])
+    out = stats.mean_ci(stats.per_patient_series(frame, M.POI), bin_days=4)
+    assert out["n"].tolist() == [3, 2, 3]
+    assert out["lo"].notna().tolist() == [True, False, True]
+    fig = figures.cohort_trajectory_figure(frame, M.POI, bin_days=4)
+    means = [t for t in fig.data if t.name == "A: mean"][0]
+    assert list(means.marker.symbol) == ["circle", "circle-open", "circle"]
+    bands = [t for t in fig.data if t.name == "A: 95 % CI"]
+    assert len(bands) == 2 and [t.showlegend for t in bands] == [True, False]  # two runs, not bridged over day 8
+
 
 def test_mean_ci_band_stops_at_the_floor() -> None:
     s = pd.DataFrame({"arm": ["A"] * 3, "patient_key": ["p1", "p2", "p3"], "day": [0, 0, 0], "value": [0.1, 0.2, 6.0]})

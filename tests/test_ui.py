@@ -89,6 +89,16 @@ def test_patient_page_shows_trajectory_viewer_and_table(small_store: list[str]) 
     assert len(at.get("plotly_chart")) == n_charts + 1  # the follow-up animation is added on request
 
 
+def test_a_stale_patient_link_opens_nobody_else(small_store: list[str]) -> None:
+    at = _open("patient", patient=small_store[1][:-1])  # a key cut short
+    assert not at.exception
+    assert any("No patient with key" in e.value for e in at.error)
+    assert [t.value for t in at.title] == ["Patient timeline"]
+    assert not at.get("plotly_chart")
+    at.sidebar.selectbox(key="patient_select").set_value(small_store[2]).run()
+    assert f"Patient {small_store[2]}" in [t.value for t in at.title]
+
+
 def test_cohort_page_has_test_and_responders(small_store: list[str]) -> None:
     at = _open("cohort")
     assert not at.exception
@@ -222,6 +232,25 @@ def test_import_bad_file_shows_error_and_stores_nothing(small_store: list[str], 
     with Store.open() as store:
         assert store.counts() == before
         assert "HOSP-12345" not in set(store.patients()["patient_key"])  # raw IDs never stored
+
+
+def test_import_without_a_date_asks_for_one_and_a_failed_manifest_is_not_green(small_store: list[str], tmp_path: Path) -> None:
+    at = _open("import_data")
+    at.text_input(key="server_path").input(str(tmp_path / "scan.nii.gz")).run()
+    at.text_input(key="srv_patient").input("HOSP-1").run()
+    assert at.checkbox(key="srv_filedate").value  # the file's own date by default, never today
+    at.checkbox(key="srv_filedate").uncheck().run()
+    (tmp_path / "scan.nii.gz").write_bytes(b"x")
+    at.button(key="import_server").click().run()
+    assert any("Enter the study date" in e.value for e in at.error)
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("patient,date,path\nP1,2020-03-01,missing.nii.gz\n")
+    at.text_input(key="server_path").input(str(manifest)).run()
+    at.button(key="import_server").click().run()
+    assert not at.exception and not at.success
+    errors = [e.value for e in at.error]
+    assert errors[0] == "0 scan(s) ok, 1 failed." and errors[1].startswith("line 2: ")
+    assert errors[1].count("missing.nii.gz") == 1  # the path once, not twice
 
 
 def test_import_root_restricts_server_paths(small_store: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -636,7 +636,12 @@ def versions_frame() -> "pd.DataFrame":
             "Dice before (same set)": h.get("evaluation", {}).get("old_headline", {}).get("dice_real") if h else None,
             "Dice held-out / CV": holdout.get("mean") if holdout.get("mean") is not None else cv.get("mean"),
         })
-    return pd.DataFrame(rows)
+    frame = pd.DataFrame(rows)
+    # numbers a version does not have (a shipped model has no HITL set) are blank, not "None"
+    for col in ("corrected scans", "Dice real (HITL set)", "Dice phantom (HITL set)", "Dice before (same set)", "Dice held-out / CV"):
+        if col in frame:
+            frame[col] = pd.to_numeric(frame[col], errors="coerce")
+    return frame
 
 
 def promote(store: "Store", version: str) -> "ModelRef":

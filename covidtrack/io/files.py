@@ -142,7 +142,9 @@ def _check_nifti_complete(path: Path) -> None:
     except Exception as err:  # noqa: BLE001 - nibabel raises many types on garbage
         if path.stat().st_size == 0:
             raise NoImageDataError(path, "is an empty file (0 bytes)", fix) from err
-        raise UnreadableFileError(path, f"is not a readable NIfTI file ({type(err).__name__}: {err})", fix) from err
+        raise UnreadableFileError(path, f"is not a readable NIfTI file ({type(err).__name__}: {err})",
+                                  "check that this really is a NIfTI file (.nii / .nii.gz); re-export it, or re-copy it "
+                                  "if the copy was cut short") from err
     if path.name.lower().endswith(".gz"):
         total = 0
         try:

@@ -15,7 +15,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from covidtrack.report.data import LOBES, M, metric_label, select
-from covidtrack.report.stats import mean_ci, per_patient_series
+from covidtrack.report.stats import MIN_CI_N, mean_ci, per_patient_series
 from covidtrack.labels import CHANGE_LABELS
 from covidtrack.report.viewer import (
     CHANGE_COLOURS,
@@ -30,12 +30,15 @@ from covidtrack.report.viewer import (
 
 XAxis = Literal["date", "day"]
 
+# every legend entry of the trajectory figure gets its own colour: the sides must not reuse the
+# lobes' (RUL blue, RML purple, RLL cyan, LUL green, LLL orange) nor the infection's (amber, red)
 REGION_COLOURS = {
     "whole": "#222222",
-    "right": "#1f77b4",
-    "left": "#2ca02c",
+    "right": "#bcbd22",
+    "left": "#e377c2",
     **{lobe: "rgb({},{},{})".format(*LOBE_COLOURS[i + 1]) for i, lobe in enumerate(LOBES)},
 }
+INFECTION_VOLUME_COLOUR = "#8c564b"
 ARM_COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
 GGO_COLOUR = "rgb({},{},{})".format(*INFECTION_COLOURS[1])
 CONS_COLOUR = "rgb({},{},{})".format(*INFECTION_COLOURS[2])
@@ -108,7 +111,7 @@ def trajectory_figure(frame: pd.DataFrame, x: XAxis = "date", lobe_view: bool = 
     where = {p: (i // 2 + 1, i % 2 + 1) for i, p in enumerate(panels)}
     r, c = where["volume"]
     for metric, name, colour, dash in (
-        (M.INFECTION_ML, "infection", "#222222", None),
+        (M.INFECTION_ML, "infection", INFECTION_VOLUME_COLOUR, None),
         (M.GGO_ML, "GGO", GGO_COLOUR, "dot"),
         (M.CONS_ML, "consolidation", CONS_COLOUR, "dash"),
     ):
@@ -323,21 +326,28 @@ def cohort_trajectory_figure(
                 name=label, legendgroup=arm, hoverinfo="skip", connectgaps=False,
             )
         )
-        m = summary[summary.arm == arm].sort_values("day")
-        band = m.dropna(subset=["lo", "hi"])
-        if len(band):
+        m = summary[summary.arm == arm].sort_values("day").reset_index(drop=True)
+        # the band only over consecutive bins that have one (too few patients break it)
+        has = m["lo"].notna() & m["hi"].notna()
+        for k, run in enumerate(m[has].groupby((~has).cumsum()[has])):
+            band = run[1]
             fig.add_trace(
                 go.Scatter(
                     x=np.concatenate([band["day"], band["day"][::-1]]), y=np.concatenate([band["hi"], band["lo"][::-1]]),
                     fill="toself", fillcolor=colour, opacity=0.2, line=dict(width=0), name=f"{arm}: 95 % CI",
-                    legendgroup=arm, hoverinfo="skip",
+                    legendgroup=arm, hoverinfo="skip", showlegend=k == 0,
                 )
             )
+        ci = [f"95 % CI {lo:.2f}-{hi:.2f}" if np.isfinite(lo) and np.isfinite(hi) else f"no CI: fewer than {MIN_CI_N} patients"
+              for lo, hi in zip(m["lo"].astype(float), m["hi"].astype(float))]
         fig.add_trace(
             go.Scatter(
                 x=m["day"], y=m["mean"], mode="lines+markers", line=dict(color=colour, width=3), name=f"{arm}: mean",
-                legendgroup=arm, customdata=m[["n", "lo", "hi"]].to_numpy(),
-                hovertemplate=f"{arm} day %{{x}}: mean %{{y:.2f}} (95 % CI %{{customdata[1]:.2f}}-%{{customdata[2]:.2f}}, n=%{{customdata[0]}})<extra></extra>",
+                # a bin mean from fewer than MIN_CI_N patients is drawn hollow
+                marker=dict(size=8, symbol=["circle" if n >= MIN_CI_N else "circle-open" for n in m["n"]],
+                            line=dict(width=2, color=colour)),
+                legendgroup=arm, customdata=np.stack([m["n"].to_numpy(), np.array(ci, dtype=object)], axis=-1),
+                hovertemplate=f"{arm} day %{{x}}: mean %{{y:.2f}} (%{{customdata[1]}}, n=%{{customdata[0]}})<extra></extra>",
             )
         )
     fig.update_xaxes(title_text="Days since baseline")

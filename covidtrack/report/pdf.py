@@ -23,8 +23,8 @@ from fpdf.fonts import FontFace
 from covidtrack.report import figures
 from covidtrack.report.data import LOBES, M, PatientHeader, flag_lines, lobe_table, metric_label, select
 from covidtrack.report.export import Engine, FigureExporter
-from covidtrack.report.stats import change_from_baseline, compare_arms, mean_ci, per_patient_series, responders
-from covidtrack.report.viewer import AlignedSeries, png_bytes, render
+from covidtrack.report.stats import MIN_CI_N, change_from_baseline, compare_arms, mean_ci, per_patient_series, responders
+from covidtrack.report.viewer import LOBE_LEGEND, AlignedSeries, png_bytes, render
 
 DISCLAIMER = (
     "These figures are computed automatically from CT segmentation by covidtrack. "
@@ -255,7 +255,7 @@ def write_patient_pdf(data: PatientReportData, out: str | Path, engine: Engine =
         a = data.aligned
         k = a.key_slice("axial")
         pdf.h2(f"Aligned images: axial slice {k} of the baseline at every date", need_mm=70)
-        pdf.para("Infection overlay: GGO amber, consolidation red; coloured lines are lobe borders. "
+        pdf.para(f"Infection overlay: GGO amber, consolidation red; {LOBE_LEGEND}. "
                  "Follow-ups are registered to the baseline (same anatomy).", 8)
         _image_grid(pdf, [render(a, t, "axial", k, "lobes", 360) for t in range(len(a.dates))], _captions(a))
         follow = [t for t in range(1, len(a.dates)) if a.change[t] is not None]
@@ -341,5 +341,7 @@ def write_cohort_pdf(cohort: pd.DataFrame, out: str | Path, arms: list[str] | No
     summary = mean_ci(per_patient_series(frame, M.POI), floor=0.0)
     if len(summary):
         pdf.h2("Mean POI (%) by day bin and arm")
+        pdf.para(f"t-based 95 % CI per 4-day bin; none (–) where a bin holds fewer than {MIN_CI_N} patients of the arm. "
+                 "The low end is cut at 0, since POI cannot be negative, so intervals near 0 look one-sided.", 7.5)
         pdf.dataframe(summary.rename(columns={"arm": "Arm", "day": "Day", "n": "n", "mean": "Mean", "lo": "95 % CI low", "hi": "95 % CI high"}))
     return _atomic_output(pdf, Path(out))

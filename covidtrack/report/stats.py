@@ -24,12 +24,16 @@ def per_patient_series(cohort: pd.DataFrame, metric: str, region: str = "whole")
     return rows[["patient_key", "label", "arm", "day", "study_date", "value"]].sort_values(["patient_key", "day"])
 
 
+MIN_CI_N = 3  # patients in a day bin below which no confidence interval is given
+
+
 def mean_ci(series: pd.DataFrame, bin_days: int = 4, confidence: float = 0.95, floor: float | None = None) -> pd.DataFrame:
     """Mean and t-based confidence interval per arm and day bin.
 
     Follow-up dates differ between patients (every 3-5 days), so days are grouped into bins of
     ``bin_days`` (bin centre reported as ``day``); a patient counts once per bin (its mean there).
-    Columns: ``arm``, ``day``, ``n``, ``mean``, ``lo``, ``hi`` (``lo``/``hi`` NaN when n < 2).
+    Columns: ``arm``, ``day``, ``n``, ``mean``, ``lo``, ``hi`` (``lo``/``hi`` NaN when n <
+    ``MIN_CI_N``: with 2 patients the t-interval spans ~13 standard deviations and says nothing).
     ``floor``: the smallest value the quantity can take (0 for POI and volumes); the symmetric
     t-interval is cut there so a band never shows impossible values.
     """
@@ -42,10 +46,11 @@ def mean_ci(series: pd.DataFrame, bin_days: int = 4, confidence: float = 0.95, f
     out = g.agg(n="count", mean="mean", sd="std").reset_index().rename(columns={"bin": "day"})
     tcrit = stats.t.ppf(0.5 + confidence / 2, np.maximum(out["n"] - 1, 1))
     half = tcrit * out["sd"] / np.sqrt(out["n"])
-    out["lo"] = np.where(out["n"] >= 2, out["mean"] - half, np.nan)
+    enough = out["n"] >= MIN_CI_N
+    out["lo"] = np.where(enough, out["mean"] - half, np.nan)
     if floor is not None:
-        out["lo"] = np.where(out["n"] >= 2, np.maximum(out["lo"], floor), np.nan)
-    out["hi"] = np.where(out["n"] >= 2, out["mean"] + half, np.nan)
+        out["lo"] = np.where(enough, np.maximum(out["lo"], floor), np.nan)
+    out["hi"] = np.where(enough, out["mean"] + half, np.nan)
     return out.drop(columns="sd")
 
 

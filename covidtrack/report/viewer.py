@@ -37,6 +37,7 @@ LOBE_COLOURS = {
     5: (255, 127, 14),  # LLL
 }
 LUNG_COLOURS = {1: (31, 119, 180), 2: (44, 160, 44)}  # right, left
+LOBE_LEGEND = "lobe borders: RUL blue, RML purple, RLL cyan, LUL green, LLL orange"
 OVERLAY_ALPHA = 0.5
 
 

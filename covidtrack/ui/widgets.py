@@ -36,13 +36,22 @@ def current_patient(summary: pd.DataFrame, sidebar: bool = True) -> str | None:
         return None
     keys = summary["patient_key"].tolist()
     labels = dict(zip(summary["patient_key"], summary["label"]))
-    wanted = st.query_params.get("patient") or st.session_state.get(PATIENT_STATE)
-    index = keys.index(wanted) if wanted in keys else 0
+    linked = st.query_params.get("patient")
     where = st.sidebar if sidebar else st
+    if linked and linked not in keys and st.session_state.get("patient_select") is None:
+        # a stale or cut-short link must never open somebody else's record
+        st.error(f"No patient with key `{linked}` in this store: the link may be old or cut short. "
+                 "Choose a patient from the list.")
+        index = None
+    else:
+        wanted = linked or st.session_state.get(PATIENT_STATE)
+        index = keys.index(wanted) if wanted in keys else 0
     chosen = where.selectbox(
         "Patient", keys, index=index, format_func=lambda k: f"{labels[k]}" + ("" if labels[k] == k else f" · {k[:10]}"),
-        key="patient_select",
+        key="patient_select", placeholder="choose a patient",
     )
+    if chosen is None:
+        return None
     st.session_state[PATIENT_STATE] = chosen
     if st.query_params.get("patient") != chosen:
         st.query_params["patient"] = chosen

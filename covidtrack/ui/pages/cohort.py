@@ -44,6 +44,8 @@ def main() -> None:
     c1, c2 = st.columns(2)
     c1.plotly_chart(figures.cohort_trajectory_figure(frame, M.POI, bin_days=bin_days), key="cohort_poi", config=PLOTLY_CONFIG, width="stretch")
     c2.plotly_chart(figures.cohort_trajectory_figure(frame, M.INFECTION_ML, bin_days=bin_days), key="cohort_volume", config=PLOTLY_CONFIG, width="stretch")
+    st.caption(f"Means per day bin; the 95 % CI band only where a bin holds at least {stats.MIN_CI_N} patients of the arm. "
+               f"Hollow points: fewer than {stats.MIN_CI_N} patients (hover a point for n).")
     st.subheader("Change from baseline at the last follow-up")
     changes = stats.change_from_baseline(frame)
     c1, c2 = st.columns([3, 2])
@@ -57,14 +59,15 @@ def main() -> None:
                     [
                         {
                             "arms": f"{t.arm_a} vs {t.arm_b}", "n": f"{t.n_a} / {t.n_b}",
-                            "median Δ": f"{t.median_a:+.2f} / {t.median_b:+.2f}", "p": t.p_value,
-                            "r": t.rank_biserial,
+                            "median Δ": f"{t.median_a:+.2f} / {t.median_b:+.2f}",
+                            "p": f"{t.p_value:.3g}" if t.p_value == t.p_value else "– (needs ≥ 2 per arm)",
+                            "r": f"{t.rank_biserial:+.2f}" if t.rank_biserial == t.rank_biserial else "–",
                         }
                         for t in tests
                     ]
                 ),
                 hide_index=True, key="cohort_tests", width="stretch",
-                column_config={"p": st.column_config.NumberColumn(format="%.3g"), "r": st.column_config.NumberColumn("r", format="%+.2f", help="rank-biserial correlation")},
+                column_config={"r": st.column_config.TextColumn("r", help="rank-biserial correlation")},
             )
             st.caption("r > 0: the first arm tends to have the larger (worse) change in POI; |r| 0.1 small, 0.3 medium, 0.5 large.")
         else:

@@ -24,13 +24,18 @@ def _run(events: Generator[Progress, None, Any], label: str) -> Any:
     bar = st.progress(0.0, text=f"{label}: starting")
     log = st.empty()
     lines: list[str] = []
+    fraction = 0.0
     while True:
         try:
             ev = next(events)
         except StopIteration as stop:
             bar.progress(1.0, text=f"{label}: done")
             return stop.value
-        bar.progress(min(1.0, ev.fraction), text=f"{label} · {ev.stage}: {ev.message}"[:200])
+        except CovidtrackError:
+            bar.progress(fraction, text=f"{label}: failed (nothing was stored)")
+            raise
+        fraction = min(1.0, ev.fraction)
+        bar.progress(fraction, text=f"{label} · {ev.stage}: {ev.message}"[:200])
         if ev.stage in ("failed", "done", "summary") or (not lines or not lines[-1].startswith(ev.stage)):
             lines.append(f"{ev.stage}: {ev.message}")
             log.code("\n".join(lines[-12:]), language=None)
@@ -41,10 +46,31 @@ def _fields(prefix: str) -> tuple[str, str, dt.date | None, str]:
     patient = c1.text_input("Patient ID", key=f"{prefix}_patient", help="Pseudonymised (salted hash) before it is stored; the raw ID is never kept.")
     alias = c2.text_input("Alias shown in the dashboard (optional)", key=f"{prefix}_alias", max_chars=40, help="e.g. a study number; never a name")
     c3, c4 = st.columns(2)
-    use_file_date = c3.checkbox("Use the study date in the file", value=False, key=f"{prefix}_filedate")
-    date = None if use_file_date else c3.date_input("Study date", value=dt.date.today(), key=f"{prefix}_date")
+    # an old scan stored under today's date would distort every trajectory: the file's date by default
+    use_file_date = c3.checkbox("Use the study date in the file", value=True, key=f"{prefix}_filedate",
+                                help="DICOM files carry it; NIfTI / NRRD / MHA files do not: untick and enter it")
+    date = None if use_file_date else c3.date_input("Study date", value=None, key=f"{prefix}_date", max_value=dt.date.today())
     arm = c4.text_input("Arm / group (optional)", key=f"{prefix}_arm")
     return patient, alias, date, arm
+
+
+def _not_imported(err: CovidtrackError, scratch: Path | None = None, shown_as: str = "") -> None:
+    """The error, with server scratch paths replaced by what the user uploaded, and the date
+    hint worded for this page."""
+    text = str(err)
+    if scratch is not None:
+        # a zip is unpacked into scratch/unpacked, a file saved as scratch/<name>
+        text = text.replace(str(scratch / "unpacked"), shown_as).replace(str(scratch) + "/", "").replace(str(scratch), shown_as)
+    if "no study date given" in text:
+        text += " (here: untick 'Use the study date in the file' and enter the date)"
+    st.error(f"Not imported: {text}")
+
+
+def _needs_date(use_file_date_key: str, date: dt.date | None) -> bool:
+    if date is None and not st.session_state.get(use_file_date_key, True):
+        st.error("Enter the study date, or tick 'Use the study date in the file'.")
+        return True
+    return False
 
 
 def _upload_tab() -> None:
@@ -57,6 +83,8 @@ def _upload_tab() -> None:
     if st.button("Import upload", type="primary", key="import_upload", disabled=file is None):
         if not patient.strip():
             st.error("Enter the patient ID (it is pseudonymised before storing).")
+            return
+        if _needs_date("up_filedate", date):
             return
         scratch = settings().work_dir / f"upload-{uuid.uuid4().hex[:8]}"
         try:
@@ -75,13 +103,13 @@ def _upload_tab() -> None:
             st.session_state.pop("patient_select", None)
             st.page_link(widgets.PAGES["patient"], label="Open this patient", icon=":material/timeline:")
         except CovidtrackError as err:
-            st.error(f"Not imported: {err}")
+            _not_imported(err, scratch, uploads.safe_name(file.name))
         finally:
             shutil.rmtree(scratch, ignore_errors=True)  # the store keeps its own canonical copy
 
 
 def _server_tab() -> None:
-    st.caption("A DICOM folder or image file on this server, or a manifest CSV with columns patient, date, path[, arm, alias].")
+    st.caption("A DICOM folder or image file on this server, or a manifest CSV with columns patient, date, path[, arm, alias, series_uid].")
     path = st.text_input("Server path", key="server_path", placeholder="/data/ct/patient01/2020-03-14 or /data/manifest.csv")
     is_manifest = path.lower().endswith(".csv")
     if not is_manifest:
@@ -95,18 +123,21 @@ def _server_tab() -> None:
             if is_manifest:
                 summary = _run(pipeline.ingest_manifest(p, store=resources.store()), p.name)
                 resources.invalidate()
-                st.success(f"{len(summary.ok)} scan(s) ok, {len(summary.failed)} failed.")
-                for f, msg in summary.failed:
-                    st.error(f"{f}: {msg}")
+                text = f"{len(summary.ok)} scan(s) ok, {len(summary.failed)} failed."
+                (st.success if not summary.failed else st.error if not summary.ok else st.warning)(text)
+                for _, msg in summary.failed:
+                    st.error(msg)  # the message names the manifest line and the file
             else:
                 if not patient.strip():
                     st.error("Enter the patient ID (it is pseudonymised before storing).")
+                    return
+                if _needs_date("srv_filedate", date):
                     return
                 result = _run(pipeline.ingest(p, patient, date, arm=arm or None, alias=alias or None, store=resources.store()), p.name)
                 resources.invalidate()
                 st.success(("Stored" if result.created else "Already stored") + f" as scan {result.scan_id}.")
         except CovidtrackError as err:
-            st.error(f"Not imported: {err}")
+            _not_imported(err)
 
 
 def main() -> None:

@@ -8,6 +8,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from covidtrack.report import figures
+from covidtrack.report.viewer import LOBE_LEGEND
 from covidtrack.report.data import LOBES, M, flag_lines, metric_label, select, wide_by_date
 from covidtrack.ui import resources, widgets
 
@@ -78,7 +79,11 @@ def _viewer(patient_key: str, rev: resources.Revision, lobe_view: bool) -> None:
     index = c3.slider(f"Baseline {plane} slice (0-{n - 1})", 0, n - 1, default, key=f"viewer_slice_{plane}")
     if not all(series.registered):
         st.warning("Some follow-ups have no usable registration yet; they are shown resized, not anatomically aligned.")
+    legend = {"lobes": f"GGO amber, consolidation red; {LOBE_LEGEND}.", "regions": "GGO amber, consolidation red; right lung blue, left lung green.",
+              "change": "New infection red, resolved green, persistent amber (vs the baseline).", "none": ""}[overlay]
     st.plotly_chart(_viewer_fig(patient_key, rev, plane, index, overlay), key="viewer", config=PLOTLY_CONFIG, width="stretch")
+    if legend:
+        st.caption(legend)
     # opt-in: the animation sends every date's image again, larger; most visits do not need it
     if st.toggle("Follow-up sequence: play through the dates", key="viewer_play"):
         st.plotly_chart(_animation_fig(patient_key, rev, plane, index, overlay), key="viewer_animation", config=PLOTLY_CONFIG, width="content")
@@ -92,6 +97,9 @@ def main() -> None:
         widgets.empty_store()
         return
     key = widgets.current_patient(summary)
+    if key is None:
+        st.title("Patient timeline")
+        return
     row = summary[summary["patient_key"] == key].iloc[0]
     frame = resources.patient(key, rev)
     st.title(f"Patient {row['label']}")

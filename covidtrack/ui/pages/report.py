@@ -34,8 +34,8 @@ def main() -> None:
     st.subheader("Patient report")
     st.caption("Header, trajectories, per-lobe table with severity scores, aligned images with overlays, change summary.")
     key = widgets.current_patient(summary, sidebar=False)
-    label = str(summary.loc[summary.patient_key == key, "label"].iloc[0])
-    if st.button("Build patient PDF", key="build_patient"):
+    label = str(summary.loc[summary.patient_key == key, "label"].iloc[0]) if key is not None else ""
+    if key is not None and st.button("Build patient PDF", key="build_patient"):
         with st.spinner("Rendering the report ..."):
             try:
                 data = load.patient_report_data(resources.store(), key)

@@ -21,6 +21,7 @@ from covidtrack.config import settings
 from covidtrack.errors import CovidtrackError
 from covidtrack.hitl import active, corrections, importing
 from covidtrack.labels import CONSOLIDATION, GGO
+from covidtrack.report.viewer import INFECTION_COLOURS, LOBE_COLOURS, LOBE_LEGEND
 from covidtrack.segment.intensity import window_hu
 from covidtrack.ui import resources, uploads, widgets
 
@@ -38,12 +39,12 @@ TOOLS = {
     "Region grow (click)": "grow",
     "Relabel GGO ↔ consolidation (click)": "relabel",
 }
-GGO_RGB = np.array([255, 210, 0], np.float32)
-CONS_RGB = np.array([230, 30, 30], np.float32)
+# the same colours as the patient viewer and the PDF (covidtrack.report.viewer)
+GGO_RGB = np.array(INFECTION_COLOURS[1], np.float32)
+CONS_RGB = np.array(INFECTION_COLOURS[2], np.float32)
 LUNG_EDGE_RGB = np.array([60, 160, 255], np.float32)
 #: Lobe outline colours: RUL, RML, RLL, LUL, LLL (labels.LOBE_LABELS).
-LOBE_RGB = {1: np.array([60, 160, 255], np.float32), 2: np.array([40, 200, 120], np.float32), 3: np.array([170, 90, 255], np.float32),
-            4: np.array([0, 210, 210], np.float32), 5: np.array([255, 120, 200], np.float32)}
+LOBE_RGB = {lab: np.array(rgb, np.float32) for lab, rgb in LOBE_COLOURS.items()}
 DISPLAY_PX = 560  # the slice is shown about this wide (integer nearest-neighbour zoom)
 STATE = "hitl_review"
 
@@ -116,6 +117,11 @@ def _queue() -> str | None:
         if not len(store.scans()):
             widgets.empty_store()
         return None
+    if order.startswith("uncertainty") and unscored == len(queue):
+        st.info(f"No scan in the queue has an uncertainty score yet, so this order means nothing: press **Score {unscored} "
+                "unscored scan(s)** in the sidebar (one forward pass of the infection model per scan).")
+    elif order.startswith("uncertainty") and unscored:
+        st.caption(f"{unscored} scan(s) not scored yet are listed last.")
     shown = queue.assign(label=[a if isinstance(a, str) and a else k for a, k in zip(queue["alias"], queue["patient_key"])])
     st.dataframe(
         shown[["label", "study_date", "score", "n_corrections", "scan_id"]].rename(
@@ -197,8 +203,8 @@ def _editor(state: dict[str, Any]) -> None:
         else:
             st.image(img, clamp=True)
         st.caption(f"slice {z}: GGO {int((session.working[z] == GGO).sum())} px, consolidation "
-                   f"{int((session.working[z] == CONSOLIDATION).sum())} px · yellow GGO, red consolidation; outlines: "
-                   + ("lobes RUL blue, RML green, RLL violet, LUL cyan, LLL pink" if show_lobes else "lungs"))
+                   f"{int((session.working[z] == CONSOLIDATION).sum())} px · amber GGO, red consolidation; "
+                   + (LOBE_LEGEND if show_lobes else "blue: lung outline"))
         # the component returns its last click on every rerun: apply each click once. Kept outside
         # the per-scan state, so discarding edits or opening another scan never replays a click.
         if click and click.get("unix_time") != st.session_state.get("review_last_click"):
