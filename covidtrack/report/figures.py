@@ -141,6 +141,8 @@ def trajectory_figure(frame: pd.DataFrame, x: XAxis = "date", lobe_view: bool = 
         fig.add_trace(
             go.Bar(
                 x=_x(rows_, x), y=rows_["value"], name="severity score", marker_color="#7f7f7f",
+                # one day wide, centred on its date (plotly would size bars to the gap between scans)
+                width=[0.8 * 86_400_000 if x == "date" else 0.8] * len(rows_),
                 hovertemplate="severity: %{y:.0f} / 25<extra></extra>",
             ),
             row=r, col=c,
@@ -241,24 +243,29 @@ def viewer_animation(series: AlignedSeries, plane: Plane, index: int, overlay: O
     images = strip(series, plane, index, overlay, max_px)
     uris = [data_uri(img) for img in images]
     names = [_timepoint_title(series, t, html=False) for t in range(len(images))]
-    fig = go.Figure(data=[go.Image(source=uris[0], hoverinfo="skip")], frames=[go.Frame(data=[go.Image(source=u)], name=nm) for u, nm in zip(uris, names)])
+    title = f"Follow-up sequence · {plane} slice {index}"
+    # the date shown goes into the title (a slider's own current-value label sits under the play buttons)
+    fig = go.Figure(data=[go.Image(source=uris[0], hoverinfo="skip")],
+                    frames=[go.Frame(data=[go.Image(source=u)], name=nm, layout=dict(title=dict(text=f"{title} · {nm}")))
+                            for u, nm in zip(uris, names)])
     steps = [
         dict(method="animate", label=nm, args=[[nm], dict(mode="immediate", frame=dict(duration=0, redraw=True), transition=dict(duration=0))])
         for nm in names
     ]
     fig.update_layout(
-        height=height, margin=dict(l=5, r=5, t=40, b=5), font=FONT, template="plotly_white",
-        title=dict(text=f"Follow-up sequence · {plane} slice {index}"),
+        height=height, margin=dict(l=5, r=5, t=40, b=60), font=FONT, template="plotly_white",
+        title=dict(text=f"{title} · {names[0]}" if names else title),
         updatemenus=[
             dict(
-                type="buttons", direction="left", x=0, y=-0.02, xanchor="left", yanchor="top",
+                type="buttons", direction="left", x=0, y=-0.02, xanchor="left", yanchor="top", pad=dict(t=8),
                 buttons=[
                     dict(label="▶ Play", method="animate", args=[None, dict(frame=dict(duration=900, redraw=True), fromcurrent=True, transition=dict(duration=0))]),
                     dict(label="❚❚ Pause", method="animate", args=[[None], dict(mode="immediate", frame=dict(duration=0, redraw=False))]),
                 ],
             )
         ],
-        sliders=[dict(active=0, steps=steps, x=0.18, len=0.82, y=-0.02, yanchor="top", currentvalue=dict(prefix="", visible=True))],
+        # inset at both ends so the first and last date labels are not cut off
+        sliders=[dict(active=0, steps=steps, x=0.24, len=0.68, y=-0.02, yanchor="top", pad=dict(t=8), currentvalue=dict(visible=False))],
     )
     fig.update_xaxes(visible=False)
     fig.update_yaxes(visible=False)
