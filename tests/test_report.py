@@ -105,7 +105,7 @@ def test_viewer_render_colours_and_orientation() -> None:
     s = synthetic.aligned_series(3, shape=(20, 40, 40))
     k = s.key_slice("axial")
     assert (s.infection[2][k] > 0).any()  # the key slice shows infection
-    img = viewer.render(s, 2, "axial", k, "lobes", max_px=1000)
+    img = viewer.render(s, 2, "axial", k, "lobes", max_px=1000, marks=False)  # pixel colours without the R/L letters
     assert img.shape == (40, 40, 3) and img.dtype == np.uint8
     # a consolidation voxel is tinted red; GGO amber (more green than red-only)
     cons = np.argwhere(s.infection[2][k] == 2)[0]
@@ -120,10 +120,25 @@ def test_viewer_render_colours_and_orientation() -> None:
     assert (top[0] == 3000).all()
 
 
+def test_viewer_images_carry_patient_directions() -> None:
+    s = synthetic.aligned_series(2, shape=(20, 80, 80))
+    k = s.key_slice("axial")
+    bare = viewer.render(s, 0, "axial", k, "none", max_px=1000, marks=False)
+    marked = viewer.render(s, 0, "axial", k, "none", max_px=1000)
+    changed = np.any(marked != bare, axis=2)
+    h, w = changed.shape
+    # ink at the middle of each edge (R, L, A, P) and nowhere in the centre of the image
+    for rows, cols in ((slice(h // 3, 2 * h // 3), slice(0, w // 6)), (slice(h // 3, 2 * h // 3), slice(5 * w // 6, w)),
+                       (slice(0, h // 6), slice(w // 3, 2 * w // 3)), (slice(5 * h // 6, h), slice(w // 3, 2 * w // 3))):
+        assert changed[rows, cols].any()
+    assert not changed[h // 3: 2 * h // 3, w // 3: 2 * w // 3].any()
+    assert viewer.ORIENTATION["coronal"][2:] == ("S", "I")
+
+
 def test_change_overlay_uses_change_map() -> None:
     s = synthetic.aligned_series(3, shape=(20, 40, 40))
     k = s.key_slice("axial")
-    img = viewer.render(s, 1, "axial", k, "change", max_px=1000)
+    img = viewer.render(s, 1, "axial", k, "change", max_px=1000, marks=False)
     new = np.argwhere(s.change[1][k] == 1)
     assert len(new)
     r, g, b = img[tuple(new[0])].astype(int)

@@ -153,8 +153,10 @@ def render(
     index: int,
     overlay: Overlay = "lobes",
     max_px: int = 320,
+    marks: bool = True,
 ) -> np.ndarray:
-    """Timepoint ``t`` at slice ``index`` as RGB (square pixels, longest side at most ``max_px``).
+    """Timepoint ``t`` at slice ``index`` as RGB (square pixels, longest side at most ``max_px``),
+    with the patient directions at the edges unless ``marks=False``.
 
     ``overlay``: ``lobes`` = infection fill + 5 lobe outlines; ``regions`` = the 4-region view
     (right lung, left lung, infection, background); ``change`` = new / resolved / persistent
@@ -188,7 +190,33 @@ def render(
     if abs(zr - 1) > 1e-3 or abs(zc - 1) > 1e-3:
         # order 0 keeps overlay colours and outlines crisp; the CT is already windowed to 8 bits
         img = ndimage.zoom(img, (zr, zc, 1), order=0)
-    return img
+    return orientation_marks(img, plane) if marks else img
+
+
+#: Patient directions at the image edges (left, right, top, bottom) in display orientation:
+#: the patient's right on the image's left, as radiologists read.
+ORIENTATION = {"axial": ("R", "L", "A", "P"), "coronal": ("R", "L", "S", "I")}
+
+
+def orientation_marks(img: np.ndarray, plane: Plane) -> np.ndarray:
+    """``img`` with the patient directions written at the middle of each edge (white on a dark
+    outline, so they read on bone and on air)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    h, w = img.shape[:2]
+    size = int(np.clip(min(h, w) // 18, 9, 18))
+    try:
+        font = ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1 has one bitmap size
+        font = ImageFont.load_default()
+    pil = Image.fromarray(img)
+    draw = ImageDraw.Draw(pil)
+    left, right, top, bottom = ORIENTATION[plane]
+    pad = 3
+    for text, (x, y, anchor) in ((left, (pad, h / 2, "lm")), (right, (w - pad, h / 2, "rm")),
+                                 (top, (w / 2, pad, "mt")), (bottom, (w / 2, h - pad, "mb"))):
+        draw.text((x, y), text, fill=(255, 255, 255), font=font, anchor=anchor, stroke_width=1, stroke_fill=(0, 0, 0))
+    return np.asarray(pil)
 
 
 def strip(series: AlignedSeries, plane: Plane, index: int, overlay: Overlay = "lobes", max_px: int = 320) -> list[np.ndarray]:
