@@ -282,16 +282,18 @@ def change_bar_figure(change: pd.DataFrame, height: int = 300) -> go.Figure:
         return _layout(fig, "Change vs baseline: no registered follow-up", height)
     order = {r: i for i, r in enumerate(("whole", "right", "left", *LOBES))}
     change = change.assign(_o=change["region"].map(order).fillna(99)).sort_values(["date", "_o"])
-    change["x"] = change["date"].astype(str) + " " + change["region"].astype(str)
+    # two-level axis: the follow-up date under its group of regions, region names upright
+    x = [change["date"].astype(str).tolist(), change["region"].astype(str).tolist()]
     for col, key in (("new_ml", 1), ("resolved_ml", 2), ("persistent_ml", 3)):
         fig.add_trace(
             go.Bar(
-                x=change["x"], y=change[col], name=CHANGE_LABELS[key], marker_color="rgb({},{},{})".format(*CHANGE_COLOURS[key]),
+                x=x, y=change[col], name=CHANGE_LABELS[key], marker_color="rgb({},{},{})".format(*CHANGE_COLOURS[key]),
                 hovertemplate=f"{CHANGE_LABELS[key]}: %{{y:.1f}} mL<extra>%{{x}}</extra>",
             )
         )
     fig.update_layout(barmode="group", yaxis_title="mL")
-    _layout(fig, "Change vs baseline per lobe (mL)", height)
+    fig.update_xaxes(tickangle=0)
+    _layout(fig, "Change vs baseline by region: whole lung, sides, lobes (mL)", height)
     fig.update_layout(hovermode="closest")
     return fig
 

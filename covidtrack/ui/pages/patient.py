@@ -135,7 +135,8 @@ def main() -> None:
         table = table[~table["region"].isin(LOBES)]
     shown = [c for c in ("study_date", "day", "region", *TABLE_METRICS) if c in table.columns]
     st.dataframe(
-        table[shown].rename(columns={m: metric_label(m) for m in TABLE_METRICS}), hide_index=True, width="stretch",
+        table[shown].rename(columns={"study_date": "Study date", "day": "Day", **{m: metric_label(m) for m in TABLE_METRICS}}),
+        hide_index=True, width="stretch",
         key="metrics_table", column_config={metric_label(m): st.column_config.NumberColumn(format="%.2f") for m in TABLE_METRICS},
     )
     st.download_button(

@@ -39,7 +39,7 @@ def main() -> None:
         column_config={
             "latest POI %": st.column_config.ProgressColumn("latest POI %", min_value=0.0, max_value=100.0, format="%.1f %%"),
             "latest score": st.column_config.NumberColumn("severity /25", format="%d"),
-            "patient_key": st.column_config.TextColumn("pseudonymous key", width="small"),
+            "patient_key": st.column_config.TextColumn("pseudonymous key", width="medium"),
             "first": st.column_config.DateColumn("first scan"),
             "last": st.column_config.DateColumn("last scan"),
         },
