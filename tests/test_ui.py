@@ -109,6 +109,15 @@ def test_cohort_page_has_test_and_responders(small_store: list[str]) -> None:
     assert not at.exception
 
 
+def test_report_page_uses_the_cohort_pages_filters(small_store: list[str]) -> None:
+    at = _open("cohort")
+    at.sidebar.slider(key="cohort_severity").set_value((20, 25)).run()
+    assert not at.exception
+    at.switch_page("covidtrack/ui/pages/report.py").run()
+    assert not at.exception
+    assert any("Cohort page's filters" in c.value and "baseline severity 20-25" in c.value for c in at.caption)
+
+
 def test_empty_store_with_demo_disabled_points_to_import(covidtrack_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("COVIDTRACK_NO_DEMO", "1")
     st.cache_resource.clear()

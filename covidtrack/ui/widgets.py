@@ -8,6 +8,9 @@ import streamlit as st
 from covidtrack.report.pdf import DISCLAIMER
 
 PATIENT_STATE = "patient_key"
+#: the Cohort page's date and baseline-severity filters (not widget state, which Streamlit drops
+#: on other pages), so the Report page builds the cohort PDF of the same patients
+COHORT_FILTERS = "cohort_filters"
 PAGES = {
     "patients": "covidtrack/ui/pages/patients.py",
     "patient": "covidtrack/ui/pages/patient.py",

@@ -34,6 +34,10 @@ def main() -> None:
     sev = side.slider("Baseline severity score", 0, 25, (0, 25), key="cohort_severity")
     bin_days = side.slider("Day bin width (days)", 1, 7, 4, key="cohort_bin", help="Follow-ups fall on different days; means are taken per bin.")
     frame = _filtered(rev, tuple(chosen), lo, hi, tuple(sev))
+    st.session_state[widgets.COHORT_FILTERS] = {
+        "dates": (lo, hi) if (lo, hi) != (first, last) else None,
+        "severity": tuple(sev) if tuple(sev) != (0, 25) else None,
+    }
     if frame.empty:
         st.info("No patient matches these filters.")
         return
