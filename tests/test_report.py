@@ -245,6 +245,21 @@ def test_raised_flags_name_the_date_and_what_to_check() -> None:
 
 
 
+def test_patients_list_counts_the_checks_of_each_patient() -> None:
+    from covidtrack import metrics
+
+    rows = []
+    for key, coarse in (("P1", 1.0), ("P2", 0.0)):
+        for day, (poi, slice_mm) in enumerate(((5.0, 1.0), (3.0, 5.0) if key == "P1" else (3.0, 1.0))):
+            date = pd.Timestamp("2020-03-01") + pd.Timedelta(days=7 * day)
+            for metric, value in ((metrics.POI, poi), (metrics.SEVERITY, 3.0), (metrics.FLAG_COARSE, coarse), (metrics.SLICE_MM, slice_mm)):
+                rows.append(dict(patient_key=key, label=key, arm="A", scan_id=f"{key}-{day}", study_date=date, day=7 * day,
+                                 region="whole", metric=metric, value=value, unit="", model_version="m"))
+    table = data.patient_summary(pd.DataFrame(rows)).set_index("patient_key")
+    assert table.loc["P1", "checks"] == 2  # coarse pixels + a 5x slice-thickness change
+    assert table.loc["P2", "checks"] == 0
+
+
 def test_a_resolution_change_between_dates_is_flagged() -> None:
     from covidtrack import metrics
 

@@ -184,9 +184,11 @@ def patient_summary(cohort: pd.DataFrame) -> pd.DataFrame:
     """One row per patient for the Patients list (pseudonymous key or alias only, never a name).
 
     Columns: ``patient_key``, ``label``, ``arm``, ``scans``, ``first``, ``last``, ``latest POI %``,
-    ``latest score``, ``trend``.
+    ``latest score``, ``trend``, ``checks`` (how many "check before reading" lines the patient page
+    shows: quality flags and resolution changes, see :func:`flag_lines`; 0 where the cohort frame
+    carries no flag rows).
     """
-    cols = ["patient_key", "label", "arm", "scans", "first", "last", "latest POI %", "latest score", "trend"]
+    cols = ["patient_key", "label", "arm", "scans", "first", "last", "latest POI %", "latest score", "trend", "checks"]
     if cohort.empty:
         return pd.DataFrame(columns=cols)
     poi = cohort[(cohort.metric == M.POI) & (cohort.region == "whole")].sort_values("study_date")
@@ -207,6 +209,7 @@ def patient_summary(cohort: pd.DataFrame) -> pd.DataFrame:
                 "latest POI %": round(float(p[-1]), 2) if len(p) else np.nan,
                 "latest score": int(sev_last[key]) if key in sev_last.index and pd.notna(sev_last[key]) else None,
                 "trend": trend_arrow(p),
+                "checks": len(flag_lines(grp)),
             }
         )
     return pd.DataFrame(rows, columns=cols).sort_values(["arm", "label"]).reset_index(drop=True)

@@ -16,7 +16,8 @@ import pandas as pd
 from scipy import ndimage
 
 from covidtrack.errors import CovidtrackError, StoreError
-from covidtrack.report.data import COHORT_COLUMNS, M, PatientHeader, header_from_frame
+from covidtrack import metrics
+from covidtrack.report.data import COHORT_COLUMNS, FLAG_MESSAGES, M, PatientHeader, header_from_frame
 from covidtrack.report.viewer import AlignedSeries
 
 if TYPE_CHECKING:
@@ -26,7 +27,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # Metrics the cohort views need: fetching only these keeps a 1,000-patient cohort small.
-COHORT_METRICS: tuple[str, ...] = (M.POI, M.INFECTION_ML, M.SEVERITY, M.GGO_ML, M.CONS_ML)
+# The quality flags and resolutions (whole lung only, a few rows per scan) feed the Patients list's
+# "check" column.
+COHORT_METRICS: tuple[str, ...] = (M.POI, M.INFECTION_ML, M.SEVERITY, M.GGO_ML, M.CONS_ML, *FLAG_MESSAGES,
+                                   metrics.SLICE_MM, metrics.PIXEL_MM)
 
 # Change metric names written by the longitudinal step, mapped to the report's columns.
 CHANGE_COLUMNS = {"new": "new_ml", "resolved": "resolved_ml", "persistent": "persistent_ml"}
@@ -62,7 +66,7 @@ def patient_header(store: "Store", patient_key: str, frame: pd.DataFrame | None 
     pats = store.patients()
     row = pats[pats["patient_key"] == patient_key]
     if row.empty:
-        raise StoreError(f"{store.path}: patient {patient_key} not found. Fix: pick one from the Patients page or `Store.patients()`")
+        raise StoreError(f"{store.path}: patient {patient_key} not found. Fix: pick one from the Patients page or `python -m covidtrack patients`")
     frame = patient_frame(store, patient_key) if frame is None else frame
     arm = row["arm"].iloc[0]
     return header_from_frame(

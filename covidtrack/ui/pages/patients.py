@@ -27,7 +27,8 @@ def main() -> None:
     c2.metric("Scans", int(shown["scans"].sum()))
     worse = int(shown["trend"].astype(str).str.startswith("↑").sum())
     c3.metric("Worse since previous scan", worse)
-    st.caption("Select a row to open the patient's timeline. Trend compares the last two scans (±1 POI point).")
+    st.caption("Select a row to open the patient's timeline. Trend compares the last two scans (±1 POI point); "
+               "⚠ checks counts the quality notes shown on the patient's page.")
     event = st.dataframe(
         shown.rename(columns={"label": "patient"}),
         hide_index=True,
@@ -35,10 +36,12 @@ def main() -> None:
         on_select="rerun",
         selection_mode="single-row",
         key="patients_table",
-        column_order=("patient", "arm", "scans", "first", "last", "latest POI %", "latest score", "trend", "patient_key"),
+        column_order=("patient", "arm", "scans", "first", "last", "latest POI %", "latest score", "trend", "checks", "patient_key"),
         column_config={
             "latest POI %": st.column_config.ProgressColumn("latest POI %", min_value=0.0, max_value=100.0, format="%.1f %%"),
             "latest score": st.column_config.NumberColumn("severity /25", format="%d"),
+            "checks": st.column_config.NumberColumn("⚠ checks", format="%d", help="quality notes to read on the patient's "
+                                                    "page before trusting the numbers (coarse pixels, cut-off lungs, ...)"),
             "patient_key": st.column_config.TextColumn("pseudonymous key", width="medium"),
             "first": st.column_config.DateColumn("first scan"),
             "last": st.column_config.DateColumn("last scan"),
