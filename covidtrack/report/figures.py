@@ -343,7 +343,7 @@ def cohort_trajectory_figure(
             fig.add_trace(
                 go.Scatter(
                     x=np.concatenate([band["day"], band["day"][::-1]]), y=np.concatenate([band["hi"], band["lo"][::-1]]),
-                    fill="toself", fillcolor=colour, opacity=0.2, line=dict(width=0), name=f"{arm}: 95 % CI",
+                    mode="lines", fill="toself", fillcolor=colour, opacity=0.2, line=dict(width=0), name=f"{arm}: 95 % CI",
                     legendgroup=arm, hoverinfo="skip", showlegend=k == 0,
                 )
             )
