@@ -174,6 +174,8 @@ def error_study(folds: list[list[dict]], args: argparse.Namespace) -> int:
                 "pixel confusion (for each expert class, the share of its pixels the model labels clear / GGO / consolidation) and two oracles",
         "data": f"{sum(len(f) for f in folds)} MedSeg slices in {len(folds)} folds (bench/infection_cv.py fold assignment)",
         "probabilities": str(args.probs.name),
+        "model": "the out-of-fold models that wrote --probs (bench/infection_cv.py --save-probs): each fold's model "
+                 "scores only the 10 slices it never saw; not a shipped version",
         "hardware": {"processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count()},
         "confusion_share_of_expert_class": {names[i]: {names[j]: round(float(conf[i, j] / max(conf[i].sum(), 1)), 4) for j in range(3)}
                                             for i in range(3)},
