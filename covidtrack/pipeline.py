@@ -21,12 +21,12 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import importlib
-import io
 import os
 import queue
 import threading
 from collections.abc import Callable, Generator
 from dataclasses import asdict, dataclass
+from io import StringIO
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -349,7 +349,7 @@ def read_manifest(path: str | Path) -> list[dict[str, str]]:
         raise InputError(path, "is a folder, not a manifest", "pass the CSV file itself (columns patient,date,path)")
     if not path.is_file():
         raise InputError(path, "manifest not found", "check the path to the CSV file")
-    reader = csv.DictReader(io.StringIO(_manifest_text(path), newline=""))
+    reader = csv.DictReader(StringIO(_manifest_text(path), newline=""))
     header = [h.strip().lower() for h in (reader.fieldnames or [])]
     missing = [c for c in MANIFEST_COLUMNS if c not in header]
     if missing:
