@@ -185,15 +185,13 @@ def _check_metaimage_complete(path: Path) -> None:
     if data_file is None:
         return
     try:
-        dims = [int(v) for v in header.get("DimSize", "").split()]
-        n_bytes = int(np.prod(dims)) * _MET_BYTES[header.get("ElementType", "")] * int(header.get("ElementNumberOfChannels", "1"))
+        if header.get("CompressedData", "False").lower() == "true":
+            n_bytes = int(header["CompressedDataSize"])  # without it the compressed length is unknown: ITK decides
+        else:
+            dims = [int(v) for v in header.get("DimSize", "").split()]
+            n_bytes = int(np.prod(dims)) * _MET_BYTES[header.get("ElementType", "")] * int(header.get("ElementNumberOfChannels", "1"))
     except (KeyError, ValueError):
         return  # unusual header: ITK decides
-    compressed = header.get("CompressedData", "False").lower() == "true"
-    if compressed:
-        if "CompressedDataSize" not in header:
-            return
-        n_bytes = int(header["CompressedDataSize"])
     if data_file == "LOCAL":
         have = path.stat().st_size - offset
         source = path
