@@ -35,7 +35,6 @@ T = TypeVar("T")
 
 REAL_SAMPLE = SAMPLES / "chest4dct_4mm" / "ct_4mm.nii.gz"
 REAL_SAMPLE_PATIENT = "DEMO-REAL-CT"
-REAL_SAMPLE_ARM = "real CT sample"
 REAL_SAMPLE_DATE = "2020-03-02"
 REAL_SAMPLE_ALIAS = "real CT (no COVID-19)"
 # 6 phantom patients (3 per arm, ~28 scans): segmenting ~14-18 CPU-s per scan on 2 cores makes
@@ -81,8 +80,7 @@ def _with_real_sample(manifest: Path) -> None:
         r["alias"] = r.get("alias") or f"phantom {order[r['patient']]}"
     row = {k: "" for k in fields}
     row.update({"patient": REAL_SAMPLE_PATIENT, "date": REAL_SAMPLE_DATE, "path": str(REAL_SAMPLE), "alias": REAL_SAMPLE_ALIAS})
-    if "arm" in fields:
-        row["arm"] = REAL_SAMPLE_ARM
+    # no arm: a healthy reference scan is not a treatment group (the Cohort page leaves it out)
     if REAL_SAMPLE.exists():  # a trimmed install without data/samples: the phantoms alone still make a demo
         rows.append(row)
     with manifest.open("w", newline="", encoding="utf-8") as fh:

@@ -57,6 +57,10 @@ METRIC_LABELS: dict[str, str] = {
     M.LARGEST_LESION_ML: "Largest lesion (mL)",
 }
 
+#: the arm label of patients stored without one (e.g. the demo's real CT): listed, but left out of
+#: arm comparisons unless chosen
+NO_ARM = "(no arm)"
+
 PATIENT_COLUMNS = ("scan_id", "study_date", "day", "region", "metric", "value", "unit", "model_version")
 COHORT_COLUMNS = ("patient_key", "label", "arm", *PATIENT_COLUMNS)
 

@@ -17,7 +17,7 @@ from scipy import ndimage
 
 from covidtrack.errors import CovidtrackError, StoreError
 from covidtrack import metrics
-from covidtrack.report.data import COHORT_COLUMNS, FLAG_MESSAGES, M, PatientHeader, header_from_frame
+from covidtrack.report.data import COHORT_COLUMNS, FLAG_MESSAGES, NO_ARM, M, PatientHeader, header_from_frame
 from covidtrack.report.viewer import AlignedSeries
 
 if TYPE_CHECKING:
@@ -46,7 +46,7 @@ def _normalise(df: pd.DataFrame) -> pd.DataFrame:
         return pd.DataFrame(columns=list(COHORT_COLUMNS))
     out = df.copy()
     out["label"] = [_label(a, k) for a, k in zip(out["alias"], out["patient_key"])]
-    out["arm"] = out["arm"].fillna("(no arm)").astype(str)
+    out["arm"] = out["arm"].fillna(NO_ARM).astype(str)
     out["study_date"] = pd.to_datetime(out["study_date"])
     out["day"] = out["day"].astype(int)
     return out[list(COHORT_COLUMNS)]

@@ -12,7 +12,7 @@ import pandas as pd
 import streamlit as st
 
 from covidtrack.report import load
-from covidtrack.report.data import patient_summary
+from covidtrack.report.data import NO_ARM, patient_summary
 from covidtrack.report.viewer import AlignedSeries
 from covidtrack.store import Store
 
@@ -48,7 +48,7 @@ def summary(rev: Revision) -> pd.DataFrame:
             {
                 "patient_key": missing["patient_key"],
                 "label": [a if isinstance(a, str) and a else k for a, k in zip(missing["alias"], missing["patient_key"])],
-                "arm": missing["arm"].fillna("(no arm)"),
+                "arm": missing["arm"].fillna(NO_ARM),
                 "scans": missing["n_scans"].astype(int),
                 "first": pd.to_datetime(missing["first_date"]).dt.date,
                 "last": pd.to_datetime(missing["last_date"]).dt.date,
