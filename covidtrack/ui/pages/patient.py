@@ -76,7 +76,9 @@ def _viewer(patient_key: str, rev: resources.Revision, lobe_view: bool) -> None:
     overlay = overlay_names[c2.radio("Overlay", list(overlay_names), horizontal=True, key="viewer_overlay")]
     n = series.n_slices(plane)
     default = series.key_slice(plane)
-    index = c3.slider(f"Baseline {plane} slice (0-{n - 1})", 0, n - 1, default, key=f"viewer_slice_{plane}")
+    step_mm = series.spacing[0] if plane == "axial" else series.spacing[1]
+    index = c3.slider(f"Baseline {plane} slice (0-{n - 1}, {step_mm:.3g} mm apart; "
+                      + ("0 = feet end)" if plane == "axial" else "0 = front)"), 0, n - 1, default, key=f"viewer_slice_{plane}")
     if not all(series.registered):
         st.warning("Some follow-ups have no usable registration yet; they are shown resized, not anatomically aligned.")
     legend = {"lobes": f"GGO amber, consolidation red; {LOBE_LEGEND}.", "regions": "GGO amber, consolidation red; right lung blue, left lung green.",
