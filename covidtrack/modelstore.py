@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from covidtrack.config import SHIPPED_MODELS, settings
-from covidtrack.errors import ModelError
+from covidtrack.errors import InputError, ModelError
 
 
 @dataclass(frozen=True)
@@ -115,6 +115,21 @@ def rollback(task: str) -> ModelRef:
     pointer[task] = {"active": previous, "history": history[:-1]}
     _write_pointer(pointer)
     return get(task, previous)
+
+
+_VERSION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,39}$")
+
+
+def check_new_version(task: str, version: str) -> str:
+    """``version`` if a training run may create it: a plain name (no path), used by no shipped or
+    user version of ``task`` (a second "v3" could never be reached: lookups find the shipped one)."""
+    if not _VERSION_NAME.match(version) or set(version) <= {"."}:
+        raise InputError("--version", f"{version!r} is not a version name",
+                         "use letters, digits, '.', '_' or '-', e.g. v4 (no folders)")
+    if any(r.version == version for r in list_versions(task)):
+        raise InputError("--version", f"{task}/{version} exists already and versions are immutable",
+                         f"pick another --version (the next free one is {next_version(task)}) or leave it out")
+    return version
 
 
 def next_version(task: str) -> str:

@@ -7,6 +7,7 @@ import hashlib
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from covidtrack import modelstore
@@ -190,6 +191,10 @@ def test_import_corrected_nifti_from_itksnap_numbering(tmp_path: Path) -> None:
     only_five = save_mask(np.where(theirs == 5, 5, 0).astype(np.uint8), vol, tmp_path / "five.nii.gz")
     with pytest.raises(InputError, match="none maps to infection"):
         importing.import_corrected_mask(only_five, vol, "itksnap")
+    # a strict table refuses a value it does not know: dropping it would silently erase a lesion
+    with pytest.raises(InputError, match=r"label value\(s\) 5 that table 'covidtrack' does not know.*5=GGO"):
+        importing.import_corrected_mask(path, vol, "covidtrack")
+    assert int((importing.import_corrected_mask(path, vol, importing.parse_mapping("1=GGO,2=consolidation,5=none")) > 0).sum()) == 24
 
 
 # --- active learning -----------------------------------------------------------------------------
@@ -291,6 +296,10 @@ def test_retrain_makes_a_new_version_and_promotion_is_explicit(small_store: list
         assert card["hitl"]["corrected_scans"] == [small_store[0]]
         assert card["weights_sha256"] == _sha(new.weights)
         assert "Human-in-the-loop" in (new.path / "MODEL_CARD.md").read_text()
+        assert (new.path.stat().st_mode & 0o777) == 0o755  # shared like any version, not private to its maker
+        # its comparison is on the HITL set; it never had a cross-validation of its own
+        row = retrain.versions_frame().set_index("version").loc[new.version]
+        assert pd.isna(row["Dice held-out / CV"]) and row["Dice real (HITL set)"] == pytest.approx(ev["new_headline"]["dice_real"])
         # nothing changed for users until promotion
         assert modelstore.active("infection").version == base.version
         retrain.sync_versions(store)
@@ -321,6 +330,21 @@ def test_retrain_makes_a_new_version_and_promotion_is_explicit(small_store: list
         else:
             with pytest.raises(ModelError):
                 retrain.rollback(store)  # nothing older to go back to
+
+
+def test_version_names_are_checked_before_training(small_store: list[str]) -> None:
+    base = make_tiny_model()
+    with pytest.raises(InputError, match=f"infection/{base.version} exists already"):
+        modelstore.check_new_version("infection", base.version)
+    for bad in ("../x", "a/b", "..", ""):
+        with pytest.raises(InputError, match="not a version name"):
+            modelstore.check_new_version("infection", bad)
+    assert modelstore.check_new_version("infection", "v99") == "v99"
+    from covidtrack.__main__ import main
+
+    assert main(["train", "infection", "--from-corrections", "--finetune-iterations", "-1"]) == 2
+    assert main(["train", "infection", "--from-corrections", "--finetune-iterations", "0"]) == 2
+    assert main(["train", "infection", "--from-corrections", "--version", base.version]) == 2
 
 
 def test_background_job_reports_failure_in_status(small_store: list[str], fast_phantoms: None) -> None:
@@ -433,6 +457,11 @@ def test_cli_imports_a_corrected_mask_and_lists_versions(small_store: list[str],
     base = make_tiny_model()
     assert main(["hitl", "versions"]) == 0
     assert base.version in capsys.readouterr().out
+    # a malformed mapping and negative minutes are errors with a fix, not tracebacks
+    assert main(["hitl", "import", scan, str(path), "--table", "1=foo", "--author", "AB"]) == 2
+    assert main(["hitl", "import", scan, str(path), "--table", "slicer", "--author", "AB", "--minutes", "-5"]) == 2
+    err = capsys.readouterr().err
+    assert "class 'foo' unknown" in err and "is negative" in err and "Traceback" not in err
 
 
 @pytest.mark.skipif(not (__import__("shutil").which("chromium") and __import__("shutil").which("chromedriver")

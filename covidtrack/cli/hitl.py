@@ -12,6 +12,7 @@ Fine-tuning itself is ``python -m covidtrack train infection --from-corrections`
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 
@@ -61,7 +62,14 @@ def _import(args: argparse.Namespace) -> int:
     from covidtrack.hitl import corrections, importing
     from covidtrack.store import Store
 
-    table = importing.parse_mapping(args.table) if "=" in args.table else args.table
+    from covidtrack.errors import InputError
+
+    try:
+        table = importing.parse_mapping(args.table) if "=" in args.table else args.table
+    except ValueError as err:
+        raise InputError("--table", str(err), "write the mapping as VALUE=CLASS,..., e.g. 5=GGO,7=consolidation") from None
+    if args.minutes < 0:
+        raise InputError("--minutes", f"{args.minutes:g} is negative", "give the minutes spent in the other tool (0 or more)")
     with Store.open() as store:
         volume = store.load_volume(args.scan_id)
         labels = importing.import_corrected_mask(args.mask, volume, table)
@@ -87,6 +95,13 @@ def _promote(args: argparse.Namespace) -> int:
     with Store.open() as store:
         ref = retrain.promote(store, args.version)
     print(f"{ref.name} is now the active infection model; `python -m covidtrack hitl resegment` adds its numbers to stored scans")
+    evaluation = ref.card().get("hitl", {}).get("evaluation", {})
+    old, new = evaluation.get("old_headline", {}), evaluation.get("new_headline", {})
+    worse = [f"{k.replace('dice_', '')} {old[k]:.3f} -> {new[k]:.3f}" for k in ("dice_real", "dice_phantom")
+             if isinstance(old.get(k), (int, float)) and isinstance(new.get(k), (int, float)) and new[k] < old[k]]
+    if worse:
+        print(f"warning: {ref.name} scored lower than the model it was tuned from on its validation set ({'; '.join(worse)}); "
+              "`python -m covidtrack hitl rollback` undoes the promotion", file=sys.stderr)
     return 0
 
 

@@ -87,22 +87,30 @@ def parse_mapping(text: str) -> dict[int, int]:
     return table
 
 
+#: Tables whose documentation says that further labels are ignored (other segments of a Slicer
+#: labelmap, ITK-SNAP's labels 3-6); every other table refuses a value it does not know.
+LENIENT_TABLES = ("slicer", "itksnap")
+
+
+def _mapping(labels: np.ndarray, table: str | dict[int, int]) -> dict[int, int]:
+    if not isinstance(table, str):
+        return dict(table)
+    if table == "binary":
+        return {int(v): INFECTION_UNTYPED for v in np.unique(labels) if v != 0}
+    if table in INFECTION_TABLES:
+        return INFECTION_TABLES[table]
+    raise ValueError(f"label table {table!r} unknown; use one of {sorted([*INFECTION_TABLES, 'binary'])} or a mapping")
+
+
 def translate(labels: np.ndarray, table: str | dict[int, int], ct_hu: np.ndarray | None = None) -> np.ndarray:
-    """Another tool's label values -> 0 none / 1 GGO / 2 consolidation (values not in the table -> 0).
+    """Another tool's label values -> 0 none / 1 GGO / 2 consolidation (values not in the table -> 0;
+    :func:`import_corrected_mask` refuses them first, except for :data:`LENIENT_TABLES`).
 
     ``table`` is a name from :data:`INFECTION_TABLES`, ``"binary"``, or a dict. Untyped infection
     needs ``ct_hu`` (same shape) to be split by :data:`CONSOLIDATION_MIN_HU`.
     """
     labels = np.asarray(labels)
-    if isinstance(table, str):
-        if table == "binary":
-            mapping: dict[int, int] = {int(v): INFECTION_UNTYPED for v in np.unique(labels) if v != 0}
-        elif table in INFECTION_TABLES:
-            mapping = INFECTION_TABLES[table]
-        else:
-            raise ValueError(f"label table {table!r} unknown; use one of {sorted([*INFECTION_TABLES, 'binary'])} or a mapping")
-    else:
-        mapping = dict(table)
+    mapping = _mapping(labels, table)
     size = max(int(labels.max(initial=0)), max(mapping, default=0)) + 1
     lut = np.zeros(size, dtype=np.uint8)
     for src, dst in mapping.items():
@@ -128,7 +136,15 @@ def import_corrected_mask(path: str | Path, volume: Volume, table: str | dict[in
     path = Path(path)
     raw = load_mask(path, volume)
     try:
-        out = translate(raw, table, volume.array)
+        mapping = _mapping(raw, table)
+        unknown = sorted(int(v) for v in np.unique(raw) if v != 0 and int(v) not in mapping)
+        if unknown and not (isinstance(table, str) and table in LENIENT_TABLES):
+            # a value the table does not know would silently erase what it marks
+            shown = ", ".join(map(str, unknown[:8])) + (" ..." if len(unknown) > 8 else "")
+            raise InputError(path, f"holds label value(s) {shown} that table {table!r} does not know",
+                             f"pick the tool's table, or write a mapping such as {unknown[0]}=GGO "
+                             f"(or {unknown[0]}=none to drop it on purpose)")
+        out = translate(raw, mapping, volume.array)
     except ValueError as err:
         raise InputError(path, str(err), "pick the label table of the tool that made the mask") from err
     if raw.any() and not out.any():

@@ -548,6 +548,7 @@ def _publish(staged: Path, card: dict[str, Any], version: str) -> Path:
         card = {**card, "version": version}
         write_card(tmp, card)
         (tmp / "MODEL_CARD.md").write_text(model_card_markdown(card) + hitl_card_markdown(card))
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; a version is meant to be shared like any other
         os.replace(tmp, final)
     finally:
         if tmp.exists():
@@ -624,6 +625,8 @@ def versions_frame() -> "pd.DataFrame":
         new = h.get("evaluation", {}).get("new_headline", {})
         holdout = (card.get("holdout_metrics") or {}).get("dice", {}) or {}
         cv = ((card.get("validation") or {}).get("summary") or {}).get("dice", {}) or {}
+        if h:
+            holdout, cv = {}, {}  # a fine-tuned version is compared on the HITL set (its own columns), not with a CV it never had
         rows.append({
             "version": ref.version,
             "active": ref.version == current,
@@ -720,20 +723,31 @@ def run_cli(args: argparse.Namespace) -> int:
     from covidtrack import modelstore
     from covidtrack.store import Store
 
+    from covidtrack.errors import InputError
+
+    steps = getattr(args, "finetune_iterations", None)
+    if steps is not None and int(steps) < 1:
+        raise InputError("--finetune-iterations", f"{steps} steps", "give at least 1 step (150 by default)")
+    version = getattr(args, "version", None)
+    if version:
+        modelstore.check_new_version(TASK, version)
     cfg = RetrainConfig(
-        iterations=int(getattr(args, "finetune_iterations", None) or RetrainConfig.iterations),
+        iterations=int(steps) if steps is not None else RetrainConfig.iterations,
         seed=int(getattr(args, "seed", 0) or 0),
-        version=getattr(args, "version", None),
+        version=version,
         notes=getattr(args, "notes", "") or "",
     )
+    # the store is held only to export the corrections and to register the result: a run takes
+    # minutes, and meanwhile the dashboard and other commands must be able to open the store
     with Store.open() as store:
         job = prepare_job(store, cfg)
-        print(f"job {job.folder}: {job_status(job.folder)['message']}")
-        try:
-            result = run_job(job.folder, echo=True)
-        except BaseException as err:
-            _update_status(job.folder, state="failed", error=f"{type(err).__name__}: {err}")
-            raise
+    print(f"job {job.folder}: {job_status(job.folder)['message']}")
+    try:
+        result = run_job(job.folder, echo=True)
+    except BaseException as err:
+        _update_status(job.folder, state="failed", error=f"{type(err).__name__}: {err}")
+        raise
+    with Store.open() as store:
         ref = modelstore.get(TASK, result["version"])
         register_version(store, ref, active=False)
     print(f"{TASK}/{result['version']} written to {result['path']} ({result['wall_s']:.0f} s)")

@@ -498,6 +498,8 @@ def train(cfg: TrainConfig, log: Log = print) -> TrainResult:
 
     start = time.time()
     commit = _code_commit()  # at the start: HEAD may move while a long run trains
+    if cfg.version:
+        modelstore.check_new_version("infection", cfg.version)  # refused before the run, not after it
     pairs, held, unl = load_training_data(cfg)
     log(f"training infection model on {len(pairs)} labelled slices, {len(unl)} unlabelled, {len(held)} held out")
     net, info = fit_recipe(pairs, unl, cfg, log)

@@ -395,7 +395,7 @@ def run(args: argparse.Namespace) -> int:
     if not cases:
         raise InputError(data, "no case folder with pleuralBoundary.nii.gz + fissures.nii.gz",
                          "pass --data pointing at the LIDC fissure-mask folders")
-    version = args.version or modelstore.next_version("lobes")
+    version = modelstore.check_new_version("lobes", args.version) if args.version else modelstore.next_version("lobes")
     out = args.out or (settings().models_dir / "lobes" / version)
     if (out / "card.json").exists():
         raise InputError(out, "version folder exists and versions are immutable", "choose another --version or --out")

@@ -235,7 +235,7 @@ def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(settings().threads)
     log = lambda msg: print(f"[{time.time() - t0:7.1f}s] {msg}", flush=True)  # noqa: E731
 
-    version = args.version or modelstore.next_version("lungs")
+    version = modelstore.check_new_version("lungs", args.version) if args.version else modelstore.next_version("lungs")
     out = args.out or settings().models_dir / "lungs" / version
     if out.exists() and any(out.iterdir()):
         raise InputError(out, "version folder exists and is not empty (versions are immutable)", "pick another --version or --out")
