@@ -20,6 +20,14 @@ PAGES = {
 }
 
 
+def default_arms(arms: list[str]) -> list[str]:
+    """Arms preselected for a comparison: every treatment arm; patients without an arm (the demo's
+    real CT) are offered but not preselected, unless they are all there is."""
+    from covidtrack.report.data import NO_ARM
+
+    return [a for a in arms if a != NO_ARM] or arms
+
+
 def disclaimer() -> None:
     st.caption(DISCLAIMER)
 

@@ -7,7 +7,7 @@ import pandas as pd
 import streamlit as st
 
 from covidtrack.report import figures, stats
-from covidtrack.report.data import NO_ARM, M
+from covidtrack.report.data import M
 from covidtrack.ui import resources, widgets
 
 PLOTLY_CONFIG = {"displaylogo": False}
@@ -27,8 +27,7 @@ def main() -> None:
         return
     arms = sorted(cohort["arm"].dropna().unique())
     side = st.sidebar
-    # patients without an arm (the demo's real CT) are no treatment group: offered, not preselected
-    chosen = side.multiselect("Arms", arms, default=[a for a in arms if a != NO_ARM] or arms, key="cohort_arms")
+    chosen = side.multiselect("Arms", arms, default=widgets.default_arms(arms), key="cohort_arms")
     first, last = cohort["study_date"].min().date(), cohort["study_date"].max().date()
     dates = side.date_input("Scan dates", (first, last), min_value=first, max_value=last, key="cohort_dates")
     lo, hi = (dates if isinstance(dates, (tuple, list)) and len(dates) == 2 else (first, last))

@@ -9,7 +9,6 @@ import streamlit as st
 from covidtrack.config import settings
 from covidtrack.errors import CovidtrackError
 from covidtrack.report import load, pdf, stats
-from covidtrack.report.data import NO_ARM
 from covidtrack.ui import resources, uploads, widgets
 
 
@@ -50,7 +49,7 @@ def main() -> None:
     st.subheader("Cohort report")
     cohort = resources.cohort(rev)
     arms = sorted(cohort["arm"].dropna().unique())
-    chosen = st.multiselect("Arms", arms, default=[a for a in arms if a != NO_ARM] or arms, key="report_arms")
+    chosen = st.multiselect("Arms", arms, default=widgets.default_arms(arms), key="report_arms")
     # the Cohort page's scan-date and baseline-severity filters apply here too, so the PDF shows
     # the same patients as the page
     kept = st.session_state.get(widgets.COHORT_FILTERS, {})
