@@ -68,6 +68,7 @@ FLAG_THICK = "flag_thick_slices"
 FLAG_COARSE = "flag_coarse_pixels"
 FLAG_LUNG_RANGE = "flag_lung_volume_range"
 FLAG_SMALL_LUNG = "flag_small_lung_high_infection"
+FLAG_IDENTITY = "flag_identity_mismatch"
 SLICE_MM = "slice_thickness_mm"  # max(slice spacing, nominal thickness): what the scan can resolve along z
 PIXEL_MM = "pixel_spacing_mm"  # the coarser in-plane pixel side
 
@@ -106,6 +107,7 @@ UNITS: dict[str, str] = {
     FLAG_COARSE: "flag",
     FLAG_LUNG_RANGE: "flag",
     FLAG_SMALL_LUNG: "flag",
+    FLAG_IDENTITY: "flag",
     SLICE_MM: "mm",
     PIXEL_MM: "mm",
     **{b.metric: "mL" for b in DENSITY_BINS},
@@ -241,7 +243,7 @@ def scan_metrics(volume: Volume, segmentation: Segmentation) -> pd.DataFrame:
 
 def quality_flags(volume: Volume, segmentation: Segmentation) -> dict[str, float]:
     """Scan-level flags (1.0 raised, 0.0 not): coverage, slice thickness, in-plane pixel size,
-    lung volume range."""
+    lung volume range, identity (the scan was accepted although its DICOM identity differs)."""
     lungs = segmentation.lungs > 0
     cut = bool(lungs[0].any() or lungs[-1].any())
     thickness = max(volume.spacing[0], volume.meta.slice_thickness_mm or 0.0)
@@ -252,6 +254,7 @@ def quality_flags(volume: Volume, segmentation: Segmentation) -> dict[str, float
         FLAG_THICK: float(thickness > MAX_SLICE_MM),
         FLAG_COARSE: float(max(volume.spacing[1], volume.spacing[2]) > MAX_PIXEL_MM),
         FLAG_LUNG_RANGE: float(not (low <= lung_ml <= high)),
+        FLAG_IDENTITY: float(bool(volume.meta.identity_note)),
     }
 
 

@@ -25,7 +25,7 @@ import os
 import queue
 import threading
 from collections.abc import Callable, Generator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from io import StringIO
 from pathlib import Path
 from typing import Any, TypeVar
@@ -160,7 +160,9 @@ def _geometry(volume: Volume) -> dict[str, Any]:
 
 def _meta(volume: Volume) -> dict[str, Any]:
     meta = asdict(volume.meta)
-    meta.pop("patient_key", None)  # the store keeps the key in its own column
+    # the store keeps the patient's key in its own column; the file's own (DICOM PatientID) key
+    # stays in the meta so later scans can be checked against it (covidtrack.identity)
+    meta["source_patient_key"] = meta.pop("patient_key", "")
     meta.pop("study_date", None)
     return meta
 
@@ -177,14 +179,18 @@ def ingest(
     alias: str | None = None,
     patient_is_key: bool = False,
     series_uid: str | None = None,
+    accept_other_id: bool = False,
 ) -> Generator[Progress, None, IngestResult]:
     """Ingest one scan (a path or a Volume) for ``patient`` (a raw ID, pseudonymised here, or a
     key already when ``patient_is_key``). ``date`` defaults to the study date in the file.
     ``series_uid`` picks one series of a DICOM folder that holds several.
 
+    A scan whose DICOM PatientID or sex contradicts the stored scans (:mod:`covidtrack.identity`)
+    is refused unless ``accept_other_id``; then it is stored with an identity note and flagged.
+
     Raises :class:`~covidtrack.errors.InputError` for bad input (nothing is stored then).
     """
-    from covidtrack import io
+    from covidtrack import identity, io
     from covidtrack.store import Store
 
     item = (source.meta.source_name or "volume") if isinstance(source, Volume) else str(source)
@@ -230,6 +236,13 @@ def ingest(
             yield Progress("done", 1.0, f"already stored as {scan_id}{note}", scan_id)
             return IngestResult(scan_id=scan_id, patient_key=key, created=False)
         study_date = _parse_date(given_date, volume, item)
+        conflicts = identity.conflicts(store, key, volume.meta)
+        if conflicts and not accept_other_id:
+            raise InputError(item, "; ".join(conflicts), identity.FIX)
+        if conflicts:
+            note = "accepted at import although " + "; ".join(conflicts)
+            volume = replace(volume, meta=replace(volume.meta, identity_note=note))
+            yield Progress("load", 0.02, f"note: {note}", item)
 
         seg_fn = segmenter or _default_segmenter()
         yield Progress("segment", _SEGMENT[0], "segmenting lungs, lobes and infection", item)
@@ -259,6 +272,8 @@ def ingest(
         if register:
             registered, warnings = yield from _register_hook(store, key, scan_id, item)
         yield Progress("done", 1.0, f"stored as {scan_id}", scan_id)
+        if volume.meta.identity_note:
+            warnings.insert(0, f"{item}: {volume.meta.identity_note} (the scan is flagged)")
         return IngestResult(scan_id, key, True, seg_id, tuple(registered), tuple(warnings))
     finally:
         if own_store:
@@ -377,9 +392,11 @@ def read_manifest(path: str | Path) -> list[dict[str, str]]:
 
 
 def ingest_manifest(
-    manifest: str | Path, store: Any = None, segmenter: Segmenter | None = None, register: bool = True
+    manifest: str | Path, store: Any = None, segmenter: Segmenter | None = None, register: bool = True,
+    accept_other_id: bool = False,
 ) -> Generator[Progress, None, ManifestSummary]:
     """Ingest every row of a manifest; a bad file is reported and skipped, never fatal.
+    ``accept_other_id`` applies to every row (see :func:`ingest`).
 
     Events carry the file in ``item`` and overall progress in ``fraction``; the last event is
     ``stage="summary"`` whose message lists what failed and why.
@@ -398,7 +415,7 @@ def ingest_manifest(
             events = ingest(
                 row["path"], row["patient"], row["date"] or None, arm=row.get("arm") or None, store=store,
                 segmenter=segmenter, register=register, alias=row.get("alias") or None,
-                series_uid=row.get("series_uid") or None,
+                series_uid=row.get("series_uid") or None, accept_other_id=accept_other_id,
             )
             try:
                 while True:

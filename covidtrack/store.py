@@ -620,6 +620,7 @@ class Store:
             direction=direction,  # type: ignore[arg-type]
             meta=ScanMeta(
                 patient_key=row[3],
+                patient_sex=meta.get("patient_sex", ""),
                 study_date=row[4],
                 series_description=meta.get("series_description", ""),
                 manufacturer=meta.get("manufacturer", ""),
@@ -629,6 +630,7 @@ class Store:
                 source_format=meta.get("source_format", ""),
                 source_name=meta.get("source_name", ""),
                 notes=tuple(meta.get("notes", ())),
+                identity_note=meta.get("identity_note", ""),
             ),
             source=SourceGrid(
                 size=tuple(src["size"]), spacing=tuple(src["spacing"]), origin=tuple(src["origin"]),  # type: ignore[arg-type]

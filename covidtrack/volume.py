@@ -42,6 +42,7 @@ class ScanMeta:
     """What we keep about a scan. Never a patient name or a raw patient ID."""
 
     patient_key: str = ""  # salted hash of PatientID, or "" when unknown
+    patient_sex: str = ""  # DICOM PatientSex "M" / "F" / "O", or "" when unknown (used to check identity)
     study_date: dt.date | None = None
     series_description: str = ""
     manufacturer: str = ""
@@ -51,6 +52,7 @@ class ScanMeta:
     source_format: str = ""  # "dicom", "nifti", "nrrd", "mha", "phantom"
     source_name: str = ""  # file or folder name (not the full path)
     notes: tuple[str, ...] = ()  # what was done at the boundary (e.g. "resampled gantry tilt 12 deg")
+    identity_note: str = ""  # set when the scan was accepted although its DICOM identity differs (covidtrack.identity)
 
 
 @dataclass(frozen=True)

@@ -37,10 +37,13 @@ def phantom_array(shape: tuple[int, int, int] = (12, 24, 20), seed: int = 0) -> 
     return np.clip(np.rint(arr), -1024, 3000).astype(np.int16)  # >= -1024 so it survives the HU floor
 
 
-def _base(series_uid: str, study_uid: str, modality: str, patient_id: str, study_date: str = "20200315") -> Dataset:
+def _base(series_uid: str, study_uid: str, modality: str, patient_id: str, study_date: str = "20200315",
+          patient_sex: str = "") -> Dataset:
     ds = Dataset()
     ds.PatientName = "Synthetic^Test"
     ds.PatientID = patient_id
+    if patient_sex:
+        ds.PatientSex = patient_sex
     ds.StudyInstanceUID = study_uid
     ds.SeriesInstanceUID = series_uid
     ds.FrameOfReferenceUID = generate_uid()
@@ -73,6 +76,7 @@ def write_series(
     reverse_files: bool = False,
     image_type: tuple[str, ...] = ("ORIGINAL", "PRIMARY", "AXIAL"),
     study_date: str = "20200315",
+    patient_sex: str = "",
 ) -> list[Path]:
     """Write ``canonical`` (z, y, x, HU) as a DICOM series in ``folder``; return the files.
 
@@ -114,7 +118,7 @@ def write_series(
         if k in skip_slices:
             continue
         pos = first + (k * dk + jitter.get(k, 0.0)) * normal + k * shear * col
-        ds = _base(series_uid, study_uid, modality, patient_id, study_date)
+        ds = _base(series_uid, study_uid, modality, patient_id, study_date, patient_sex)
         ds.SOPClassUID = CTImageStorage
         ds.SOPInstanceUID = generate_uid()
         ds.ImageType = list(image_type)

@@ -369,3 +369,81 @@ def test_concurrent_duplicate_ingest_keeps_one(tmp_path: Path, monkeypatch: pyte
         again = drain(ingest(vol, "P1", "2020-03-14", store=store, segmenter=truth_segmenter))
         assert not again.created and again.scan_id == first.scan_id
         assert store.counts()["scans"] == 1 and _files(store.home) == store.referenced_files()
+
+
+def _with_identity(vol: Volume, patient_id: str, sex: str) -> Volume:
+    from dataclasses import replace
+
+    return replace(vol, meta=replace(vol.meta, patient_key=io.patient_key(patient_id), patient_sex=sex))
+
+
+def test_follow_up_of_another_person_is_refused_then_flagged_when_accepted(tmp_path: Path) -> None:
+    from covidtrack import metrics
+    from covidtrack.report import data
+
+    base, _ = synthetic_chest()
+    follow, _ = synthetic_chest(lesion_shift=2)
+    third, _ = synthetic_chest(lesion_shift=4)
+    with S.Store.open() as store:
+        drain(ingest(_with_identity(base, "HOSP-1", "F"), "study-001", "2020-03-01", store=store, segmenter=truth_segmenter))
+        counts, files = store.counts(), _files(store.home)
+        # another hospital ID under the same study patient: refused before segmenting, nothing stored
+        with pytest.raises(InputError, match="PatientID differs from that of this patient's scan") as err:
+            drain(ingest(_with_identity(follow, "HOSP-2", "F"), "study-001", "2020-03-09", store=store, segmenter=truth_segmenter))
+        assert "--accept-other-id" in str(err.value)
+        with pytest.raises(InputError, match=r"PatientSex \(M\) differs"):
+            drain(ingest(_with_identity(follow, "HOSP-1", "M"), "study-001", "2020-03-09", store=store, segmenter=truth_segmenter))
+        # the same hospital ID filed under a second study patient: the same person twice
+        with pytest.raises(InputError, match="PatientID is that of another patient, "):
+            drain(ingest(_with_identity(follow, "HOSP-1", "F"), "study-002", "2020-03-09", store=store, segmenter=truth_segmenter))
+        assert store.counts() == counts and _files(store.home) == files
+        # consistent identity, unknown sex ("O" or absent) and files without identity all pass
+        drain(ingest(_with_identity(follow, "HOSP-1", "O"), "study-001", "2020-03-09", store=store, segmenter=truth_segmenter))
+        drain(ingest(third, "study-001", "2020-03-20", store=store, segmenter=truth_segmenter))
+        assert store.counts()["scans"] == 3
+
+        # accepted: stored, warned, and flagged on this scan only, also after a re-measurement
+        other, _ = synthetic_chest(lesion_shift=-3)
+        result = drain(ingest(_with_identity(other, "HOSP-2", "M"), "study-001", "2020-04-01", store=store,
+                              segmenter=truth_segmenter, accept_other_id=True))
+        assert result.created and "PatientID differs" in result.warnings[0] and "PatientSex" in result.warnings[0]
+        rows = store.metrics(model_version=None)
+        flags = rows[(rows.metric == metrics.FLAG_IDENTITY) & (rows.region == "whole")].set_index("scan_id")["value"]
+        assert flags[result.scan_id] == 1.0 and (flags.drop(result.scan_id) == 0.0).all()
+        reloaded = store.load_volume(result.scan_id)
+        assert "accepted at import" in reloaded.meta.identity_note
+        assert metrics.quality_flags(reloaded, store.load_segmentation(result.scan_id))[metrics.FLAG_IDENTITY] == 1.0
+        frame = store.patient_metrics(result.patient_key)
+        lines = data.flag_lines(frame.assign(study_date=pd.to_datetime(frame["study_date"])))
+        assert any("patient ID or sex differs" in line and "2020-04-01" in line for line in lines)
+        # the raw hospital ID is never stored, only its salted hash
+        meta = store.scans(result.patient_key)["meta"].str.cat()
+        assert "HOSP-" not in meta and io.patient_key("HOSP-1") in meta
+
+
+def test_dicom_identity_is_read_and_checked_through_the_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    from covidtrack import pipeline
+    from tests.dicomgen import phantom_array, write_series
+
+    monkeypatch.setattr(pipeline, "_default_segmenter", lambda: _box_segmenter)
+    write_series(tmp_path / "d1", phantom_array(seed=1), patient_id="MRN-7", patient_sex="F", study_date="20200301")
+    write_series(tmp_path / "d2", phantom_array(seed=2), patient_id="MRN-8", patient_sex="F", study_date="20200310")
+    vol = io.load_ct(tmp_path / "d1")
+    assert vol.meta.patient_sex == "F" and vol.meta.patient_key == io.patient_key("MRN-7")
+    assert cli_main(["ingest", str(tmp_path / "d1"), "--patient", "S1", "--no-register"]) == 0
+    assert cli_main(["ingest", str(tmp_path / "d2"), "--patient", "S1", "--no-register"]) == 2
+    assert "PatientID differs" in capsys.readouterr().err
+    assert cli_main(["ingest", str(tmp_path / "d2"), "--patient", "S1", "--no-register", "--accept-other-id"]) == 0
+    assert "flagged" in capsys.readouterr().err
+
+
+def _box_segmenter(vol: Volume, progress=None) -> Segmentation:
+    """Lungs = everything below -500 HU inside the middle of the image (enough for the flow)."""
+    lungs = np.zeros(vol.shape, np.uint8)
+    body = vol.array < -500
+    mid = vol.shape[2] // 2
+    lungs[:, :, :mid][body[:, :, :mid]] = 1
+    lungs[:, :, mid:][body[:, :, mid:]] = 2
+    lungs[:, :2] = 0
+    return Segmentation(lungs=lungs, infection=np.zeros(vol.shape, np.uint8), lobes=None, model_versions={"lungs": "box/v0"})

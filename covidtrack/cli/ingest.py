@@ -36,7 +36,7 @@ def _ingest(args: argparse.Namespace) -> int:
 
     result = drain(
         ingest(args.path, args.patient, args.date, arm=args.arm, alias=args.alias, register=not args.no_register,
-               series_uid=args.series_uid),
+               series_uid=args.series_uid, accept_other_id=args.accept_other_id),
         ProgressBar(),
     )
     state = "stored" if result.created else "already stored"
@@ -49,9 +49,14 @@ def _ingest(args: argparse.Namespace) -> int:
 def _ingest_manifest(args: argparse.Namespace) -> int:
     from covidtrack.pipeline import drain, ingest_manifest
 
-    summary = drain(ingest_manifest(args.manifest, register=not args.no_register), ProgressBar())
+    summary = drain(ingest_manifest(args.manifest, register=not args.no_register, accept_other_id=args.accept_other_id),
+                    ProgressBar())
     print(summary.describe())
     return 1 if summary.failed else 0
+
+
+ACCEPT_HELP = ("store a scan even if its DICOM PatientID or sex differs from the patient's other scans "
+               "(or matches another patient's); the scan is flagged")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -64,9 +69,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--series-uid", default=None,
                    help="SeriesInstanceUID of the series to load when the folder holds several (see `series`)")
     p.add_argument("--no-register", action="store_true", help="skip registration to the baseline")
+    p.add_argument("--accept-other-id", action="store_true", help=ACCEPT_HELP)
     p.set_defaults(func=_ingest)
 
     m = sub.add_parser("ingest-manifest", help="ingest every scan listed in a CSV (patient,date,path[,arm,alias,series_uid])")
     m.add_argument("manifest", help="CSV file; relative paths are relative to it")
     m.add_argument("--no-register", action="store_true", help="skip registration to the baseline")
+    m.add_argument("--accept-other-id", action="store_true", help=ACCEPT_HELP + " (every row)")
     m.set_defaults(func=_ingest_manifest)

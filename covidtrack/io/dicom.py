@@ -131,6 +131,12 @@ def patient_key(patient_id: str) -> str:
     return digest[:16]
 
 
+def sex(value: str) -> str:
+    """DICOM PatientSex normalised to "M", "F" or "O"; "" when absent or not one of those."""
+    value = (value or "").strip().upper()[:1]
+    return value if value in ("M", "F", "O") else ""
+
+
 def _read_header(path: Path) -> tuple[object | None, str]:
     """(dataset, "") for DICOM, (None, "") for a file that is not DICOM, (None, reason) if corrupt."""
     import pydicom
@@ -562,6 +568,7 @@ def read_series(scan: DicomScan, info: SeriesInfo) -> tuple[np.ndarray, SourceGr
         notes.append("no valid StudyDate in the DICOM header")
     meta = ScanMeta(
         patient_key=patient_key(_text(ds, "PatientID")),
+        patient_sex=sex(_text(ds, "PatientSex")),
         study_date=date,
         series_description=info.description,
         manufacturer=info.manufacturer,

@@ -54,6 +54,21 @@ def _fields(prefix: str) -> tuple[str, str, dt.date | None, str]:
     return patient, alias, date, arm
 
 
+def _accept_other_id(prefix: str) -> bool:
+    return st.checkbox(
+        "Accept a different DICOM identity", value=False, key=f"{prefix}_accept",
+        help="A scan whose DICOM patient ID or sex differs from this patient's other scans (or matches another "
+             "patient's) is refused: it may be someone else's. Tick only when you know it is this patient's "
+             "(records merged, ID corrected); the scan is then stored and flagged on the patient page and in the report.",
+    )
+
+
+def _warnings(results: Any) -> None:
+    for result in results:
+        for w in result.warnings:
+            st.warning(w)
+
+
 def _not_imported(err: CovidtrackError, scratch: Path | None = None, shown_as: str = "") -> None:
     """The error, with server scratch paths replaced by what the user uploaded, and the date
     hint worded for this page."""
@@ -80,6 +95,7 @@ def _upload_tab() -> None:
         type=["zip", "nii", "gz", "nrrd", "mha"], key="upload_file", max_upload_size=limit,
     )
     patient, alias, date, arm = _fields("up")
+    accept = _accept_other_id("up")
     if st.button("Import upload", type="primary", key="import_upload", disabled=file is None):
         if not patient.strip():
             st.error("Enter the patient ID (it is pseudonymised before storing).")
@@ -92,13 +108,13 @@ def _upload_tab() -> None:
             from covidtrack import pipeline
 
             result = _run(
-                pipeline.ingest(source, patient, date, arm=arm or None, alias=alias or None, store=resources.store()),
+                pipeline.ingest(source, patient, date, arm=arm or None, alias=alias or None, store=resources.store(),
+                                accept_other_id=accept),
                 uploads.safe_name(file.name),
             )
             resources.invalidate()
             st.success(("Stored" if result.created else "Already stored") + f" as scan {result.scan_id}.")
-            for w in result.warnings:
-                st.warning(w)
+            _warnings([result])
             st.session_state[widgets.PATIENT_STATE] = result.patient_key
             st.session_state.pop("patient_select", None)
             st.page_link(widgets.PAGES["patient"], label="Open this patient", icon=":material/timeline:")
@@ -114,6 +130,7 @@ def _server_tab() -> None:
     is_manifest = path.lower().endswith(".csv")
     if not is_manifest:
         patient, alias, date, arm = _fields("srv")
+    accept = _accept_other_id("srv")
     if st.button("Import from server", type="primary", key="import_server", disabled=not path):
         from covidtrack import pipeline
 
@@ -121,21 +138,24 @@ def _server_tab() -> None:
         try:
             uploads.check_server_path(p)
             if is_manifest:
-                summary = _run(pipeline.ingest_manifest(p, store=resources.store()), p.name)
+                summary = _run(pipeline.ingest_manifest(p, store=resources.store(), accept_other_id=accept), p.name)
                 resources.invalidate()
                 text = f"{len(summary.ok)} scan(s) ok, {len(summary.failed)} failed."
                 (st.success if not summary.failed else st.error if not summary.ok else st.warning)(text)
                 for _, msg in summary.failed:
                     st.error(msg)  # the message names the manifest line and the file
+                _warnings(summary.ok)
             else:
                 if not patient.strip():
                     st.error("Enter the patient ID (it is pseudonymised before storing).")
                     return
                 if _needs_date("srv_filedate", date):
                     return
-                result = _run(pipeline.ingest(p, patient, date, arm=arm or None, alias=alias or None, store=resources.store()), p.name)
+                result = _run(pipeline.ingest(p, patient, date, arm=arm or None, alias=alias or None, store=resources.store(),
+                                              accept_other_id=accept), p.name)
                 resources.invalidate()
                 st.success(("Stored" if result.created else "Already stored") + f" as scan {result.scan_id}.")
+                _warnings([result])
         except CovidtrackError as err:
             _not_imported(err)
 
