@@ -1,8 +1,9 @@
 """Register a patient's follow-ups to the baseline and store the change of infection per lobe.
 
 The baseline is the patient's earliest scan (``Store.baseline_scan``). For each follow-up:
-load both canonical volumes and their final segmentations (a human correction wins over the
-model output) from the store, :func:`covidtrack.register.register`, warp the follow-up infection
+load both canonical volumes and their active segmentations (the ones whose numbers the dashboard
+shows: a human correction wins over the model output, then the active models' output) from the
+store, :func:`covidtrack.register.register`, warp the follow-up infection
 into the baseline, compute the change map and the change per region
 (:mod:`covidtrack.change`), and store the registration and the change rows. A pair that fails
 the registration QA is stored with ``ok = False`` and without change rows or change map.
@@ -11,10 +12,13 @@ Files: ``<store folder>/registrations/<fixed>_<moving>/`` holds the transforms,
 ``registration.json`` and ``change_map.nii.gz`` (uint8, baseline canonical grid). With the store
 in ``COVIDTRACK_HOME`` (the default) that is ``$COVIDTRACK_HOME/registrations``. A registration
 is computed in a ``.tmp-*`` folder and swapped in only when complete, so a failure never leaves a
-half-written pair behind.
+half-written pair behind; the registration row and its change rows go in one transaction, and
+the folder records the row's ``reg_id``, so a folder whose rows never landed is recomputed.
 
 Idempotent: a pair whose stored registration was computed from the same two segmentations
-(their ``seg_id``) is not recomputed unless ``force=True``. When an earlier scan arrives later
+(their ``seg_id``) is not recomputed unless ``force=True``. A pair whose segmentations changed
+since (a correction, a new model) is *stale*: :func:`pair_status` says so, the report and the
+viewer do not show its change, and :func:`register_patient` recomputes it. When an earlier scan arrives later
 it becomes the baseline; :func:`register_patient` (and the pipeline, which calls
 :func:`register_followup` for every other scan) then re-registers all follow-ups to it, and
 pairs registered to the former baseline are removed.
@@ -95,6 +99,8 @@ def _reusable(row: dict[str, Any] | None, fixed_seg: str, moving_seg: str) -> "R
         return None
     if reg.params.get("fixed_seg") != fixed_seg or reg.params.get("moving_seg") != moving_seg:
         return None
+    if reg.params.get("reg_id", row["reg_id"]) != row["reg_id"]:
+        return None  # the folder is newer than the row: interrupted before its rows were stored
     return reg
 
 
@@ -122,15 +128,15 @@ def register_followup(
     """
     from covidtrack.change import change_map, change_metrics
     from covidtrack.register import register
-    from covidtrack.store import write_canonical
+    from covidtrack.store import new_reg_id, write_canonical
 
     key = _patient_of(store, scan_id)
     baseline = store.baseline_scan(key)
     _drop_stale(store, key, str(baseline))
     if baseline is None or baseline == scan_id:
         return None
-    fixed_rec = store.segmentation(baseline, "final")
-    moving_rec = store.segmentation(scan_id, "final")
+    fixed_rec = store.segmentation(baseline, "active")
+    moving_rec = store.segmentation(scan_id, "active")
     final = pair_folder(store, baseline, scan_id)
     row = _stored_pair(store, key, baseline, scan_id)
     if not force:
@@ -141,7 +147,8 @@ def register_followup(
 
     emit(progress, "register", 0.0, "loading baseline and follow-up", scan_id)
     fixed, moving = store.load_volume(baseline), store.load_volume(scan_id)
-    fixed_seg, moving_seg = store.load_segmentation(baseline), store.load_segmentation(scan_id)
+    fixed_seg, moving_seg = store.load_segmentation(baseline, "active"), store.load_segmentation(scan_id, "active")
+    reg_id = new_reg_id()
     work = registrations_root(store) / f".tmp-{baseline}_{scan_id}-{uuid.uuid4().hex[:8]}"
     try:
         emit(progress, "register", 0.1, "registering (affine + SyN)", scan_id)
@@ -151,7 +158,7 @@ def register_followup(
         change = change_map(fixed_seg.infection, warped_inf, lungs=fixed_seg.lungs)
         table = change_metrics(change, fixed_seg.lobes, fixed.spacing, lungs=fixed_seg.lungs)
         write_canonical(work / CHANGE_MAP_FILE, fixed, change)
-        reg = _with_inputs(reg, fixed_rec.seg_id, moving_rec.seg_id)
+        reg = _with_inputs(reg, fixed_rec.seg_id, moving_rec.seg_id, reg_id)
         # Swap the finished folder in (a crash before this line leaves only a .tmp-* folder).
         if final.exists():
             shutil.rmtree(final)
@@ -169,18 +176,18 @@ def register_followup(
     emit(progress, "register", 0.95, "storing registration and change", scan_id)
     # A registration that failed QA is stored (with its figures, ok = False) so the user sees it,
     # but its change numbers and map are not: they would report misregistration as disease.
-    reg_id = store.add_registration(baseline, scan_id, transforms, qa, reg.ok,
-                                    change_map=final / CHANGE_MAP_FILE if reg.ok else None)
-    store.add_change_metrics(baseline, scan_id, table if reg.ok else table.iloc[0:0])
+    store.add_registration(baseline, scan_id, transforms, qa, reg.ok, change_map=final / CHANGE_MAP_FILE if reg.ok else None,
+                           change=table if reg.ok else table.iloc[0:0], reg_id=reg_id)
     emit(progress, "register", 1.0, "registered" if reg.ok else "registered, QA failed: " + "; ".join(reg.qa.problems), scan_id)
     return FollowupResult(baseline, scan_id, reg_id, reg.ok, qa, final, False)
 
 
-def _with_inputs(reg: "Registration", fixed_seg: str, moving_seg: str) -> "Registration":
-    """Record which segmentations the registration was made from (for idempotence) and save."""
+def _with_inputs(reg: "Registration", fixed_seg: str, moving_seg: str, reg_id: str) -> "Registration":
+    """Record which segmentations the registration was made from and the id of its row (for
+    idempotence) and save."""
     from dataclasses import replace
 
-    out = replace(reg, params={**reg.params, "fixed_seg": fixed_seg, "moving_seg": moving_seg})
+    out = replace(reg, params={**reg.params, "fixed_seg": fixed_seg, "moving_seg": moving_seg, "reg_id": reg_id})
     out.save()
     return out
 
@@ -214,3 +221,84 @@ def register_patient(
     if not follow:
         _drop_stale(store, patient_key, str(baseline))
     return results
+
+
+#: :func:`pair_status` values
+CURRENT, STALE, FAILED, MISSING = "current", "stale", "failed QA", "not registered"
+
+
+def pair_status(store: "Store", patient_key: str) -> dict[str, str]:
+    """Status of every follow-up of a patient against the current baseline, by scan id.
+
+    ``current``: registered (QA passed) from the segmentations shown now; ``stale``: registered,
+    but a segmentation of either scan changed since (a correction, a new active model), so its
+    change numbers no longer match the shown masks; ``failed QA``; ``not registered``. Pairs
+    registered to a former baseline count as not registered.
+    """
+    from covidtrack.register import Registration
+
+    scans = store.scans(patient_key)
+    baseline = store.baseline_scan(patient_key)
+    if scans.empty or baseline is None:
+        return {}
+    regs = store.registrations(patient_key)
+    regs = regs[regs["fixed_scan"] == baseline]
+    active = {sid: store.segmentation(sid, "active").seg_id for sid in scans["scan_id"] if _has_segmentation(store, sid)}
+    out: dict[str, str] = {}
+    for sid in scans["scan_id"]:
+        if sid == baseline:
+            continue
+        rows = regs[regs["moving_scan"] == sid]
+        if rows.empty:
+            out[sid] = MISSING
+            continue
+        row = rows.iloc[0]
+        if not bool(row["ok"]):
+            out[sid] = FAILED
+            continue
+        path = row["transforms"].get("registration") if isinstance(row["transforms"], dict) else None
+        try:
+            params = Registration.load(path).params if path is not None else {}
+        except Exception:  # noqa: BLE001 - unreadable files: the pair must be redone
+            params = {}
+        same = params.get("fixed_seg") == active.get(baseline) and params.get("moving_seg") == active.get(sid)
+        out[sid] = CURRENT if same else STALE
+    return out
+
+
+def _has_segmentation(store: "Store", scan_id: str) -> bool:
+    try:
+        store.segmentation(scan_id, "active")
+    except StoreError:
+        return False
+    return True
+
+
+def refresh_after_change(store: "Store", scan_id: str, progress: ProgressCallback | None = None) -> list[FollowupResult]:
+    """Bring the change vs baseline up to date after ``scan_id``'s segmentation changed (a saved
+    correction): every stale pair of its patient is registered again (the baseline's change
+    touches every follow-up, a follow-up's only its own pair); current pairs are left alone."""
+    key = _patient_of(store, scan_id)
+    return register_patient(store, key, progress=progress)
+
+
+def forget_scan(store: "Store", scan_id: str, progress: ProgressCallback | None = None, register: bool = True) -> dict[str, Any]:
+    """Remove a stored scan (:meth:`Store.remove_scan`) with its registration folders; when it
+    was the baseline, the remaining follow-ups are registered to the new baseline (unless
+    ``register`` is False). Returns what was removed and which follow-ups were registered."""
+    key = _patient_of(store, scan_id)
+    was_baseline = store.baseline_scan(key) == scan_id
+    removed = store.remove_scan(scan_id)
+    root = registrations_root(store)
+    if root.is_dir():
+        for folder in root.iterdir():
+            if scan_id in folder.name:  # "<fixed>_<moving>" (and ".tmp-" leftovers); scan ids are unique
+                shutil.rmtree(folder, ignore_errors=True)
+    cache = Path(store.home) / "viewer_cache"
+    if cache.is_dir():
+        for f in cache.glob(f"*{scan_id}*"):
+            f.unlink(missing_ok=True)
+    registered: list[str] = []
+    if was_baseline and register and not removed.get("patients"):
+        registered = [r.moving_scan for r in register_patient(store, key, progress=progress)]
+    return {"patient_key": key, "was_baseline": was_baseline, "removed": removed, "registered": registered}

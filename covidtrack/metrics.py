@@ -20,7 +20,8 @@ Conventions (documented once, tested in ``tests/test_metrics.py``):
   0 none, 1 < 5 %, 2 5-25 %, 3 > 25 % and < 50 %, 4 50-75 %, 5 > 75 %; total = sum over the five
   lobes (0-25). Boundaries are computed from voxel counts in integer arithmetic, so exactly 5 %
   scores 2, exactly 25 % scores 2, exactly 50 % scores 4 and exactly 75 % scores 4. Severity rows
-  exist only when lobes were segmented.
+  exist only when lobes were segmented; a lobe missing from the lobe map (e.g. an imported map
+  without a middle lobe) has a missing score (NaN), and so has the total.
 - Lesions: 3D connected components of infection (26-connectivity) with a volume of at least
   :data:`MIN_LESION_ML` (0.1 mL, roughly a 6 mm sphere: smaller specks are usually noise of the
   voxel classifier). Reported as ``lesion_count`` and ``largest_lesion_volume`` (mL).
@@ -191,7 +192,7 @@ def scan_metrics(volume: Volume, segmentation: Segmentation) -> pd.DataFrame:
 
     rows: list[tuple[str, str, float]] = []
     small_flags: list[float] = []
-    severities: list[int] = []
+    severities: list[float] = []
     for region, kind, mask in _region_masks(segmentation):
         n_lung = int(np.count_nonzero(mask))
         n_ggo = int(np.count_nonzero(ggo & mask))
@@ -216,16 +217,18 @@ def scan_metrics(volume: Volume, segmentation: Segmentation) -> pd.DataFrame:
                 sel &= inf_hu < b.high
             rows.append((region, b.metric, int(np.count_nonzero(sel)) * voxel_ml))
         if kind == "lobe":
-            score = severity_from_counts(n_inf, n_lung)
+            # a lobe missing from the lobe map is "not measured", not "no involvement": its score
+            # and the 0-25 total are missing rather than silently counted as 0
+            score = float(severity_from_counts(n_inf, n_lung)) if n_lung > 0 else float("nan")
             severities.append(score)
-            rows.append((region, SEVERITY, float(score)))
+            rows.append((region, SEVERITY, score))
         if kind in ("side", "lobe"):
             small = n_lung * voxel_ml < SMALL_REGION_ML[kind] and _pct(n_inf, n_lung) > HIGH_POI_PCT
             small_flags.append(float(small))
             rows.append((region, FLAG_SMALL_LUNG, float(small)))
 
     if segmentation.lobes is not None:
-        rows.append(("whole", SEVERITY, float(sum(severities))))
+        rows.append(("whole", SEVERITY, float(sum(severities))))  # NaN when a lobe is missing
     lesions = lesion_volumes_ml(infected, voxel_ml)
     rows.append(("whole", LESION_COUNT, float(lesions.size)))
     rows.append(("whole", LARGEST_LESION, float(lesions[0]) if lesions.size else 0.0))

@@ -236,6 +236,7 @@ def ingest(
             yield Progress("done", 1.0, f"already stored as {scan_id}{note}", scan_id)
             return IngestResult(scan_id=scan_id, patient_key=key, created=False)
         study_date = _parse_date(given_date, volume, item)
+        _check_one_scan_per_date(store, key, study_date, item)
         conflicts = identity.conflicts(store, key, volume.meta)
         if conflicts and not accept_other_id:
             raise InputError(item, "; ".join(conflicts), identity.FIX)
@@ -278,6 +279,21 @@ def ingest(
     finally:
         if own_store:
             store.close()
+
+
+def _check_one_scan_per_date(store: Any, key: str, study_date: dt.date, item: str) -> None:
+    """A timepoint is one scan: a second, different scan of the patient on a stored date is
+    refused (two series of one study, e.g. a lung and a soft-tissue kernel, would otherwise both
+    enter the trajectory and the change table as the same date)."""
+    scans = store.scans(key)
+    same = scans[pd.to_datetime(scans["study_date"]).dt.date == study_date]
+    if len(same):
+        sid = str(same["scan_id"].iloc[0])
+        raise InputError(
+            item, f"the patient already has scan {sid} dated {study_date}; a date is one timepoint, one scan",
+            "ingest one series per date (`series` lists them, --series-uid picks one); to replace the stored scan, "
+            f"remove it first: python -m covidtrack remove-scan {sid} --yes",
+        )
 
 
 def _store_scan(

@@ -61,6 +61,9 @@ SYN_ITERATIONS = (40, 20, 10)
 # the follow-up needs room for the lungs to move into.
 FIXED_MARGIN_MM = 12.0
 MOVING_MARGIN_MM = 30.0
+# ANTs samples the metric at random points; a fixed seed makes a re-run give the same numbers
+# (with the same ITK thread count).
+RANDOM_SEED = 20200314
 # Lung window used for the intensity metric (HU).
 WINDOW_HU = (-1000.0, 200.0)
 
@@ -454,6 +457,9 @@ def register(
     mp = _prepare(moving, moving_seg.lungs, moving_seg.infection, MOVING_MARGIN_MM)
     init = _write_translation(folder / "init_translation.mat", mp.centroid - fp.centroid)
     cpu["cpu_s_prepare"] = time.process_time() - c0
+    import ants.config
+
+    seed_before, ants.config._random_seed = ants.config._random_seed, RANDOM_SEED  # read by ants.registration
     try:
         # Stage 1: affine on the lung outline only (robust to infection changing intensities).
         affine = ants.registration(
@@ -473,6 +479,7 @@ def register(
             mask=fp.metric_mask, moving_mask=mp.metric_mask,
         )
     finally:
+        ants.config._random_seed = seed_before
         _remove_intermediate(folder, keep=set())
     cpu["cpu_s_syn"] = time.process_time() - c0 - sum(cpu.values())
     fwd, inv = list(syn["fwdtransforms"]), list(syn["invtransforms"])
@@ -485,6 +492,7 @@ def register(
         inverse_invert=tuple(p.endswith(".mat") for p in inv),  # ANTs: invert the affine, not the inverse field
         qa=qa, seconds=time.perf_counter() - t0,
         params={"work_spacing_mm": WORK_SPACING_MM, "syn_iterations": "x".join(map(str, syn_iterations)),
+                "random_seed": RANDOM_SEED, "itk_threads": settings().threads,
                 **{k: round(v, 2) for k, v in cpu.items()}},
     )
     reg.save()

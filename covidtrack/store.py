@@ -201,6 +201,10 @@ def new_scan_id(content_hash: str) -> str:
     return "scan-" + hashlib.sha256(content_hash.encode()).hexdigest()[:16]
 
 
+def new_reg_id() -> str:
+    return "reg-" + uuid.uuid4().hex[:16]
+
+
 def new_seg_id() -> str:
     return "seg-" + uuid.uuid4().hex[:16]
 
@@ -640,21 +644,32 @@ class Store:
 
     # -- segmentations ----------------------------------------------------------------------
     def segmentation(self, scan_id: str, kind: str = "final") -> SegRecord:
-        """Mask paths of a scan's latest segmentation of ``kind``.
+        """Mask paths of one segmentation of a scan.
 
         ``"model"``: the latest model output; ``"corrected"``: the latest human correction;
-        ``"final"``: the correction if any, else the model output.
+        ``"final"``: the correction if any, else the latest model output; ``"active"``: the one
+        whose numbers the dashboard shows (correction > made only by active models > latest, the
+        ranking of :meth:`metrics`), so registration, change and viewer use the same masks.
         """
-        kinds = {"model": ["model"], "corrected": ["corrected"], "final": ["corrected", "model"]}
+        kinds = {"model": ["model"], "corrected": ["corrected"], "final": ["corrected", "model"], "active": ["active"]}
         if kind not in kinds:
             raise StoreError(f"segmentation kind {kind!r} unknown. Fix: use one of {sorted(kinds)}")
+        cols = "seg_id, scan_id, kind, model_versions, lungs_path, infection_path, lobes_path, created_at"
         for k in kinds[kind]:
-            row = self._one(
-                """SELECT seg_id, scan_id, kind, model_versions, lungs_path, infection_path, lobes_path, created_at
-                   FROM segmentations WHERE scan_id = ? AND kind = ?
-                   ORDER BY created_at DESC, seg_id DESC LIMIT 1""",
-                [scan_id, k],
-            )
+            if k == "active":
+                row = self._one(
+                    f"""SELECT {cols} FROM segmentations g WHERE scan_id = ?
+                        ORDER BY g.has_metrics DESC, (g.kind = 'corrected') DESC,
+                                 list_contains(?::VARCHAR[], g.model_tag) DESC, g.created_at DESC, g.seg_id DESC
+                        LIMIT 1""",
+                    [scan_id, self._active_tags()],
+                )
+            else:
+                row = self._one(
+                    f"""SELECT {cols} FROM segmentations WHERE scan_id = ? AND kind = ?
+                       ORDER BY created_at DESC, seg_id DESC LIMIT 1""",
+                    [scan_id, k],
+                )
             if row:
                 return SegRecord(
                     seg_id=row[0], scan_id=row[1], kind=row[2], model_versions=json.loads(row[3]),
@@ -857,15 +872,20 @@ class Store:
         qa: dict[str, Any],
         ok: bool,
         change_map: str | Path | None = None,
+        *,
+        change: pd.DataFrame | None = None,
+        reg_id: str | None = None,
     ) -> str:
         """Record a registration of ``moving_scan`` onto ``fixed_scan`` (replaces the pair's
-        earlier one). ``transforms``: paths (dict by role or list in ANTs order); ``qa``: figures
-        such as Dice of the warped lung masks. Returns the registration id."""
+        earlier one and, when ``change`` rows are given, its change rows, in the same
+        transaction). ``transforms``: paths (dict by role or list in ANTs order); ``qa``: figures
+        such as Dice of the warped lung masks. Returns the registration id (``reg_id`` when given,
+        so the caller can write it into the pair's files first)."""
         if isinstance(transforms, dict):
             tr: Any = {k: self.rel(v) for k, v in transforms.items()}
         else:
             tr = [self.rel(v) for v in transforms]
-        reg_id = "reg-" + uuid.uuid4().hex[:16]
+        reg_id = reg_id or new_reg_id()
         with self.transaction() as cur:
             for sid in (fixed_scan, moving_scan):
                 if not cur.execute("SELECT 1 FROM scans WHERE scan_id = ?", [sid]).fetchall():
@@ -877,6 +897,8 @@ class Store:
                 [reg_id, fixed_scan, moving_scan, _json(tr), _json(qa), bool(ok),
                  self.rel(change_map) if change_map else None],
             )
+            if change is not None:
+                self._write_change(cur, fixed_scan, moving_scan, change)
         return reg_id
 
     def registrations(self, patient_key: str | None = None) -> pd.DataFrame:
@@ -904,6 +926,10 @@ class Store:
 
     def add_change_metrics(self, fixed_scan: str, moving_scan: str, df: pd.DataFrame) -> None:
         """Store change rows (region, metric, value, unit) of a pair, replacing earlier ones."""
+        with self.transaction() as cur:
+            self._write_change(cur, fixed_scan, moving_scan, df)
+
+    def _write_change(self, cur: duckdb.DuckDBPyConnection, fixed_scan: str, moving_scan: str, df: pd.DataFrame) -> None:
         missing = {"region", "metric", "value", "unit"} - set(df.columns)
         if missing:
             raise StoreError(f"change metrics {fixed_scan}->{moving_scan}: columns {sorted(missing)} missing")
@@ -917,16 +943,15 @@ class Store:
                 "unit": df["unit"].astype(str).to_numpy(),
             }
         )
-        with self.transaction() as cur:
-            cur.execute("DELETE FROM change_metrics WHERE fixed_scan = ? AND moving_scan = ?", [fixed_scan, moving_scan])
-            cur.register("_new_change", rows)
-            try:
-                cur.execute(
-                    "INSERT INTO change_metrics (fixed_scan, moving_scan, region, metric, value, unit) "
-                    "SELECT fixed_scan, moving_scan, region, metric, value, unit FROM _new_change"
-                )
-            finally:
-                cur.unregister("_new_change")
+        cur.execute("DELETE FROM change_metrics WHERE fixed_scan = ? AND moving_scan = ?", [fixed_scan, moving_scan])
+        cur.register("_new_change", rows)
+        try:
+            cur.execute(
+                "INSERT INTO change_metrics (fixed_scan, moving_scan, region, metric, value, unit) "
+                "SELECT fixed_scan, moving_scan, region, metric, value, unit FROM _new_change"
+            )
+        finally:
+            cur.unregister("_new_change")
 
     def change_metrics(self, patient_key: str | None = None) -> pd.DataFrame:
         where, params = ("WHERE f.patient_key = ?", [patient_key]) if patient_key else ("", [])
@@ -947,6 +972,43 @@ class Store:
             cur.execute("DELETE FROM registrations WHERE fixed_scan = ? AND moving_scan = ?", [fixed_scan, moving_scan])
             cur.execute("DELETE FROM change_metrics WHERE fixed_scan = ? AND moving_scan = ?", [fixed_scan, moving_scan])
     # --- end of issue-6 block ----------------------------------------------------------------
+
+    def remove_scan(self, scan_id: str) -> dict[str, int]:
+        """Delete a scan and everything derived from it, in one transaction: its segmentations,
+        metric rows, corrections (training samples), registrations and change rows in which it
+        is either scan, and the patient when it was the patient's last scan. Then its files (the
+        canonical volume, masks) are removed. Returns the number of rows removed per table.
+
+        Registration folders are the caller's (:func:`covidtrack.longitudinal.forget_scan`); a
+        baseline removed this way leaves the follow-ups to be registered to the next baseline.
+        """
+        row = self._one("SELECT patient_key FROM scans WHERE scan_id = ?", [scan_id])
+        if row is None:
+            raise StoreError(f"{self.path}: scan {scan_id} not found. Fix: `python -m covidtrack patients --scans` lists the stored scans")
+        key = row[0]
+        segs = "SELECT seg_id FROM segmentations WHERE scan_id = ?"
+        steps = (
+            ("metrics", f"DELETE FROM metrics WHERE seg_id IN ({segs}) OR scan_id = ?", 2),
+            ("corrections", "DELETE FROM corrections WHERE scan_id = ?", 1),
+            ("change_metrics", "DELETE FROM change_metrics WHERE fixed_scan = ? OR moving_scan = ?", 2),
+            ("registrations", "DELETE FROM registrations WHERE fixed_scan = ? OR moving_scan = ?", 2),
+            ("active_segs", "DELETE FROM active_segs WHERE scan_id = ?", 1),
+            ("segmentations", "DELETE FROM segmentations WHERE scan_id = ?", 1),
+            ("scans", "DELETE FROM scans WHERE scan_id = ?", 1),
+        )
+        removed: dict[str, int] = {}
+        with self.transaction() as cur:
+            for table, sql, n in steps:
+                before = cur.execute(f"SELECT count(*) FROM {table}").fetchall()[0][0]
+                cur.execute(sql, [scan_id] * n)
+                removed[table] = int(before - cur.execute(f"SELECT count(*) FROM {table}").fetchall()[0][0])
+            cur.execute("DELETE FROM active_state")  # the active choice is rebuilt on the next query
+            left = cur.execute("SELECT count(*) FROM scans WHERE patient_key = ?", [key]).fetchall()[0][0]
+            if left == 0:
+                cur.execute("DELETE FROM patients WHERE patient_key = ?", [key])
+            removed["patients"] = int(left == 0)
+        self.clean_orphans()
+        return removed
 
     # -- corrections (HITL) ----------------------------------------------------------------
     def add_correction(

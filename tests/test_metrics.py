@@ -96,13 +96,18 @@ def test_severity_boundaries_from_percent(pct: float, expected: int) -> None:
 
 @pytest.mark.parametrize(("n_inf", "expected"), [(50, 2), (250, 2), (500, 4), (750, 4), (751, 5), (49, 1)])
 def test_severity_exact_boundaries_on_a_lobe_mask(n_inf: int, expected: int) -> None:
-    """A 1000-voxel lobe with exactly 5/25/50/75 % infected, through scan_metrics."""
-    shape = (10, 10, 12)
+    """A 1000-voxel lobe with exactly 5/25/50/75 % infected, through scan_metrics (the four other
+    lobes are clear)."""
+    shape = (10, 10, 14)
     lungs = np.zeros(shape, np.uint8)
-    lungs[:, :, :10] = 1
-    lobes = np.where(lungs > 0, 1, 0).astype(np.uint8)
+    lungs[:, :, :11] = 1
+    lungs[:, :, 12:13] = 2
+    lobes = np.zeros(shape, np.uint8)
+    lobes[:, :, :10] = 1
+    lobes[:, :5, 10], lobes[:, 5:, 10] = 2, 3
+    lobes[:, :5, 12], lobes[:, 5:, 12] = 4, 5
     inf = np.zeros(shape, np.uint8)
-    inf.reshape(-1)[np.flatnonzero(lungs.reshape(-1))[:n_inf]] = 1
+    inf.reshape(-1)[np.flatnonzero((lobes == 1).reshape(-1))[:n_inf]] = 1
     vol = Volume(array=np.full(shape, -800, np.int16), spacing=(1.3, 0.7, 0.7))
     df = M.scan_metrics(vol, Segmentation(lungs=lungs, infection=inf, lobes=lobes))
     assert _value(df, "RUL", M.SEVERITY) == expected
@@ -164,3 +169,15 @@ def test_shape_mismatch_is_refused() -> None:
     z = np.zeros((3, 3, 3), np.uint8)
     with pytest.raises(ValueError):
         M.scan_metrics(Volume(array=np.zeros((3, 3, 4), np.int16), spacing=(1, 1, 1)), Segmentation(lungs=z, infection=z))
+
+
+def test_a_lobe_missing_from_the_lobe_map_has_no_score() -> None:
+    """A lobe map without a middle lobe (e.g. imported): RML is 'not measured', not 'clear', and
+    the 0-25 total is missing rather than a sum that silently counts RML as 0."""
+    vol, seg = _box_case()
+    lobes = np.where(seg.lobes == 2, 1, seg.lobes).astype(np.uint8)
+    df = M.scan_metrics(vol, Segmentation(lungs=seg.lungs, infection=seg.infection, lobes=lobes))
+    assert np.isnan(_value(df, "RML", M.SEVERITY)) and np.isnan(_value(df, "RML", M.POI))
+    assert np.isnan(_value(df, "whole", M.SEVERITY))
+    assert _value(df, "RUL", M.SEVERITY) == 2  # 200 of 1400 voxels: 14 %
+    assert _value(M.scan_metrics(vol, seg), "whole", M.SEVERITY) == 4  # all five lobes present

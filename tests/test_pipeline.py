@@ -366,6 +366,9 @@ def test_concurrent_duplicate_ingest_keeps_one(tmp_path: Path, monkeypatch: pyte
             return None if len(calls) == 1 else real(content_hash)  # the racing ingest saw nothing
 
         monkeypatch.setattr(store, "scan_by_hash", blind_first_check)
+        from covidtrack import pipeline
+
+        monkeypatch.setattr(pipeline, "_check_one_scan_per_date", lambda *a: None)  # it raced past this too
         again = drain(ingest(vol, "P1", "2020-03-14", store=store, segmenter=truth_segmenter))
         assert not again.created and again.scan_id == first.scan_id
         assert store.counts()["scans"] == 1 and _files(store.home) == store.referenced_files()
@@ -447,3 +450,26 @@ def _box_segmenter(vol: Volume, progress=None) -> Segmentation:
     lungs[:, :, mid:][body[:, :, mid:]] = 2
     lungs[:, :2] = 0
     return Segmentation(lungs=lungs, infection=np.zeros(vol.shape, np.uint8), lobes=None, model_versions={"lungs": "box/v0"})
+
+
+def test_one_scan_per_date_and_remove_scan(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    vol, _ = synthetic_chest()
+    other, _ = synthetic_chest(lesion_shift=2)
+    first = drain(ingest(vol, "P1", "2020-03-01", segmenter=truth_segmenter))
+    with pytest.raises(InputError, match=f"already has scan {first.scan_id} dated 2020-03-01") as err:
+        drain(ingest(other, "P1", "2020-03-01", segmenter=truth_segmenter))
+    assert f"remove-scan {first.scan_id}" in str(err.value)
+    drain(ingest(other, "P2", "2020-03-01", segmenter=truth_segmenter))  # another patient's scan that day is fine
+    # remove-scan says what it would do, and does it only with --yes
+    assert cli_main(["remove-scan", first.scan_id]) == 1
+    assert "add --yes" in capsys.readouterr().out
+    with S.Store.open() as store:
+        assert first.scan_id in set(store.scans()["scan_id"])
+    assert cli_main(["remove-scan", first.scan_id, "--yes"]) == 0
+    assert "no scans left" in capsys.readouterr().out
+    with S.Store.open() as store:
+        assert set(store.scans()["patient_key"]) == {io.patient_key("P2")}
+        assert len(_files(store.home)) == 4  # P2's volume and its three masks
+    third, _ = synthetic_chest(lesion_shift=-2)
+    assert drain(ingest(third, "P1", "2020-03-01", segmenter=truth_segmenter)).created  # the date is free again
+    assert cli_main(["remove-scan", "scan-nope", "--yes"]) == 2

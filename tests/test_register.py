@@ -325,3 +325,68 @@ def test_downsampled_label_maps_stay_labels():
     prep = _prepare(vol, lungs, np.zeros_like(lungs), 10.0)
     assert set(np.unique(prep.lungs.numpy())) == {0.0, 1.0, 2.0}
     assert max(prep.image.spacing) >= 2.5
+
+
+def test_change_follows_corrections_and_hides_stale_pairs(series, covidtrack_home, monkeypatch):
+    """The change shown always comes from the masks shown: a correction makes the pair stale (not
+    shown, with a note) until it is redone; a redone pair reflects the correction; a registration
+    interrupted before its rows landed is redone, not reused; the same pair twice gives the same
+    numbers (seeded)."""
+    from covidtrack import longitudinal
+    from covidtrack.hitl import corrections
+    from covidtrack.report.load import aligned_series, change_notes, change_table
+    from covidtrack.store import Store
+
+    (v0, t0), (v1, t1) = series
+    d = dt.date(2026, 3, 10)
+    with Store.open() as store:
+        s1 = _store_scan(store, "P1", d, v0, _seg(t0))
+        s2 = _store_scan(store, "P1", d + dt.timedelta(days=5), v1, _seg(t1))
+        longitudinal.register_followup(store, s2)
+        table = change_table(store, "P1")
+        assert set(table["scan_id"]) == {s2} and change_notes(store, "P1") == []
+        whole = table.set_index("region").loc["whole"]
+        assert whole["resolved_ml"] + whole["persistent_ml"] > 0
+        longitudinal.register_followup(store, s2, force=True)
+        assert np.allclose(change_table(store, "P1")[["new_ml", "resolved_ml", "persistent_ml"]].to_numpy(),
+                           table[["new_ml", "resolved_ml", "persistent_ml"]].to_numpy())
+
+        cleared = np.zeros_like(t0.infection)
+        corrections.save_correction(store, s1, cleared, corrections.effort_between(t0.infection, cleared), "tester")
+        assert longitudinal.pair_status(store, "P1") == {s2: longitudinal.STALE}
+        assert change_table(store, "P1").empty
+        assert "changed since it was registered" in change_notes(store, "P1")[0]
+        assert aligned_series(store, "P1").change[1] is None  # no change map that contradicts the masks
+
+        done = longitudinal.refresh_after_change(store, s1)
+        assert [r.moving_scan for r in done] == [s2] and not done[0].reused
+        whole = change_table(store, "P1").set_index("region").loc["whole"]
+        assert whole["resolved_ml"] == 0 and whole["persistent_ml"] == 0 and whole["new_ml"] > 0
+        assert longitudinal.refresh_after_change(store, s1)[0].reused  # up to date now
+
+        def interrupted(*args, **kwargs):
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(Store, "add_registration", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            longitudinal.register_followup(store, s2, force=True)
+        monkeypatch.undo()
+        assert not longitudinal.register_followup(store, s2).reused
+
+        # an earlier scan stored without registering: pairs of the former baseline are not shown
+        s0 = _store_scan(store, "P1", d - dt.timedelta(days=4), _shifted(v0), _seg(t0))
+        assert change_table(store, "P1").empty
+        assert sorted(n.split(":")[0] for n in change_notes(store, "P1")) == [str(d), str(d + dt.timedelta(days=5))]
+
+        # removing that scan again: s1 is the baseline once more, its pair still current
+        out = longitudinal.forget_scan(store, s0)
+        assert out["was_baseline"] and out["removed"]["scans"] == 1 and out["removed"]["patients"] == 0
+        assert set(change_table(store, "P1")["scan_id"]) == {s2}
+        assert not any(s0 in p.name for p in (covidtrack_home / "registrations").iterdir())
+        assert not any(s0 in p.name for d_ in ("scans", "masks") for p in (covidtrack_home / d_).iterdir())
+        # removing the baseline: the follow-up is all that is left, nothing to register
+        out = longitudinal.forget_scan(store, s1)
+        assert out["removed"]["registrations"] == 1 and out["removed"]["corrections"] == 1
+        assert store.change_metrics("P1").empty and store.baseline_scan("P1") == s2
+        longitudinal.forget_scan(store, s2)
+        assert store.patients().empty and store.counts()["scans"] == 0

@@ -206,7 +206,7 @@ def test_patient_pdf_via_cli(store_with_patients: list[str], tmp_path: Path) -> 
     with Store.open() as store:
         frame = load.patient_frame(store, key)
     poi0 = frame[(frame.region == "whole") & (frame.metric == M.POI)].sort_values("study_date")["value"].iloc[0]
-    assert f"{poi0:.2f}" in text  # the baseline whole-lung POI appears in the per-date table
+    assert data.poi_text(poi0, unit=False) in text  # the baseline whole-lung POI appears in the per-date table
     assert "not a diagnosis" in text
     assert not list(tmp_path.glob(".patient.pdf.*"))  # no temporary file left behind
 
@@ -288,3 +288,46 @@ def test_single_scan_trajectory_shows_whole_days() -> None:
     bars = [t for t in fig.data if t.type == "bar"]
     assert bars and bars[0].width == 86400000.0
     assert list(figures.trajectory_figure(frame, x="day").layout.xaxis.range) == [-4, 4]
+
+
+def test_poi_text_never_contradicts_the_score() -> None:
+    from covidtrack.metrics import severity_from_percent
+    from covidtrack.report.data import poi_text
+
+    cases = {0.0: "0.0 %", 0.01: "<0.1 %", 4.96: "4.96 %", 4.999: "<5.00 %", 5.0: "5.0 %", 25.04: "25.04 %",
+             25.001: ">25.00 %", 49.96: "49.96 %", 75.04: "75.04 %", 12.34: "12.3 %", float("nan"): "–"}
+    for value, text in cases.items():
+        assert poi_text(value) == text
+    for value in np.linspace(0.01, 99.99, 4001):  # whatever is printed scores like the value itself
+        shown = poi_text(float(value), unit=False).lstrip("<>")
+        if not poi_text(float(value)).startswith(("<", ">")):
+            assert severity_from_percent(float(shown)) == severity_from_percent(float(value))
+
+
+def test_patients_list_takes_latest_values_from_the_latest_scan() -> None:
+    def row(key: str, day: int, metric: str, value: float) -> dict:
+        return dict(patient_key=key, label=key, arm="A", scan_id=f"{key}-{day}", study_date=pd.Timestamp("2020-03-01") + pd.Timedelta(days=day),
+                    day=day, region="whole", metric=metric, value=value, unit="", model_version="m")
+
+    rows = [row("P1", 0, M.POI, 80.0), row("P1", 0, M.SEVERITY, 25.0), row("P1", 9, M.POI, 0.2),  # latest: no lobes
+            row("P2", 0, M.POI, 5.0), row("P2", 4, M.POI, 30.0), row("P2", 8, M.POI, np.nan)]  # latest: empty lung mask
+    table = data.patient_summary(pd.DataFrame(rows)).set_index("patient_key")
+    assert table.loc["P1", "latest POI %"] == 0.2 and table.loc["P1", "latest score"] is None
+    assert table.loc["P1", "trend"] == "↓ better"
+    assert np.isnan(table.loc["P2", "latest POI %"]) and table.loc["P2", "trend"] == "·"
+
+
+def test_pdf_lobe_table_shows_whole_scores_and_traces() -> None:
+    from covidtrack.report.pdf import _lobe_table_for_pdf
+
+    frame = synthetic.patient_frame(3)
+    lobeless = frame["study_date"] == frame["study_date"].max()
+    frame = frame[~(lobeless & (frame.region.isin(data.LOBES) | (frame.metric == M.SEVERITY)))].copy()
+    whole = (frame.region == "whole") & lobeless
+    frame.loc[whole & (frame.metric == M.POI), "value"] = 0.003
+    frame.loc[whole & (frame.metric == M.INFECTION_ML), "value"] = 0.002
+    table = _lobe_table_for_pdf(frame)
+    assert table["Score /25"].iloc[0].isdigit() and table["Score /25"].iloc[-1] == "–"
+    assert all(cell.endswith(")") and "." not in cell.split("(")[1] for cell in table["RUL"].iloc[:-1])
+    assert table["POI %"].iloc[-1] == "<0.1" and table["Infection mL"].iloc[-1] == "<0.01"
+    assert data.lobe_table(frame)["RUL score"].dtype == "Int64"

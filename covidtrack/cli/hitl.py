@@ -32,6 +32,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     i.add_argument("--table", default="covidtrack", help="label numbering: covidtrack, slicer, itksnap, medseg, covid19_ct_seg, binary, or VALUE=CLASS,...")
     i.add_argument("--author", required=True, help="reviewer name or initials")
     i.add_argument("--minutes", type=float, default=0.0, help="time spent correcting (minutes)")
+    i.add_argument("--no-register", action="store_true",
+                   help="do not recompute the change vs baseline now (it is shown as out of date until `register` runs)")
     i.set_defaults(func=_import)
 
     group.add_parser("versions", help="infection model versions").set_defaults(func=_versions)
@@ -76,8 +78,26 @@ def _import(args: argparse.Namespace) -> int:
         model = store.load_segmentation(args.scan_id, "model").infection
         effort = corrections.effort_between(model, labels, seconds=args.minutes * 60.0)
         cid, seg_id = corrections.save_correction(store, args.scan_id, labels, effort, args.author)
-    print(f"stored correction {cid} (segmentation {seg_id}): {effort.voxels_changed} voxels changed on {effort.slices_touched} slices")
+        print(f"stored correction {cid} (segmentation {seg_id}): {effort.voxels_changed} voxels changed on {effort.slices_touched} slices")
+        if not args.no_register:
+            _refresh_change(store, args.scan_id)
     return 0
+
+
+def _refresh_change(store: object, scan_id: str) -> None:
+    """Re-register the pairs the correction made stale; a failure is a warning (the correction stands)."""
+    from covidtrack import longitudinal
+    from covidtrack.cli.ingest import ProgressBar
+
+    try:
+        done = longitudinal.refresh_after_change(store, scan_id, progress=ProgressBar())  # type: ignore[arg-type]
+    except Exception as err:  # noqa: BLE001 - the correction is stored; say how to redo the change
+        print(f"warning: change vs baseline not updated ({type(err).__name__}: {err}); "
+              "run `python -m covidtrack register PATIENT`", file=sys.stderr)
+        return
+    redone = [r for r in done if not r.reused]
+    if redone:
+        print(f"change vs baseline recomputed for {len(redone)} follow-up(s)")
 
 
 def _versions(args: argparse.Namespace) -> int:

@@ -170,7 +170,30 @@ def lobe_table(frame: pd.DataFrame) -> pd.DataFrame:
         total = grp[(grp.region == "whole") & (grp.metric == M.SEVERITY)]["value"]
         row["Total score"] = int(total.iloc[0]) if len(total) and pd.notna(total.iloc[0]) else None
         rows.append(row)
-    return pd.DataFrame(rows)
+    out = pd.DataFrame(rows)
+    for col in [c for c in out.columns if str(c).endswith("score")]:
+        out[col] = out[col].astype("Int64")  # whole scores, missing where a date has no lobes (not 2.0 / NaN)
+    return out
+
+
+def poi_text(poi: float | None, unit: bool = True) -> str:
+    """A POI (%) for tables and figures that never contradicts its severity score.
+
+    One decimal; a trace (> 0, under 0.05 %) reads "<0.1"; a value that one decimal would round
+    onto or across a severity threshold (5, 25, 50, 75 %) gets two decimals (4.96 -> "4.96", not
+    "5.0", which would read as score 2), or "<5.00" / ">25.00" when even two would. "–" for none.
+    """
+    if poi is None or not np.isfinite(poi):
+        return "–"
+    suffix = " %" if unit else ""
+    if 0 < poi < 0.05:
+        return "<0.1" + suffix
+    score = metrics.severity_from_percent(poi)
+    for decimals in (1, 2):
+        text = f"{poi:.{decimals}f}"
+        if metrics.severity_from_percent(float(text)) == score:
+            return text + suffix
+    return ("<" if poi < float(text) else ">") + text + suffix
 
 
 def trend_arrow(values: list[float] | np.ndarray, threshold: float = 1.0) -> str:
@@ -197,12 +220,16 @@ def patient_summary(cohort: pd.DataFrame) -> pd.DataFrame:
     cols = ["patient_key", "label", "arm", "scans", "first", "last", "latest POI %", "latest score", "trend", "checks"]
     if cohort.empty:
         return pd.DataFrame(columns=cols)
-    poi = cohort[(cohort.metric == M.POI) & (cohort.region == "whole")].sort_values("study_date")
-    sev = cohort[(cohort.metric == M.SEVERITY) & (cohort.region == "whole")]
-    sev_last = sev.sort_values("study_date").groupby("patient_key")["value"].last()
+    whole = cohort[cohort.region == "whole"]
     rows = []
     for key, grp in cohort.groupby("patient_key", sort=False):
-        p = poi[poi.patient_key == key]["value"].to_numpy(dtype=float)
+        # one row per scan in date order: "latest" is the latest scan's own value ("–" where it has
+        # none), never an older scan's; the trend compares the last two scans as they are
+        per_scan = (whole[(whole.patient_key == key) & whole.metric.isin([M.POI, M.SEVERITY])]
+                    .groupby(["study_date", "scan_id", "metric"])["value"].first().unstack("metric")
+                    .reindex(columns=[M.POI, M.SEVERITY]).sort_index())
+        p = per_scan[M.POI].to_numpy(dtype=float)
+        last_sev = per_scan[M.SEVERITY].iloc[-1] if len(per_scan) else np.nan
         dates = pd.to_datetime(grp["study_date"])
         rows.append(
             {
@@ -212,9 +239,9 @@ def patient_summary(cohort: pd.DataFrame) -> pd.DataFrame:
                 "scans": int(grp["scan_id"].nunique()),
                 "first": dates.min().date(),
                 "last": dates.max().date(),
-                "latest POI %": round(float(p[-1]), 2) if len(p) else np.nan,
-                "latest score": int(sev_last[key]) if key in sev_last.index and pd.notna(sev_last[key]) else None,
-                "trend": trend_arrow(p),
+                "latest POI %": round(float(p[-1]), 2) if len(p) and np.isfinite(p[-1]) else np.nan,
+                "latest score": int(last_sev) if pd.notna(last_sev) else None,
+                "trend": trend_arrow(p[-2:]) if len(p) >= 2 and np.isfinite(p[-2:]).all() else "·",
                 "checks": len(flag_lines(grp)),
             }
         )

@@ -14,7 +14,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from covidtrack.report.data import LOBES, M, metric_label, select
+from covidtrack.report.data import LOBES, M, metric_label, poi_text, select
 from covidtrack.report.stats import MIN_CI_N, mean_ci, per_patient_series
 from covidtrack.labels import CHANGE_LABELS
 from covidtrack.report.viewer import (
@@ -178,7 +178,7 @@ def lobe_heatmap(frame: pd.DataFrame, x: XAxis = "date", height: int = 300) -> g
     fig = go.Figure(
         go.Heatmap(
             z=z, x=labels, y=list(piv.index), colorscale="YlOrRd", zmin=0, zmax=max(25.0, float(np.nanmax(z)) if np.isfinite(z).any() else 25.0),
-            text=np.where(np.isfinite(z), np.round(z, 1).astype(str), ""), texttemplate="%{text}",
+            text=[[poi_text(v, unit=False) if np.isfinite(v) else "" for v in row] for row in z], texttemplate="%{text}",
             colorbar=dict(title=dict(text="POI %")),
             hovertemplate="%{y} %{x}: %{z:.2f} %<extra></extra>",
         )

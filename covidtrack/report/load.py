@@ -75,29 +75,52 @@ def patient_header(store: "Store", patient_key: str, frame: pd.DataFrame | None 
 
 
 def change_table(store: "Store", patient_key: str) -> pd.DataFrame:
-    """New / resolved / persistent infection (mL) per follow-up date and region.
+    """New / resolved / persistent infection (mL) per follow-up and region.
 
-    Columns ``date``, ``region``, ``new_ml``, ``resolved_ml``, ``persistent_ml`` (empty when no
-    follow-up has been registered). Metric names ending in ``new``/``resolved``/``persistent``
-    (with or without a ``_volume``/``_ml`` suffix) are recognised.
+    Columns ``date``, ``scan_id``, ``region``, ``new_ml``, ``resolved_ml``, ``persistent_ml``,
+    one row per follow-up scan and region (two follow-ups on one date stay two rows). Only pairs
+    registered to the current baseline from the segmentations shown now are included
+    (:func:`covidtrack.longitudinal.pair_status`); :func:`change_notes` says what is left out.
+    Metric names ending in ``new``/``resolved``/``persistent`` (with or without a
+    ``_volume``/``_ml`` suffix) are recognised.
     """
+    from covidtrack.longitudinal import CURRENT, pair_status
+
     rows = store.change_metrics(patient_key)
-    cols = ["date", "region", *CHANGE_COLUMNS.values()]
+    cols = ["date", "scan_id", "region", *CHANGE_COLUMNS.values()]
     if rows.empty:
         return pd.DataFrame(columns=cols)
+    current = [sid for sid, status in pair_status(store, patient_key).items() if status == CURRENT]
+    rows = rows[(rows["fixed_scan"] == store.baseline_scan(patient_key)) & rows["moving_scan"].isin(current)]
     kind = rows["metric"].str.replace(r"(_volume|_ml)$", "", regex=True).str.split("_").str[-1]
     rows = rows.assign(kind=kind)
     rows = rows[rows["kind"].isin(list(CHANGE_COLUMNS))]
     if rows.empty:
         return pd.DataFrame(columns=cols)
-    wide = rows.pivot_table(index=["moving_date", "region"], columns="kind", values="value", aggfunc="first").reset_index()
+    wide = rows.pivot_table(index=["moving_date", "moving_scan", "region"], columns="kind", values="value",
+                            aggfunc="first").reset_index()
     wide.columns.name = None
-    wide = wide.rename(columns={"moving_date": "date", **CHANGE_COLUMNS})
+    wide = wide.rename(columns={"moving_date": "date", "moving_scan": "scan_id", **CHANGE_COLUMNS})
     wide["date"] = pd.to_datetime(wide["date"]).dt.date.astype(str)
     for c in CHANGE_COLUMNS.values():
         if c not in wide:
             wide[c] = np.nan
-    return wide[cols]
+    return wide[cols].sort_values(["date", "scan_id"], kind="stable").reset_index(drop=True)
+
+
+def change_notes(store: "Store", patient_key: str) -> list[str]:
+    """One line per follow-up whose change vs the baseline is not shown, saying why and the fix."""
+    from covidtrack.longitudinal import CURRENT, FAILED, MISSING, STALE, pair_status
+
+    dates = {str(r.scan_id): str(pd.Timestamp(r.study_date).date()) for r in store.scans(patient_key).itertuples()}
+    why = {
+        STALE: "its segmentation or the baseline's changed since it was registered (a correction or a new model)",
+        FAILED: "its registration to the baseline failed the quality check",
+        MISSING: "it has not been registered to the baseline",
+    }
+    fix = f"run `python -m covidtrack register {patient_key}`"
+    return [f"{dates.get(sid, sid)}: change vs baseline not shown: {why[status]}" + ("" if status == FAILED else f"; {fix}")
+            for sid, status in pair_status(store, patient_key).items() if status != CURRENT]
 
 
 def _resize_to(arr: np.ndarray, shape: tuple[int, ...], order: int) -> np.ndarray:
@@ -132,7 +155,10 @@ def aligned_series(store: "Store", patient_key: str) -> AlignedSeries:
     scans = store.scans(patient_key).sort_values(["study_date", "created_at"])
     if scans.empty:
         raise StoreError(f"{store.path}: patient {patient_key} has no scans. Fix: import a scan on the Import page")
+    from covidtrack.longitudinal import CURRENT, pair_status
+
     regs = store.registrations(patient_key)
+    status = pair_status(store, patient_key)
     base_id = str(scans["scan_id"].iloc[0])
     base_vol = store.load_volume(base_id)
     shape = base_vol.shape
@@ -141,7 +167,7 @@ def aligned_series(store: "Store", patient_key: str) -> AlignedSeries:
         sid = str(scan["scan_id"])
         vol = base_vol if sid == base_id else store.load_volume(sid)
         try:
-            seg = store.load_segmentation(sid)
+            seg = store.load_segmentation(sid, "active")
         except StoreError:
             log.warning("scan %s has no segmentation; shown without overlay", sid)
             seg = None
@@ -152,11 +178,12 @@ def aligned_series(store: "Store", patient_key: str) -> AlignedSeries:
         change = None
         ok = sid == base_id
         if sid != base_id:
-            # a pair that failed registration QA is shown "not aligned", never as if aligned
+            # a pair that failed registration QA is shown "not aligned", never as if aligned; a
+            # stale pair (masks changed since) is still aligned, but its change map is not shown
             reg_rows = regs[(regs["fixed_scan"] == base_id) & (regs["moving_scan"] == sid) & regs["ok"].astype(bool)]
             warped = None
             if len(reg_rows):
-                seg_id = store.segmentation(sid).seg_id if seg is not None else "none"
+                seg_id = store.segmentation(sid, "active").seg_id if seg is not None else "none"
                 cache = _cache_file(store, base_id, sid, str(reg_rows["reg_id"].iloc[0]), seg_id)
                 warped = _read_cached(cache, shape)
                 if warped is None:
@@ -165,7 +192,7 @@ def aligned_series(store: "Store", patient_key: str) -> AlignedSeries:
                         _write_cached(cache, warped)
             if warped is not None:
                 ct, inf, lung, lobe = warped
-                change = _read_mask(reg_rows["change_map_path"].iloc[0])
+                change = _read_mask(reg_rows["change_map_path"].iloc[0]) if status.get(sid) == CURRENT else None
                 if change is not None and change.shape != shape:
                     change = None
                 ok = True
@@ -253,12 +280,21 @@ def patient_report_data(store: "Store", patient_key: str, with_images: bool = Tr
     frame = patient_frame(store, patient_key)
     header = patient_header(store, patient_key, frame)
     aligned = aligned_series(store, patient_key) if with_images else None
-    return PatientReportData(header=header, frame=frame, aligned=aligned, change=change_table(store, patient_key))
+    return PatientReportData(header=header, frame=frame, aligned=aligned, change=change_table(store, patient_key),
+                             change_notes=tuple(change_notes(store, patient_key)))
 
 
 def store_revision(store: "Store") -> tuple[int, ...]:
-    """A cheap fingerprint that changes whenever rows are added (cache key for the dashboard)."""
-    return tuple(store.counts().values())
+    """A cheap fingerprint that changes whenever rows are added, a registration is redone (it
+    replaces its row) or the active models change (cache key for the dashboard)."""
+    import zlib
+
+    from covidtrack.store import active_model_names
+
+    row = store._one("SELECT epoch_us(max(created_at)) FROM registrations")
+    latest_reg = int(row[0]) if row and row[0] is not None else 0
+    models = zlib.crc32(",".join(sorted(active_model_names())).encode())
+    return (*store.counts().values(), latest_reg, models)
 
 
 def resolve_patient(store: "Store", ident: str) -> str:

@@ -21,7 +21,7 @@ from fpdf import FPDF
 from fpdf.fonts import FontFace
 
 from covidtrack.report import figures
-from covidtrack.report.data import LOBES, M, PatientHeader, flag_lines, lobe_table, metric_label, select
+from covidtrack.report.data import LOBES, M, PatientHeader, flag_lines, lobe_table, metric_label, poi_text, select
 from covidtrack.report.export import Engine, FigureExporter
 from covidtrack.report.stats import MIN_CI_N, change_from_baseline, compare_arms, mean_ci, per_patient_series, responders
 from covidtrack.report.viewer import LOBE_LEGEND, AlignedSeries, png_bytes, render
@@ -38,12 +38,14 @@ CONTENT_W_MM = PAGE_W_MM - 2 * MARGIN_MM
 @dataclass(frozen=True, eq=False)
 class PatientReportData:
     """Everything a patient report shows. ``change`` columns: ``date``, ``region``, ``new_ml``,
-    ``resolved_ml``, ``persistent_ml`` (mL, follow-up vs baseline in baseline space)."""
+    ``resolved_ml``, ``persistent_ml`` (mL, follow-up vs baseline in baseline space);
+    ``change_notes``: follow-ups whose change is not shown, and why."""
 
     header: PatientHeader
     frame: pd.DataFrame
     aligned: AlignedSeries | None = None
     change: pd.DataFrame = field(default_factory=pd.DataFrame)
+    change_notes: tuple[str, ...] = ()
 
 
 def _font_dir() -> Path:
@@ -154,10 +156,11 @@ def _atomic_output(pdf: FPDF, out: Path) -> Path:
     return out
 
 
-def _poi_text(poi: float) -> str:
-    """POI with one decimal; a trace (> 0, under 0.05 %) reads "<0.1 %", not "0.0 %", so it
-    agrees with its severity score of 1."""
-    return "<0.1 %" if 0 < poi < 0.05 else f"{poi:.1f} %"
+def _ml_text(ml: float | None) -> str:
+    """A volume (mL): a trace reads "<0.01", not "0.00"."""
+    if ml is None or not np.isfinite(ml):
+        return "–"
+    return "<0.01" if 0 < ml < 0.005 else _fmt(float(ml))
 
 
 def _lobe_table_for_pdf(frame: pd.DataFrame) -> pd.DataFrame:
@@ -168,12 +171,12 @@ def _lobe_table_for_pdf(frame: pd.DataFrame) -> pd.DataFrame:
     out = pd.DataFrame({"Date": table["Date"].astype(str), "Day": table["Day"]})
     for lobe in LOBES:
         poi, score = table[f"{lobe} POI %"], table[f"{lobe} score"]
-        out[lobe] = [f"{_poi_text(p)} ({s})" if pd.notna(p) and s is not None and pd.notna(s) else (_poi_text(p) if pd.notna(p) else "–") for p, s in zip(poi, score)]
-    out["Score /25"] = [_fmt(v) for v in table["Total score"]]
+        out[lobe] = [poi_text(p) + (f" ({int(s)})" if pd.notna(p) and pd.notna(s) else "") for p, s in zip(poi, score)]
+    out["Score /25"] = [str(int(v)) if pd.notna(v) else "–" for v in table["Total score"]]
     inf = select(frame, M.INFECTION_ML, "whole").drop_duplicates("study_date")
     poi = select(frame, M.POI, "whole").drop_duplicates("study_date")
-    out["Infection mL"] = [_fmt(v) for v in inf["value"]] if len(inf) == len(out) else "–"
-    out["POI %"] = [_fmt(v) for v in poi["value"]] if len(poi) == len(out) else "–"
+    out["Infection mL"] = [_ml_text(v) for v in inf["value"]] if len(inf) == len(out) else "–"
+    out["POI %"] = [poi_text(v, unit=False) for v in poi["value"]] if len(poi) == len(out) else "–"
     return out
 
 
@@ -266,6 +269,8 @@ def write_patient_pdf(data: PatientReportData, out: str | Path, engine: Engine =
     summary = _change_summary(data.change)
     # heading, notes and table on one page where the table fits on one (~6 mm per row)
     pdf.h2("Change summary vs baseline (mL, in baseline space)", need_mm=min(30 + 6.5 * (len(summary) + 1), 200))
+    for note in data.change_notes:
+        pdf.para(note, 8)
     if summary.empty:
         pdf.para("No registered follow-up yet: change per lobe needs a follow-up registered to the baseline.")
     else:

@@ -71,6 +71,12 @@ def change(patient_key: str, rev: Revision) -> pd.DataFrame:
     return load.change_table(store(), patient_key)
 
 
+@st.cache_data(show_spinner=False, max_entries=32)
+def change_notes(patient_key: str, rev: Revision) -> list[str]:
+    del rev
+    return load.change_notes(store(), patient_key)
+
+
 @st.cache_resource(show_spinner="Aligning the follow-ups to the baseline ...", max_entries=6)
 def aligned(patient_key: str, rev: Revision) -> AlignedSeries:
     """Every timepoint in baseline space (warping costs seconds; done once per patient and revision)."""

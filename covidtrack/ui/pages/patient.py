@@ -131,6 +131,9 @@ def main() -> None:
     change = resources.change(key, rev)
     if len(change):
         st.plotly_chart(figures.change_bar_figure(change), key="change_bars", config=PLOTLY_CONFIG, width="stretch")
+    notes = resources.change_notes(key, rev)
+    if notes:
+        st.info("\n".join(f"- {line}" for line in notes))
     st.subheader("Metrics per date")
     table = wide_by_date(frame)
     if not lobe_view:

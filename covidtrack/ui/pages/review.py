@@ -248,13 +248,29 @@ def _save_bar(state: dict[str, Any]) -> None:
         except CovidtrackError as err:
             st.error(str(err))
         else:
+            note = _refresh_change(state["scan_id"])
             resources.invalidate()
             _state().clear()
-            st.session_state["review_saved"] = f"Saved correction {cid} (segmentation {seg_id}); the model output is kept unchanged."
+            st.session_state["review_saved"] = (f"Saved correction {cid} (segmentation {seg_id}); the model output is kept "
+                                                f"unchanged. {note}")
             st.rerun()
     if b2.button("Discard edits (back to the model output)", key="review_reset"):
         _state().clear()
         st.rerun()
+
+
+def _refresh_change(scan_id: str) -> str:
+    """Re-register the follow-up pairs the correction made stale, so the change vs baseline matches
+    the corrected mask; a failure leaves the correction stored and says how to redo it."""
+    from covidtrack import longitudinal
+
+    try:
+        with st.spinner("Updating the change vs baseline (registration) ..."):
+            done = longitudinal.refresh_after_change(resources.store(), scan_id)
+    except Exception as err:  # noqa: BLE001 - the correction is stored either way
+        return f"The change vs baseline was not updated ({err}); run `python -m covidtrack register` for this patient."
+    redone = sum(not r.reused for r in done)
+    return f"Change vs baseline recomputed for {redone} follow-up(s)." if redone else ""
 
 
 def _import(state: dict[str, Any]) -> None:
