@@ -93,7 +93,7 @@ def _refresh_change(store: object, scan_id: str) -> None:
         done = longitudinal.refresh_after_change(store, scan_id, progress=ProgressBar())  # type: ignore[arg-type]
     except Exception as err:  # noqa: BLE001 - the correction is stored; say how to redo the change
         print(f"warning: change vs baseline not updated ({type(err).__name__}: {err}); "
-              "run `python -m covidtrack register PATIENT`", file=sys.stderr)
+              "run `python -m covidtrack register --patient ID`", file=sys.stderr)
         return
     redone = [r for r in done if not r.reused]
     if redone:

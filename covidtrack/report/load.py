@@ -118,7 +118,7 @@ def change_notes(store: "Store", patient_key: str) -> list[str]:
         FAILED: "its registration to the baseline failed the quality check",
         MISSING: "it has not been registered to the baseline",
     }
-    fix = f"run `python -m covidtrack register {patient_key}`"
+    fix = f"run `python -m covidtrack register --patient {patient_key}`"
     return [f"{dates.get(sid, sid)}: change vs baseline not shown: {why[status]}" + ("" if status == FAILED else f"; {fix}")
             for sid, status in pair_status(store, patient_key).items() if status != CURRENT]
 

@@ -268,7 +268,7 @@ def _refresh_change(scan_id: str) -> str:
         with st.spinner("Updating the change vs baseline (registration) ..."):
             done = longitudinal.refresh_after_change(resources.store(), scan_id)
     except Exception as err:  # noqa: BLE001 - the correction is stored either way
-        return f"The change vs baseline was not updated ({err}); run `python -m covidtrack register` for this patient."
+        return f"The change vs baseline was not updated ({err}); run `python -m covidtrack register --patient ID` for this patient."
     redone = sum(not r.reused for r in done)
     return f"Change vs baseline recomputed for {redone} follow-up(s)." if redone else ""
 
