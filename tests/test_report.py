@@ -331,3 +331,66 @@ def test_pdf_lobe_table_shows_whole_scores_and_traces() -> None:
     assert all(cell.endswith(")") and "." not in cell.split("(")[1] for cell in table["RUL"].iloc[:-1])
     assert table["POI %"].iloc[-1] == "<0.1" and table["Infection mL"].iloc[-1] == "<0.01"
     assert data.lobe_table(frame)["RUL score"].dtype == "Int64"
+
+
+def _poi_rows(key: str, arm: str, values: dict[int, float], severity: dict[int, float] | None = None) -> list[dict]:
+    rows = []
+    for day, v in values.items():
+        for metric, value in ((M.POI, v), *(((M.SEVERITY, severity[day]),) if severity and day in severity else ())):
+            rows.append(dict(patient_key=key, label=key, arm=arm, scan_id=f"{key}-{day}", study_date=pd.Timestamp("2020-03-01") + pd.Timedelta(days=day),
+                             day=day, region="whole", metric=metric, value=value, unit="", model_version="m"))
+    return rows
+
+
+def test_change_from_baseline_uses_the_first_scan_and_the_last_measured_one() -> None:
+    frame = pd.DataFrame(_poi_rows("P1", "A", {0: 20.0, 4: 15.0, 9: np.nan})      # last scan unmeasured
+                         + _poi_rows("P2", "A", {0: np.nan, 5: 30.0, 10: 12.0})  # baseline unmeasured
+                         + _poi_rows("P3", "B", {0: 10.0, 6: np.nan}))           # nothing after baseline
+    changes = stats.change_from_baseline(frame).set_index("patient_key")
+    assert list(changes.index) == ["P1"]
+    assert changes.loc["P1", "last"] == 15.0 and changes.loc["P1", "last_day"] == 4 and changes.loc["P1", "change"] == -5.0
+
+
+def test_cohort_filters_keep_each_patients_baseline() -> None:
+    frame = pd.DataFrame(_poi_rows("P1", "A", {0: 40.0, 6: 25.0, 12: 14.0}, {0: 12.0, 6: 9.0, 12: 6.0})
+                         + _poi_rows("P2", "A", {3: 10.0, 9: 8.0}, {9: 4.0}))  # no score on its first scan
+    # a date range after P1's baseline does not make its second scan the baseline: P1 is out
+    late = stats.filter_cohort(frame, date_range=("2020-03-02", "2020-03-31"))
+    assert set(late.patient_key) == {"P2"} and len(late) == len(frame[frame.patient_key == "P2"])
+    early = stats.filter_cohort(frame, date_range=("2020-03-01", "2020-03-02"))
+    assert stats.change_from_baseline(early).set_index("patient_key").loc["P1", "baseline"] == 40.0
+    # P2's baseline score is unknown, not its day-9 score
+    assert np.isnan(stats.baseline_values(frame)["P2"])
+    assert set(stats.filter_cohort(frame, baseline_severity=(0, 25)).patient_key) == {"P1"}
+    assert set(stats.filter_cohort(frame).patient_key) == {"P1", "P2"}
+
+
+def test_cohort_lines_follow_each_patient_whatever_the_row_order() -> None:
+    cohort = synthetic.cohort_frame(6, seed=2).sample(frac=1.0, random_state=0)  # rows shuffled
+    fig = figures.cohort_trajectory_figure(cohort, M.POI)
+    for trace in fig.data:
+        if trace.mode != "lines" or not str(trace.name).endswith("patients"):
+            continue
+        days = np.asarray(trace.x, dtype=float)
+        runs = np.split(days, np.flatnonzero(np.isnan(days)))
+        assert all((np.diff(r[np.isfinite(r)]) > 0).all() for r in runs)  # each run: one patient, forward in time
+        assert sum(len(r[np.isfinite(r)]) > 0 for r in runs) == cohort[cohort.arm == trace.legendgroup]["patient_key"].nunique()
+
+
+def test_patients_without_an_arm_can_be_chosen_and_are_not_compared_by_default(store_with_patients: list[str], tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    from covidtrack.report import pdf
+
+    lone = store_with_patients[0]
+    with Store.open() as store:
+        cur = store._cursor()
+        cur.execute("UPDATE patients SET arm = NULL WHERE patient_key = ?", [lone])
+        cur.close()
+        only = load.cohort_frame(store, arms=[data.NO_ARM])
+        assert set(only["patient_key"]) == {lone} and set(only["arm"]) == {data.NO_ARM}
+        both = load.cohort_frame(store, arms=[data.NO_ARM, "arm A"])
+        assert lone in set(both["patient_key"])
+    seen: dict[str, object] = {}
+    monkeypatch.setattr(pdf, "write_cohort_pdf", lambda cohort, out, arms=None, engine="auto": seen.setdefault("arms", arms) and Path(out))
+    assert cli(["report", "--cohort", "--out", str(tmp_path / "c.pdf")]) == 0
+    assert data.NO_ARM not in seen["arms"] and seen["arms"]

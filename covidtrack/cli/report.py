@@ -10,7 +10,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     who = p.add_mutually_exclusive_group(required=True)
     who.add_argument("--patient", metavar="ID", help="pseudonymous key, alias, or the raw patient ID (hashed, never stored)")
     who.add_argument("--cohort", action="store_true", help="a cohort report over all patients (or --arm)")
-    p.add_argument("--arm", action="append", metavar="A", help="cohort arm to include (repeat for several; default all)")
+    p.add_argument("--arm", action="append", metavar="A", help="cohort arm to include (repeat for several; default: every treatment arm; \"(no arm)\" names patients without one)")
     p.add_argument("--out", required=True, metavar="FILE.pdf", help="where to write the PDF")
     p.add_argument("--engine", choices=("auto", "kaleido", "matplotlib"), default="auto",
                    help="figure export: kaleido with a local Chromium, or matplotlib (auto: kaleido when a browser is present)")
@@ -29,9 +29,13 @@ def run(args: argparse.Namespace) -> int:
             data = load.patient_report_data(store, key, with_images=not args.no_images)
             out = pdf.write_patient_pdf(data, args.out, engine=args.engine)
         else:
+            from covidtrack.report.data import default_arms
+
             cohort = load.cohort_frame(store, arms=args.arm)
             if cohort.empty:
                 raise StoreError(f"{store.path}: no metrics for arms {args.arm or 'any'}. Fix: check the arm names or import scans")
-            out = pdf.write_cohort_pdf(cohort, args.out, arms=args.arm, engine=args.engine)
+            # as on the dashboard: without --arm every treatment arm, not the patients without one
+            arms = args.arm or default_arms(sorted(cohort["arm"].dropna().unique()))
+            out = pdf.write_cohort_pdf(cohort, args.out, arms=arms, engine=args.engine)
     print(f"wrote {out}")
     return 0

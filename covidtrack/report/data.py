@@ -61,6 +61,12 @@ METRIC_LABELS: dict[str, str] = {
 #: arm comparisons unless chosen
 NO_ARM = "(no arm)"
 
+def default_arms(arms: list[str]) -> list[str]:
+    """Arms compared by default: every treatment arm. Patients without an arm (the demo's real
+    CT) are offered but not compared unless chosen, or unless they are all there is."""
+    return [a for a in arms if a != NO_ARM] or arms
+
+
 PATIENT_COLUMNS = ("scan_id", "study_date", "day", "region", "metric", "value", "unit", "model_version")
 COHORT_COLUMNS = ("patient_key", "label", "arm", *PATIENT_COLUMNS)
 

@@ -326,7 +326,8 @@ def cohort_trajectory_figure(
         label = f"{arm}: patients" if len(shown) == len(keys) else f"{arm}: {len(shown)} of {len(keys)} patients"
         # many overlapping lines add up: fade each more as the arm grows, so the mean stays readable
         faint = float(np.clip(15.0 / max(1, len(shown)), 0.08, 0.3))
-        # NaN rows between patients break the line
+        # one line per patient in day order, a NaN row after each to break the line
+        s = s.sort_values(["patient_key", "day"], kind="stable").reset_index(drop=True)
         gap = s.groupby("patient_key", sort=False).tail(1).assign(day=np.nan, value=np.nan)
         lines = pd.concat([s, gap]).sort_index(kind="stable")
         fig.add_trace(

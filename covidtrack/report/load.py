@@ -53,8 +53,13 @@ def _normalise(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def cohort_frame(store: "Store", arms: list[str] | None = None, metrics: tuple[str, ...] | None = COHORT_METRICS) -> pd.DataFrame:
-    """Long rows of every patient (active model version), see :mod:`covidtrack.report.data`."""
-    return _normalise(store.cohort_metrics(arms=arms, metrics=list(metrics) if metrics else None))
+    """Long rows of every patient (active model version), see :mod:`covidtrack.report.data`.
+    ``arms`` may name ``NO_ARM`` for the patients stored without an arm."""
+    from covidtrack.report.data import NO_ARM
+
+    in_sql = arms if arms is None or NO_ARM not in arms else None  # NULL in the store, named only here
+    frame = _normalise(store.cohort_metrics(arms=in_sql, metrics=list(metrics) if metrics else None))
+    return frame if in_sql is not None or arms is None else frame[frame["arm"].isin(arms)].reset_index(drop=True)
 
 
 def patient_frame(store: "Store", patient_key: str) -> pd.DataFrame:

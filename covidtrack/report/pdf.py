@@ -333,8 +333,10 @@ def write_cohort_pdf(cohort: pd.DataFrame, out: str | Path, arms: list[str] | No
     if tests:
         pdf.h2("Two-sample test (Mann-Whitney U, two-sided) and effect size (rank-biserial r)")
         pdf.dataframe(pd.DataFrame([{"Arms": f"{t.arm_a} vs {t.arm_b}", "n": f"{t.n_a} / {t.n_b}", "Median change": f"{t.median_a:+.2f} / {t.median_b:+.2f}",
-                                      "U": t.u, "p": f"{t.p_value:.3g}", "r": f"{t.rank_biserial:+.2f}"} for t in tests]))
-        pdf.para("r > 0: the first arm tends to have the larger (worse) change in POI.", 7.5)
+                                      "U": t.u, "p": f"{t.p_value:.3g}" if np.isfinite(t.p_value) else "–",
+                                      "r": f"{t.rank_biserial:+.2f}" if np.isfinite(t.rank_biserial) else "–"} for t in tests]))
+        pdf.para("r > 0: the first arm tends to have the larger (worse) change in POI. p and r need at least 2 patients "
+                 "with a follow-up in each arm (– otherwise). p is not adjusted for comparing several pairs of arms.", 7.5)
     resp = responders(changes)
     pdf.h2(f"Responders: POI at last follow-up at most half of baseline ({len(resp)} of {len(changes)})")
     if len(resp):

@@ -55,27 +55,27 @@ def mean_ci(series: pd.DataFrame, bin_days: int = 4, confidence: float = 0.95, f
 
 
 def change_from_baseline(cohort: pd.DataFrame, metric: str = M.POI, region: str = "whole") -> pd.DataFrame:
-    """Per patient with >= 2 scans: baseline, last follow-up, change (last - baseline, in the metric's unit).
+    """Per patient: baseline (the first scan), last follow-up (the last later scan with a value)
+    and change (last - baseline, in the metric's unit).
 
-    Columns: ``patient_key``, ``label``, ``arm``, ``baseline``, ``last``, ``last_day``, ``change``,
-    ``relative`` (last / baseline; NaN when baseline is 0).
+    A patient whose first scan has no value (an empty lung mask gives no POI) has no baseline
+    and is left out; no later scan stands in for it. A last scan without a value is skipped, and
+    ``last_day`` is the day of the scan that ``last`` comes from. Patients with one usable scan
+    are left out. Columns: ``patient_key``, ``label``, ``arm``, ``baseline``, ``last``,
+    ``last_day``, ``change``, ``relative`` (last / baseline; NaN when baseline is 0).
     """
     series = per_patient_series(cohort, metric, region)
     cols = ["patient_key", "label", "arm", "baseline", "last", "last_day", "change", "relative"]
     if series.empty:
         return pd.DataFrame(columns=cols)
-    g = series.groupby("patient_key", sort=False)
-    out = pd.DataFrame(
-        {
-            "label": g["label"].first(),
-            "arm": g["arm"].first(),
-            "baseline": g["value"].first(),
-            "last": g["value"].last(),
-            "last_day": g["day"].last(),
-            "n": g["value"].count(),
-        }
-    )
-    out = out[out["n"] >= 2].drop(columns="n").reset_index()
+    series = series.sort_values(["patient_key", "day"], kind="stable")
+    first = series.groupby("patient_key", sort=False).head(1).set_index("patient_key")
+    measured = series[np.isfinite(series["value"].to_numpy(dtype=float))]
+    last = measured.groupby("patient_key", sort=False).tail(1).set_index("patient_key")
+    out = first[["label", "arm"]].assign(baseline=first["value"], first_day=first["day"])
+    out = out.join(last[["value", "day"]].rename(columns={"value": "last", "day": "last_day"}), how="inner")
+    out = out[np.isfinite(out["baseline"].to_numpy(dtype=float)) & (out["last_day"] > out["first_day"])]
+    out = out.drop(columns="first_day").reset_index()
     out["change"] = out["last"] - out["baseline"]
     base = out["baseline"].to_numpy(dtype=float)
     out["relative"] = np.divide(out["last"].to_numpy(dtype=float), base, out=np.full(len(out), np.nan), where=base > 0)
@@ -132,9 +132,12 @@ def responders(changes: pd.DataFrame, fraction: float = 0.5) -> pd.DataFrame:
 
 
 def baseline_values(cohort: pd.DataFrame, metric: str = M.SEVERITY, region: str = "whole") -> pd.Series:
-    """Baseline value per patient (index ``patient_key``), e.g. for the baseline-severity filter."""
-    series = per_patient_series(cohort, metric, region)
-    return series.groupby("patient_key")["value"].first()
+    """The first scan's value per patient (index ``patient_key``; NaN where the first scan has
+    none, never a later scan's value), e.g. for the baseline-severity filter."""
+    dates = cohort.groupby("patient_key")["study_date"].min()
+    rows = select(cohort, metric, region)
+    first = rows[rows["study_date"].to_numpy() == dates.reindex(rows["patient_key"]).to_numpy()]
+    return first.groupby("patient_key")["value"].first().reindex(dates.index)
 
 
 def filter_cohort(
@@ -143,14 +146,19 @@ def filter_cohort(
     date_range: tuple[object, object] | None = None,
     baseline_severity: tuple[float, float] | None = None,
 ) -> pd.DataFrame:
-    """Cohort rows of the chosen arms, scans dated within ``date_range`` (inclusive), and patients
-    whose baseline total severity score (0-25) lies in ``baseline_severity``."""
+    """Cohort rows of the chosen arms, of patients whose baseline (first scan) is dated within
+    ``date_range`` (inclusive; e.g. an enrolment period) and whose baseline total severity score
+    (0-25) lies in ``baseline_severity``. A chosen patient keeps every scan, so the baseline
+    stays the first scan whatever the filters; a patient without a baseline score is left out
+    only when a severity range is given."""
     out = cohort
     if arms is not None:
         out = out[out["arm"].isin(arms)]
     if date_range is not None:
         lo, hi = (pd.Timestamp(d) for d in date_range)
-        out = out[(out["study_date"] >= lo) & (out["study_date"] <= hi)]
+        first = cohort.groupby("patient_key")["study_date"].min()
+        keep = first[(first >= lo) & (first <= hi)].index
+        out = out[out["patient_key"].isin(keep)]
     if baseline_severity is not None:
         base = baseline_values(cohort)
         keep = base[(base >= baseline_severity[0]) & (base <= baseline_severity[1])].index

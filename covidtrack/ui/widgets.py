@@ -21,11 +21,10 @@ PAGES = {
 
 
 def default_arms(arms: list[str]) -> list[str]:
-    """Arms preselected for a comparison: every treatment arm; patients without an arm (the demo's
-    real CT) are offered but not preselected, unless they are all there is."""
-    from covidtrack.report.data import NO_ARM
+    """Arms preselected for a comparison (:func:`covidtrack.report.data.default_arms`)."""
+    from covidtrack.report.data import default_arms as preselected
 
-    return [a for a in arms if a != NO_ARM] or arms
+    return preselected(arms)
 
 
 def disclaimer() -> None:

@@ -14,8 +14,9 @@ PLOTLY_CONFIG = {"displaylogo": False}
 
 
 @st.cache_data(show_spinner=False, max_entries=16)
-def _filtered(rev: resources.Revision, arms: tuple[str, ...], lo: object, hi: object, sev: tuple[int, int]) -> pd.DataFrame:
-    return stats.filter_cohort(resources.cohort(rev), list(arms), (lo, hi), sev)
+def _filtered(rev: resources.Revision, arms: tuple[str, ...], dates: tuple[object, object] | None,
+              sev: tuple[int, int] | None) -> pd.DataFrame:
+    return stats.filter_cohort(resources.cohort(rev), list(arms), dates, sev)
 
 
 def main() -> None:
@@ -29,15 +30,20 @@ def main() -> None:
     side = st.sidebar
     chosen = side.multiselect("Arms", arms, default=widgets.default_arms(arms), key="cohort_arms")
     first, last = cohort["study_date"].min().date(), cohort["study_date"].max().date()
-    dates = side.date_input("Scan dates", (first, last), min_value=first, max_value=last, key="cohort_dates")
+    dates = side.date_input("Baseline dates", (first, last), min_value=first, max_value=last, key="cohort_dates",
+                            help="Patients whose first scan lies in this range (e.g. an enrolment period). They keep all "
+                                 "their scans, so each patient's baseline stays the first scan.")
     lo, hi = (dates if isinstance(dates, (tuple, list)) and len(dates) == 2 else (first, last))
-    sev = side.slider("Baseline severity score", 0, 25, (0, 25), key="cohort_severity")
+    sev = side.slider("Baseline severity score", 0, 25, (0, 25), key="cohort_severity",
+                      help="Total 0-25 score of each patient's first scan. At 0-25 nobody is left out, also not "
+                           "patients whose first scan has no score (no lobes).")
     bin_days = side.slider("Day bin width (days)", 1, 7, 4, key="cohort_bin", help="Follow-ups fall on different days; means are taken per bin.")
-    frame = _filtered(rev, tuple(chosen), lo, hi, tuple(sev))
-    st.session_state[widgets.COHORT_FILTERS] = {
+    filters = {
         "dates": (lo, hi) if (lo, hi) != (first, last) else None,
         "severity": tuple(sev) if tuple(sev) != (0, 25) else None,
     }
+    frame = _filtered(rev, tuple(chosen), filters["dates"], filters["severity"])
+    st.session_state[widgets.COHORT_FILTERS] = filters
     if frame.empty:
         st.info("No patient matches these filters.")
         return

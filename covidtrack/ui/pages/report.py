@@ -50,14 +50,14 @@ def main() -> None:
     cohort = resources.cohort(rev)
     arms = sorted(cohort["arm"].dropna().unique())
     chosen = st.multiselect("Arms", arms, default=widgets.default_arms(arms), key="report_arms")
-    # the Cohort page's scan-date and baseline-severity filters apply here too, so the PDF shows
+    # the Cohort page's baseline-date and baseline-severity filters apply here too, so the PDF shows
     # the same patients as the page
     kept = st.session_state.get(widgets.COHORT_FILTERS, {})
     date_range, severity = kept.get("dates"), kept.get("severity")
     if date_range or severity:
         cohort = stats.filter_cohort(cohort, None, date_range, severity)
         st.caption("With the Cohort page's filters: "
-                   + ", ".join(x for x in (f"scans {date_range[0]} to {date_range[1]}" if date_range else "",
+                   + ", ".join(x for x in (f"baselines {date_range[0]} to {date_range[1]}" if date_range else "",
                                            f"baseline severity {severity[0]}-{severity[1]}" if severity else "") if x)
                    + f" ({cohort['patient_key'].nunique()} patients).")
     if st.button("Build cohort PDF", key="build_cohort", disabled=not chosen or cohort.empty):
