@@ -137,8 +137,14 @@ def _parse_date(value: str | dt.date | None, volume: Volume, where: str) -> dt.d
     given = _given_date(value, where)
     if given is not None:
         return given
-    if volume.meta.study_date is not None:
-        return volume.meta.study_date
+    day = volume.meta.study_date
+    if day is not None:
+        if day < EARLIEST_CT_DATE or day > dt.date.today():
+            # anonymisers write 19000101 or shift dates into the future: such a date would pick
+            # the wrong baseline and the wrong days between scans
+            raise InputError(where, f"the study date in the file, {day.isoformat()}, is implausible for a CT scan "
+                             "(before 1971 or in the future; an anonymised date?)", "pass the real date: --date YYYY-MM-DD")
+        return day
     raise InputError(where, "no study date given and none in the file", "pass --date YYYY-MM-DD")
 
 

@@ -308,3 +308,88 @@ def test_cli_names_unwritable_outputs_and_bad_settings_without_traceback(
     monkeypatch.setenv("COVIDTRACK_HOME", str(afile))
     assert main(["export", str(tmp_path / "out")]) == 2
     assert "names a file" in capsys.readouterr().err
+
+
+def test_the_same_images_copied_twice_load_once_with_a_note(tmp_path: Path, canonical: np.ndarray) -> None:
+    import shutil
+
+    gen.write_series(tmp_path / "a", canonical)
+    shutil.copytree(tmp_path / "a", tmp_path / "a (copy)")
+    vol = load_ct(tmp_path)
+    assert np.array_equal(vol.array, canonical) and any("duplicate file" in n for n in vol.meta.notes)
+
+
+def test_a_scout_filed_in_the_ct_series_is_ignored_whatever_the_file_order(tmp_path: Path, canonical: np.ndarray) -> None:
+    import pydicom
+
+    files = gen.write_series(tmp_path, canonical)
+    ds = pydicom.dcmread(files[0])
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+    ds.ImageOrientationPatient = [1, 0, 0, 0, 0, -1]  # a coronal scout
+    ds.SOPInstanceUID = pydicom.uid.generate_uid()
+    ds.save_as(tmp_path / "000_scout.dcm", enforce_file_format=True)  # sorts before the slices
+    assert [(s.is_localizer, s.orientation, s.n_slices) for s in list_series(tmp_path)] == [(False, "axial", len(files))]
+    vol = load_ct(tmp_path)
+    assert np.array_equal(vol.array, canonical) and any("localizer" in n for n in vol.meta.notes)
+
+
+def test_dicom_without_the_file_meta_header_loads(tmp_path: Path, canonical: np.ndarray) -> None:
+    import pydicom
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+
+    for f in gen.write_series(tmp_path, canonical):  # re-written as old "raw" implicit-VR files
+        plain = pydicom.dataset.Dataset()
+        plain.update(pydicom.dcmread(f))
+        buf = DicomBytesIO()
+        buf.is_little_endian, buf.is_implicit_VR = True, True
+        write_dataset(buf, plain)
+        f.write_bytes(buf.getvalue())
+    assert np.array_equal(load_ct(tmp_path).array, canonical)
+
+
+def test_zero_pixel_spacing_is_refused_and_rounded_spacing_is_one_spacing(tmp_path: Path, canonical: np.ndarray) -> None:
+    import pydicom
+
+    for name, values in (("zero", ["0", "0"]), ("mixed", None)):
+        files = gen.write_series(tmp_path / name, canonical, spacing=(2.5, 0.68359375, 0.68359375))
+        for i, f in enumerate(files):
+            ds = pydicom.dcmread(f)
+            ds.PixelSpacing = values or (["0.683594", "0.683594"] if i % 2 else ["0.68359375", "0.68359375"])
+            ds.save_as(f, enforce_file_format=True)
+    _raises(GeometryError, tmp_path / "zero", "PixelSpacing", "0 or negative")
+    assert load_ct(tmp_path / "mixed").spacing[1] == pytest.approx(0.68359375, abs=1e-5)
+
+
+def test_nifti_with_disagreeing_qform_and_sform_or_no_voxel_size_is_refused(tmp_path: Path, canonical: np.ndarray) -> None:
+    import nibabel as nib
+
+    data = np.ascontiguousarray(canonical.transpose(2, 1, 0))
+    affine = np.diag([-1.5, -1.5, 2.5, 1.0])
+    mirrored = affine.copy()
+    mirrored[0, 0] = 1.5
+    img = nib.Nifti1Image(data, affine)
+    img.set_qform(mirrored, 1)
+    img.set_sform(affine, 2)
+    nib.save(img, tmp_path / "forms.nii.gz")
+    _raises(GeometryError, tmp_path / "forms.nii.gz", "qform and sform", "left and right")
+    img = nib.Nifti1Image(data, affine)
+    nib.save(img, tmp_path / "ok.nii.gz")
+    import gzip
+
+    header = bytearray(gzip.decompress((tmp_path / "ok.nii.gz").read_bytes()))
+    header[76 + 3 * 4: 76 + 4 * 4] = np.float32(0.0).tobytes()  # pixdim[3] (slice spacing) = 0
+    (tmp_path / "nopixdim.nii.gz").write_bytes(gzip.compress(bytes(header)))
+    _raises(GeometryError, tmp_path / "nopixdim.nii.gz", "voxel size", "0 or negative")
+    assert load_ct(tmp_path / "ok.nii.gz").shape == canonical.shape
+
+
+def test_enhanced_multiframe_file_passed_directly_gets_the_conversion_hint(tmp_path: Path, canonical: np.ndarray) -> None:
+    import pydicom
+
+    files = gen.write_series(tmp_path / "src", canonical)
+    ds = pydicom.dcmread(files[0])
+    ds.NumberOfFrames = len(files)
+    ds.PixelData = b"".join(pydicom.dcmread(f).PixelData for f in files)
+    ds.save_as(tmp_path / "enhanced.dcm", enforce_file_format=True)
+    _raises(UnreadableFileError, tmp_path / "enhanced.dcm", "multi-frame", "dcm2niix")

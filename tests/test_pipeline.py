@@ -473,3 +473,15 @@ def test_one_scan_per_date_and_remove_scan(tmp_path: Path, capsys: pytest.Captur
     third, _ = synthetic_chest(lesion_shift=-2)
     assert drain(ingest(third, "P1", "2020-03-01", segmenter=truth_segmenter)).created  # the date is free again
     assert cli_main(["remove-scan", "scan-nope", "--yes"]) == 2
+
+
+def test_an_implausible_date_in_the_file_is_refused_unless_a_date_is_given(tmp_path: Path) -> None:
+    import datetime as dt
+    from dataclasses import replace
+
+    vol, _ = synthetic_chest()
+    for day in (dt.date(1900, 1, 1), dt.date(2099, 12, 31)):  # what anonymisers write
+        anonymised = replace(vol, meta=replace(vol.meta, study_date=day))
+        with pytest.raises(InputError, match="study date in the file.*implausible"):
+            drain(ingest(anonymised, "P1", None, segmenter=truth_segmenter))
+    assert drain(ingest(anonymised, "P1", "2020-03-14", segmenter=truth_segmenter)).created

@@ -169,6 +169,24 @@ def test_zip_limits(tmp_path: Path) -> None:
         uploads.safe_extract(bomb, tmp_path / "d2", max_bytes=1 * uploads.MB)
 
 
+def test_long_upload_names_keep_their_suffix() -> None:
+    name = "dcm2niix_" + "x" * 140 + "_3.nii.gz"
+    short = uploads.safe_name(name)
+    assert len(short) <= 120 and short.endswith("_3.nii.gz"[-7:]) and short.startswith("dcm2niix_")
+    assert uploads.safe_name("p" * 200 + ".zip").endswith(".zip")
+
+
+def test_a_zipped_nifti_upload_loads_the_file(tmp_path: Path) -> None:
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("export/scan.nii.gz", b"not really")
+        zf.writestr("__MACOSX/export/._scan.nii.gz", b"")
+    out = uploads.prepare_upload("scan.zip", io.BytesIO(buf.getvalue()), tmp_path / "s")
+    assert out.name == "scan.nii.gz" and out.is_file()
+
+
 def test_upload_size_limit_and_type(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="larger than"):
         uploads.save_upload("x.nii.gz", io.BytesIO(b"0" * (2 * uploads.MB + 1)), tmp_path, max_bytes=2 * uploads.MB)

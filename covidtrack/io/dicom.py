@@ -52,6 +52,7 @@ class SliceHeader:
     samples_per_pixel: int
     image_type: tuple[str, ...]
     instance_number: int | None
+    sop_uid: str = ""  # SOPInstanceUID: the same image copied twice has the same one
 
 
 @dataclass(frozen=True)
@@ -189,6 +190,7 @@ def _slice_header(path: Path, ds: object) -> SliceHeader:
         samples_per_pixel=_int(ds, "SamplesPerPixel") or 1,
         image_type=tuple(str(v).upper() for v in (getattr(ds, "ImageType", None) or ())),
         instance_number=_int(ds, "InstanceNumber"),
+        sop_uid=_text(ds, "SOPInstanceUID"),
     )
 
 
@@ -253,11 +255,16 @@ def scan_folder(folder: str | Path) -> DicomScan:
             continue
         header = _slice_header(path, ds)
         groups[header.series_uid].append(header)
-        first_ds.setdefault(header.series_uid, ds)
+        uid = header.series_uid
+        if uid not in first_ds or (_is_localizer_ds(first_ds[uid]) and not set(header.image_type) & _LOCALIZER_WORDS):
+            first_ds[uid] = ds  # the series' description, kernel, thickness: from an image, not a scout
     infos = []
-    for uid, headers in groups.items():
+    for uid in list(groups):
+        # a scout filed inside the CT series (same SeriesInstanceUID) is not one of its slices:
+        # it would make the series "mixed" or, sorting first, mark the whole series a localizer
+        images = _unique_images([h for h in groups[uid] if not set(h.image_type) & _LOCALIZER_WORDS])
+        headers = images or groups[uid]
         ds = first_ds[uid]
-        image_type = set(headers[0].image_type)
         infos.append(
             SeriesInfo(
                 series_uid=uid,
@@ -272,7 +279,7 @@ def scan_folder(folder: str | Path) -> DicomScan:
                 orientation=_orientation_name(headers),
                 rows=headers[0].rows,
                 columns=headers[0].columns,
-                is_localizer=bool(image_type & _LOCALIZER_WORDS),
+                is_localizer=all(set(h.image_type) & _LOCALIZER_WORDS for h in headers),
                 files=tuple(h.path for h in headers),
             )
         )
@@ -283,6 +290,22 @@ def scan_folder(folder: str | Path) -> DicomScan:
         unreadable=tuple(unreadable),
         headers={uid: tuple(h) for uid, h in groups.items()},
     )
+
+
+def _unique_images(headers: list[SliceHeader]) -> list[SliceHeader]:
+    """One header per SOPInstanceUID (a folder copied into itself holds every image twice)."""
+    seen: set[str] = set()
+    out = []
+    for h in sorted(headers, key=lambda h: str(h.path)):
+        if h.sop_uid and h.sop_uid in seen:
+            continue
+        seen.add(h.sop_uid)
+        out.append(h)
+    return out
+
+
+def _is_localizer_ds(ds: object) -> bool:
+    return bool({str(v).upper() for v in (getattr(ds, "ImageType", None) or ())} & _LOCALIZER_WORDS)
 
 
 def list_series(path: str | Path) -> list[SeriesInfo]:
@@ -358,6 +381,10 @@ def refuse_single_file(path: Path, image_suffixes: tuple[str, ...]) -> None:
     modality = _text(ds, "Modality").upper()
     if modality and modality != "CT":
         raise NotCTError(path, f"modality {modality}, not CT", "covidtrack analyses CT scans; load a CT series")
+    frames = _int(ds, "NumberOfFrames") or 1
+    if frames > 1:
+        raise UnreadableFileError(path, f"multi-frame (enhanced) DICOM with {frames} frames is not supported",
+                                  "convert it to NIfTI with dcm2niix and load the .nii.gz")
     raise GeometryError(
         path, "a single DICOM file (one 2D slice), not a 3D CT volume",
         f"pass the folder that holds the whole series ({path.parent})",
@@ -399,7 +426,12 @@ def _check_series_headers(info: SeriesInfo, headers: tuple[SliceHeader, ...], fo
             folder, f"mixed slice orientations in one series: {parts}",
             "export each orientation (axial, coronal, ...) as its own series and load the axial one",
         )
-    shapes = {(h.rows, h.columns, h.pixel_spacing) for h in headers}
+    bad = [h for h in headers if min(h.pixel_spacing) <= 0]  # type: ignore[arg-type]
+    if bad:
+        raise GeometryError(bad[0].path, f"PixelSpacing {list(bad[0].pixel_spacing)} mm (0 or negative)",  # type: ignore[arg-type]
+                            "re-export the series from the scanner or PACS; the pixel size is needed for every volume")
+    # the same spacing written with different precision (0.683594 vs 0.68359375) is one spacing
+    shapes = {(h.rows, h.columns, tuple(round(v, 4) for v in h.pixel_spacing)) for h in headers}  # type: ignore[union-attr]
     if len(shapes) > 1:
         raise GeometryError(
             folder, f"slices of different sizes or pixel spacings in one series: {sorted(shapes)}",
@@ -417,6 +449,16 @@ def _decode(path: Path) -> tuple[np.ndarray, object]:
     except Exception as err:  # noqa: BLE001
         raise UnreadableFileError(path, f"cannot read the file ({type(err).__name__}: {err})",
                                   "re-export or re-copy this file, or remove it and reload the series") from err
+    meta = getattr(ds, "file_meta", None)
+    if getattr(meta, "TransferSyntaxUID", None) is None and "PixelData" in ds:
+        # an old file without the Part 10 header: its encoding is what pydicom found when reading
+        from pydicom.dataset import FileMetaDataset
+        from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+        implicit, little = getattr(ds, "original_encoding", (True, True))
+        if meta is None:
+            ds.file_meta = meta = FileMetaDataset()
+        meta.TransferSyntaxUID = ImplicitVRLittleEndian if implicit else (ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
     try:
         pixels = ds.pixel_array
     except Exception as err:  # noqa: BLE001 - truncated data or a codec pydicom lacks here
@@ -520,6 +562,10 @@ def read_series(scan: DicomScan, info: SeriesInfo) -> tuple[np.ndarray, SourceGr
         # some scanners file the scout in the CT series; it is not part of the volume
         notes.append(f"{len(headers) - len(images)} localizer image(s) in the series ignored")
         headers = images
+    unique = _unique_images(list(headers))
+    if len(unique) < len(headers):
+        notes.append(f"{len(headers) - len(unique)} duplicate file(s) of the same image (same SOPInstanceUID) ignored")
+        headers = tuple(unique)
     _check_series_headers(info, headers, folder)
     geo = _stack_geometry(headers, folder)
     first = headers[int(geo.order[0])]

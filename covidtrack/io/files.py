@@ -95,6 +95,7 @@ def read_volume_file(path: Path) -> Volume:
         reader_codes = _nifti_codes(path)
         if reader_codes == (0, 0):
             notes.append("NIfTI header has no qform/sform: orientation assumed by ITK, check left/right")
+        _check_nifti_geometry(path, image.GetSize())
     grid = source_grid(image)
     n_slices = int(grid.size[orient.axis_map(grid.direction).src_axis[2]])
     if n_slices < validate.MIN_SLICES:
@@ -218,6 +219,48 @@ def _nifti_nan_mask(path: Path, shape: tuple[int, ...]) -> np.ndarray:
     data = np.asanyarray(img.dataobj)
     mask = ~np.isfinite(data.reshape(data.shape[:3]))
     return np.ascontiguousarray(mask.T)  # nibabel (i, j, k) -> ITK numpy (k, j, i)
+
+
+FORMS_AGREE_MM = 0.5  # qform and sform may differ by rounding, not by a flip or a shift
+
+
+def _check_nifti_geometry(path: Path, size: tuple[int, ...]) -> None:
+    """Refuse NIfTI geometry that readers disagree on or that ITK silently replaces.
+
+    - A voxel size of 0 or less: ITK substitutes 1 mm, so every volume would be off by the real
+      spacing.
+    - A qform and an sform that both claim a space but place the volume differently (e.g. a
+      mirror left-right after an edit that updated only one): ITK follows the qform, nibabel and
+      FSL the sform; which one is right cannot be told from the file.
+    """
+    try:
+        import gzip
+
+        import nibabel as nib
+
+        opener = gzip.open if path.name.lower().endswith(".gz") else open
+        with opener(path, "rb") as fh:  # the raw header: nib.load would already have replaced a 0 voxel size by 1
+            raw = nib.Nifti1Header.from_fileobj(fh, check=False)
+        pixdim = [float(v) for v in raw["pixdim"][1:4]]
+        header = nib.load(str(path)).header
+        codes = int(header["qform_code"]), int(header["sform_code"])
+        qform, sform = header.get_qform(), header.get_sform()
+    except Exception:  # noqa: BLE001 - ITK already read the file; nibabel is only a second opinion
+        return
+    if min(pixdim) <= 0:
+        raise GeometryError(path, f"voxel size {pixdim[0]:g} x {pixdim[1]:g} x {pixdim[2]:g} mm in the header (0 or negative)",
+                            "re-export the scan with its voxel spacing (e.g. from the DICOM series with dcm2niix)")
+    if min(codes) > 0:
+        corners = np.array(np.meshgrid(*[[0, max(int(n) - 1, 0)] for n in size[:3]], indexing="ij")).reshape(3, -1)
+        corners = np.vstack([corners, np.ones(corners.shape[1])])
+        gap = float(np.abs((qform - sform) @ corners)[:3].max())
+        if gap > FORMS_AGREE_MM:
+            raise GeometryError(
+                path, f"its qform and sform place the volume up to {gap:.1f} mm apart (possibly mirrored); ITK would follow "
+                "the qform, nibabel and FSL the sform, so left and right cannot be trusted",
+                "re-save it with one orientation (e.g. nibabel: img.set_qform(img.get_sform()) if the sform is right), "
+                "or load the original DICOM series",
+            )
 
 
 def _nifti_codes(path: Path) -> tuple[int, int] | None:

@@ -37,7 +37,10 @@ def safe_name(name: str, default: str = "upload") -> str:
     """A base file name with only ``[A-Za-z0-9._-]`` (no folders, no leading dots)."""
     base = PurePosixPath(name.replace("\\", "/")).name
     clean = re.sub(r"[^A-Za-z0-9._-]+", "_", base).lstrip(".")
-    return clean[:120] or default
+    if len(clean) > 120:  # shorten the stem, keep the suffix that says what the file is
+        suffix = next((x for x in (*IMAGE_SUFFIXES, ".zip") if clean.lower().endswith(x)), "")
+        clean = clean[: 120 - len(suffix)] + clean[len(clean) - len(suffix):]
+    return clean or default
 
 
 def save_upload(name: str, stream: BinaryIO, folder: Path, max_bytes: int = MAX_UPLOAD_BYTES) -> Path:
@@ -127,6 +130,11 @@ def prepare_upload(name: str, stream: BinaryIO, folder: Path) -> Path:
     if lower.endswith(".zip"):
         out = safe_extract(saved, folder / "unpacked")
         saved.unlink(missing_ok=True)  # keep only one copy of the data on disk
+        # a zipped NIfTI / NRRD / MHA (one volume file, no DICOM): load that file
+        volumes = [p for p in out.rglob("*") if p.is_file() and p.name.lower().endswith(IMAGE_SUFFIXES[:-1])
+                   and "__MACOSX" not in p.parts]
+        if len(volumes) == 1 and not any(p.suffix.lower() == ".dcm" for p in out.rglob("*.dcm")):
+            return volumes[0]
         return out
     if not lower.endswith(IMAGE_SUFFIXES):
         raise InputError(name, "unsupported file type", "upload a .zip of a DICOM folder, or a .nii/.nii.gz/.nrrd/.mha file")
