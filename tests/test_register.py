@@ -294,6 +294,7 @@ def test_register_followup_stores_idempotently_and_follows_a_new_baseline(series
     from covidtrack.__main__ import main as cli_main
 
     assert cli_main(["register", "--patient", "P1"]) == 0
+    assert cli_main(["register", "--all"]) == 0  # every patient; nothing out of date, nothing recomputed
     # a pair failing QA keeps its registration row (ok = False) but no change numbers or map
     import covidtrack.register as reg_mod
 

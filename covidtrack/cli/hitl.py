@@ -142,4 +142,7 @@ def _resegment(args: argparse.Namespace) -> int:
     with Store.open() as store:
         added = retrain.resegment(store, progress=lambda i, n, sid: print(f"{i}/{n} {sid}", flush=True))
     print(f"added {len(added)} segmentation(s) with the active infection model")
+    if added:
+        print("the change vs baseline of these scans is now out of date: `python -m covidtrack register --all` "
+              "recomputes it (only the pairs that changed)")
     return 0

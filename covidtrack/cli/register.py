@@ -1,4 +1,4 @@
-"""``python -m covidtrack register --patient ID``: (re-)register a patient's follow-ups to the baseline."""
+"""``python -m covidtrack register --patient ID | --all``: (re-)register follow-ups to the baseline."""
 
 from __future__ import annotations
 
@@ -16,27 +16,38 @@ def register(sub: argparse._SubParsersAction) -> None:
             "skipped unless --force."
         ),
     )
-    p.add_argument("--patient", required=True, metavar="ID",
-                   help="pseudonymous key, alias, or the raw patient ID (hashed, never stored)")
+    who = p.add_mutually_exclusive_group(required=True)
+    who.add_argument("--patient", metavar="ID", help="pseudonymous key, alias, or the raw patient ID (hashed, never stored)")
+    who.add_argument("--all", action="store_true",
+                     help="every patient (only pairs that are out of date are computed, e.g. after `hitl resegment`)")
     p.add_argument("--force", action="store_true", help="recompute pairs that are already up to date")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    import dataclasses
-
     from covidtrack.cli.ingest import ProgressBar
-    from covidtrack.register import RegistrationQA
     from covidtrack.longitudinal import register_patient
     from covidtrack.report.load import resolve_patient
     from covidtrack.store import Store
 
     with Store.open() as store:
-        key = resolve_patient(store, args.patient)
-        results = register_patient(store, key, progress=ProgressBar(), force=args.force)
-    if not results:
-        print(f"patient {key}: only one scan, nothing to register")
-        return 0
+        keys = list(store.patients()["patient_key"]) if args.all else [resolve_patient(store, args.patient)]
+        per_patient = [(key, register_patient(store, key, progress=ProgressBar(), force=args.force)) for key in keys]
+    failed = 0
+    for key, results in per_patient:
+        if not results:
+            if not args.all:
+                print(f"patient {key}: only one scan, nothing to register")
+            continue
+        failed += _print(results)
+    return 1 if failed else 0
+
+
+def _print(results: list) -> int:
+    import dataclasses
+
+    from covidtrack.register import RegistrationQA
+
     failed = 0
     for r in results:
         state = "up to date" if r.reused else "registered"
@@ -49,4 +60,4 @@ def run(args: argparse.Namespace) -> int:
             problems = RegistrationQA(**{k: v for k, v in r.qa.items() if k in fields}).problems
             print(f"  QA: {'; '.join(problems)}. Check both lung segmentations (Review page) and that the "
                   "scans belong to the same patient, then re-run with --force")
-    return 1 if failed else 0
+    return failed
