@@ -41,7 +41,7 @@ def conflicts(store: "Store", patient_key: str, meta: ScanMeta) -> list[str]:
     source_key, sex = meta.patient_key, meta.patient_sex
     if not source_key and sex not in SEXES_COMPARED:
         return []
-    scans = store.scans()
+    scans = store.identity_candidates(patient_key, source_key)
     out: list[str] = []
     seen_key = seen_sex = seen_other = False
     for row in scans.itertuples(index=False):

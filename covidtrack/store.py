@@ -537,6 +537,18 @@ class Store:
             params,
         )
 
+    def identity_candidates(self, patient_key: str, source_patient_key: str) -> pd.DataFrame:
+        """Scans that a new scan's identity is checked against (:mod:`covidtrack.identity`): the
+        patient's own, and any other patient's whose file carried the same PatientID hash.
+        Columns ``scan_id``, ``patient_key``, ``alias``, ``study_date``, ``meta`` (JSON text)."""
+        return self._df(
+            """SELECT s.scan_id, s.patient_key, p.alias, s.study_date, s.meta
+               FROM scans s JOIN patients p USING (patient_key)
+               WHERE s.patient_key = ? OR (? <> '' AND json_extract_string(s.meta, '$.source_patient_key') = ?)
+               ORDER BY s.study_date, s.created_at""",
+            [patient_key, source_patient_key, source_patient_key],
+        )
+
     def baseline_scan(self, patient_key: str) -> str | None:
         """The patient's earliest scan (ties: first stored)."""
         row = self._one(
