@@ -262,6 +262,9 @@ def pair_status(store: "Store", patient_key: str) -> dict[str, str]:
         except Exception:  # noqa: BLE001 - unreadable files: the pair must be redone
             params = {}
         same = params.get("fixed_seg") == active.get(baseline) and params.get("moving_seg") == active.get(sid)
+        # the folder must be the row's: a process killed between swapping in a new registration
+        # and storing its rows leaves the old rows next to the new folder
+        same = same and params.get("reg_id", row["reg_id"]) == row["reg_id"]
         out[sid] = CURRENT if same else STALE
     return out
 

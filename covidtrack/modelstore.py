@@ -54,7 +54,8 @@ def list_versions(task: str) -> list[ModelRef]:
         folder = root / task
         if folder.is_dir():
             for p in sorted(folder.iterdir(), key=lambda p: _version_key(p.name)):
-                if p.is_dir() and (p / "card.json").exists():
+                # ".v4.x1y2" folders are a publish in progress (or killed mid-way): never a version
+                if p.is_dir() and _VERSION_NAME.match(p.name) and (p / "card.json").exists():
                     refs.append(ModelRef(task=task, version=p.name, path=p, shipped=shipped))
     return refs
 

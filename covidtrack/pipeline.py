@@ -481,7 +481,7 @@ def export_metrics(out_dir: str | Path, fmt: str = "csv", all_versions: bool = F
     out.mkdir(parents=True, exist_ok=True)
     own_store = store is None
     if own_store:
-        store = Store.open()
+        store = Store.open(read_only=True)
     try:
         long = store.cohort_metrics(model_version=None if all_versions else "active")
     finally:

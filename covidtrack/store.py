@@ -29,6 +29,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import shutil
 import threading
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -212,6 +213,7 @@ def new_seg_id() -> str:
 # --- files: NIfTI on the canonical grid, written atomically ----------------------------------
 _IN_FLIGHT: set[Path] = set()  # files this process is writing and has not committed yet
 _IN_FLIGHT_LOCK = threading.Lock()
+_ADD_SCAN_LOCK = threading.Lock()  # serialises the check-then-insert of Store.add_scan within a process
 
 
 def write_canonical(path: Path, volume: Volume, array: np.ndarray | None = None) -> None:
@@ -305,6 +307,9 @@ class Store:
             entry = _CONNECTIONS.get(db)
             if entry is None:
                 db.parent.mkdir(parents=True, exist_ok=True)
+                if read_only and not db.exists():
+                    raise StoreError(f"{db}: no store here yet. Fix: import a scan first (python -m covidtrack ingest "
+                                     "or the dashboard's Import page), or set COVIDTRACK_HOME to the folder that holds one")
                 try:
                     con = duckdb.connect(str(db), read_only=read_only, config={"threads": settings().threads})
                 except duckdb.IOException as err:
@@ -317,11 +322,17 @@ class Store:
                 raise StoreError(f"{db}: already open read-only in this process. Fix: close that Store before opening it for writing")
             entry[1] += 1
         store = cls(db, entry[0], read_only=entry[2])
-        if not store.read_only:
-            store.migrate()
-            store.clean_orphans()
-        elif store.schema_version() != SCHEMA_VERSION:
-            raise StoreError(f"{db}: schema version {store.schema_version()} needs migrating. Fix: open it once read-write")
+        try:
+            if not store.read_only:
+                store.migrate()
+                store.clean_orphans()
+            elif store.schema_version() != SCHEMA_VERSION:
+                raise StoreError(f"{db}: schema version {store.schema_version()} needs migrating (written by an older "
+                                 "covidtrack). Fix: run any command that writes once, e.g. `python -m covidtrack register --all`, "
+                                 "or open the dashboard")
+        except BaseException:
+            store.close()  # a failed open must not keep the connection (and the file lock)
+            raise
         return store
 
     def close(self) -> None:
@@ -375,7 +386,10 @@ class Store:
             yield cur
             cur.commit()
         except BaseException:
-            cur.rollback()
+            try:
+                cur.rollback()
+            except duckdb.TransactionException:
+                pass  # a failed COMMIT has already rolled back: the original error is the one to report
             raise
         finally:
             cur.close()
@@ -483,6 +497,31 @@ class Store:
                     continue
                 p.unlink(missing_ok=True)
                 removed.append(p)
+        removed += self._clean_scan_folders()
+        return removed
+
+    def _clean_scan_folders(self) -> list[Path]:
+        """Registration folders (``<fixed>_<moving>``) and viewer-cache files of scans that are no
+        longer stored (a process killed between removing a scan's rows and its files)."""
+        cur = self._cursor()
+        try:
+            ids = {r[0] for r in cur.execute("SELECT scan_id FROM scans").fetchall()}
+        finally:
+            cur.close()
+        removed = []
+        regs, cache = self.home / "registrations", self.home / "viewer_cache"
+        if regs.is_dir():
+            for p in regs.iterdir():
+                parts = p.name.split("_")
+                if p.is_dir() and len(parts) == 2 and all(x.startswith("scan-") for x in parts) and not set(parts) <= ids:
+                    shutil.rmtree(p, ignore_errors=True)
+                    removed.append(p)
+        if cache.is_dir():
+            for p in cache.glob("*.npz"):
+                pair = p.name.split("--")[0].split("_")
+                if len(pair) == 2 and not set(pair) <= ids:
+                    p.unlink(missing_ok=True)
+                    removed.append(p)
         return removed
 
     # -- patients ---------------------------------------------------------------------------
@@ -567,9 +606,23 @@ class Store:
     ) -> None:
         """Insert a scan with its first segmentation and metrics in ONE transaction.
 
-        The files must already be in place (see :class:`FileStage`).
+        The files must already be in place (see :class:`FileStage`). The rules the pipeline checks
+        before segmenting (one scan per patient and date, an alias names one patient) are checked
+        again here, under a lock shared by every writer of this process: two imports started
+        together in the dashboard (one thread each) must not both pass the early check.
         """
-        with self.transaction() as cur:
+        with _ADD_SCAN_LOCK, self.transaction() as cur:
+            same_day = cur.execute("SELECT scan_id FROM scans WHERE patient_key = ? AND study_date = ? AND content_hash <> ?",
+                                   [scan.patient_key, scan.study_date, scan.content_hash]).fetchall()
+            if same_day:
+                raise StoreError(f"{self.path}: patient {scan.patient_key} already has scan {same_day[0][0]} dated "
+                                 f"{scan.study_date} (stored meanwhile). Fix: one scan per date; remove one with "
+                                 f"`python -m covidtrack remove-scan SCAN_ID --yes`")
+            if alias is not None:
+                taken = cur.execute("SELECT patient_key FROM patients WHERE alias = ? AND patient_key <> ?",
+                                    [alias, scan.patient_key]).fetchall()
+                if taken:
+                    raise StoreError(f"{self.path}: alias {alias!r} already names patient {taken[0][0]}. Fix: pick another alias")
             self._ensure_patient(cur, scan.patient_key)
             self._update_patient(cur, scan.patient_key, arm, alias)
             cur.execute(

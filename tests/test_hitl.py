@@ -538,3 +538,15 @@ def test_review_click_paints_in_a_real_browser(small_store: list[str], covidtrac
         except subprocess.TimeoutExpired:
             proc.kill()
         shutil.rmtree(profile, ignore_errors=True)
+
+
+def test_a_publish_in_progress_is_not_a_version() -> None:
+    from covidtrack import modelstore
+    from covidtrack.config import settings
+
+    half = settings().models_dir / "infection" / ".v9.x1y2z3"  # a publish killed before its rename
+    half.mkdir(parents=True)
+    (half / "card.json").write_text("{}")
+    assert ".v9.x1y2z3" not in [r.version for r in modelstore.list_versions("infection")]
+    with pytest.raises(Exception, match="not found"):
+        modelstore.get("infection", ".v9.x1y2z3")

@@ -245,3 +245,70 @@ def test_read_only_open_reads_and_refuses_writes() -> None:
             ro.set_patient("pA", arm="x")
         with pytest.raises(StoreError, match="read-only"):
             S.Store.open(path)
+
+
+def test_failed_open_releases_the_store_and_says_what_to_do(tmp_path: Path) -> None:
+    db = tmp_path / "v2.duckdb"
+    con = duckdb.connect(str(db))
+    for v in (1, 2):
+        for stmt in S.MIGRATIONS[v]:
+            con.execute(stmt)
+        con.execute("INSERT INTO schema_version (version) VALUES (?)", [v])
+    con.close()
+    with pytest.raises(StoreError, match="needs migrating.*register --all"):
+        S.Store.open(db, read_only=True)
+    assert db.resolve() not in S._CONNECTIONS  # the failed open left no connection (and no file lock) behind
+    with S.Store.open(db) as store:  # so a read-write open in the same process works and migrates
+        assert store.schema_version() == S.SCHEMA_VERSION
+    with pytest.raises(StoreError, match="no store here yet"):
+        S.Store.open(tmp_path / "none" / "covidtrack.duckdb", read_only=True)
+
+
+def test_files_of_removed_scans_are_cleaned_on_open() -> None:
+    with S.Store.open() as store:
+        kept, _ = _add(store, "pA", "2020-03-01", 10.0)
+        later, _ = _add(store, "pA", "2020-03-09", 8.0)
+        home = store.home
+    gone = "scan-00000000deadbeef"
+    for name in (f"{kept}_{gone}", f"{kept}_{later}", "notes"):
+        (home / "registrations" / name).mkdir(parents=True)
+    (home / "viewer_cache").mkdir()
+    stale = home / "viewer_cache" / f"{kept}_{gone}--reg-1--seg-1.npz"
+    stale.write_bytes(b"x")
+    with S.Store.open():
+        assert not (home / "registrations" / f"{kept}_{gone}").exists() and not stale.exists()
+        assert (home / "registrations" / f"{kept}_{later}").exists() and (home / "registrations" / "notes").exists()
+
+
+def test_two_imports_at_once_cannot_both_take_one_date(monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    from covidtrack.pipeline import drain, ingest
+    from tests.test_pipeline import synthetic_chest, truth_segmenter
+
+    gate = threading.Barrier(2)
+
+    def slow(vol, progress=None):  # both imports pass the early checks before either stores
+        gate.wait(timeout=30)
+        return truth_segmenter(vol, progress)
+
+    results: list[object] = []
+
+    def run(shift: int) -> None:
+        vol, _ = synthetic_chest(lesion_shift=shift)
+        try:
+            results.append(drain(ingest(vol, "P1", "2020-03-01", segmenter=slow, register=False)))
+        except Exception as err:  # noqa: BLE001 - the loser's error is what is checked
+            results.append(err)
+
+    with S.Store.open():  # one store shared by both threads, as in the dashboard
+        threads = [threading.Thread(target=run, args=(s,)) for s in (0, 3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    errors = [r for r in results if isinstance(r, Exception)]
+    assert len(results) == 2 and len(errors) == 1 and isinstance(errors[0], StoreError)
+    assert "already has scan" in str(errors[0])
+    with S.Store.open() as store:
+        assert store.counts()["scans"] == 1

@@ -48,7 +48,7 @@ def _queue(args: argparse.Namespace) -> int:
     from covidtrack.hitl import active
     from covidtrack.store import Store
 
-    with Store.open() as store:
+    with Store.open(read_only=not args.score) as store:  # reading only: other readers are not blocked
         if args.score:
             scans = list(active.review_queue(store, "date", include_reviewed=args.all)["scan_id"])
             active.score_scans(store, scans, progress=lambda i, n, sid: print(f"scored {i}/{n} {sid}", flush=True))

@@ -23,7 +23,7 @@ def run(args: argparse.Namespace) -> int:
     from covidtrack.report import load, pdf
     from covidtrack.store import Store
 
-    with Store.open() as store:
+    with Store.open(read_only=True) as store:  # a report only reads: other readers are not blocked
         if args.patient:
             key = load.resolve_patient(store, args.patient)
             data = load.patient_report_data(store, key, with_images=not args.no_images)

@@ -747,10 +747,13 @@ def run_cli(args: argparse.Namespace) -> int:
     except BaseException as err:
         _update_status(job.folder, state="failed", error=f"{type(err).__name__}: {err}")
         raise
-    with Store.open() as store:
-        ref = modelstore.get(TASK, result["version"])
-        register_version(store, ref, active=False)
     print(f"{TASK}/{result['version']} written to {result['path']} ({result['wall_s']:.0f} s)")
+    try:
+        with Store.open() as store:
+            register_version(store, modelstore.get(TASK, result["version"]), active=False)
+    except StoreError as err:  # e.g. the dashboard opened the store meanwhile: it lists the version itself
+        print(f"note: the version is written but not yet in the store's models table ({err}); the dashboard's "
+              "Models page records it, and `hitl promote` works as usual", file=sys.stderr)
     print(f"validation Dice old {result['old']} -> new {result['new']}")
     print(f"not active yet: promote it on the Models page or with `python -m covidtrack hitl promote {result['version']}`")
     return 0
