@@ -70,6 +70,7 @@ FLAG_COARSE = "flag_coarse_pixels"
 FLAG_LUNG_RANGE = "flag_lung_volume_range"
 FLAG_SMALL_LUNG = "flag_small_lung_high_infection"
 FLAG_IDENTITY = "flag_identity_mismatch"
+FLAG_ASYMMETRY = "flag_lung_asymmetry"
 SLICE_MM = "slice_thickness_mm"  # max(slice spacing, nominal thickness): what the scan can resolve along z
 PIXEL_MM = "pixel_spacing_mm"  # the coarser in-plane pixel side
 
@@ -109,11 +110,13 @@ UNITS: dict[str, str] = {
     FLAG_LUNG_RANGE: "flag",
     FLAG_SMALL_LUNG: "flag",
     FLAG_IDENTITY: "flag",
+    FLAG_ASYMMETRY: "flag",
     SLICE_MM: "mm",
     PIXEL_MM: "mm",
     **{b.metric: "mL" for b in DENSITY_BINS},
 }
 
+MIN_SIDE_RATIO = 0.55  # smaller / larger lung volume below which a lung (or lobe) may be missing from the mask
 MIN_LESION_ML = 0.1  # smallest connected infection component counted as a lesion (mL)
 MAX_SLICE_MM = 5.0  # thicker slices blur GGO into the lung (partial volume)
 MAX_PIXEL_MM = 3.0  # coarser in-plane pixels: blur looks like GGO to the infection model
@@ -258,7 +261,14 @@ def quality_flags(volume: Volume, segmentation: Segmentation) -> dict[str, float
         FLAG_COARSE: float(max(volume.spacing[1], volume.spacing[2]) > MAX_PIXEL_MM),
         FLAG_LUNG_RANGE: float(not (low <= lung_ml <= high)),
         FLAG_IDENTITY: float(bool(volume.meta.identity_note)),
+        FLAG_ASYMMETRY: float(_side_ratio(segmentation.lungs) < MIN_SIDE_RATIO),
     }
+
+
+def _side_ratio(lungs: np.ndarray) -> float:
+    """Smaller over larger lung volume (0 when a side is missing; 1 without lungs)."""
+    right, left = int(np.count_nonzero(lungs == RIGHT_LUNG)), int(np.count_nonzero(lungs == LEFT_LUNG))
+    return 1.0 if max(right, left) == 0 else min(right, left) / max(right, left)
 
 
 def wide(df: pd.DataFrame) -> pd.Series:

@@ -48,6 +48,36 @@ def test_split_sides_separate_lungs_right_at_low_x() -> None:
     assert (sides == truth).all()
 
 
+def test_one_lung_is_labelled_by_the_side_of_the_midline_it_lies_on() -> None:
+    truth = _two_lungs(touching=False)
+    for side, other in ((RIGHT_LUNG, LEFT_LUNG), (LEFT_LUNG, RIGHT_LUNG)):
+        one = truth == side  # the other lung missing: consolidated, removed, or out of view
+        sides = L.split_sides(one, midline=40.0)
+        assert (sides[one] == side).all() and not (sides == other).any()
+        # a lung with a waist may erode into two cores: both lie on one side of the midline
+        waist = one.copy()
+        waist[:, :, (18 if side == RIGHT_LUNG else 58): (22 if side == RIGHT_LUNG else 62)] &= (
+            np.indices(one.shape)[1][:, :, :4] > 26)
+        assert (L.split_sides(waist, midline=40.0)[waist] == side).all()
+    fused = truth > 0  # touching lungs that never split: cut at the midline, not the box centre
+    assert (L.split_sides(fused, max_erosions=0, midline=40.0) == np.where(fused, truth, 0)).mean() > 0.99
+
+
+def test_body_midline_from_the_body_or_world_zero() -> None:
+    from covidtrack.volume import Volume
+
+    arr = np.full((12, 40, 60), -1000, np.int16)
+    arr[:, 5:35, 10:40] = 40  # a body off-centre in the field of view: its centre is x = 25
+    assert L.body_midline(Volume(array=arr, spacing=(5.0, 2.0, 2.0)))[0] == pytest.approx(25.5 / 60, abs=0.03)
+    cut = np.full((12, 40, 60), 40, np.int16)  # a field of view cut through the body: world x = 0
+    vol = Volume(array=cut, spacing=(5.0, 2.0, 2.0), origin=(-80.0, 0.0, 0.0))
+    assert L.body_midline(vol)[0] == pytest.approx((40 + 0.5) / 60, abs=1e-6)
+    assert L.body_midline(Volume(array=cut, spacing=(5.0, 2.0, 2.0))) == (None, None)  # origin 0: not a scanner's
+    half = arr.copy()
+    half[:, 5:35, 10:] = 40  # the body runs out of the high-x (patient's left) side of the view
+    assert L.body_midline(Volume(array=half, spacing=(5.0, 2.0, 2.0))) == (None, 1.0)
+
+
 def test_postprocess_cleans_noisy_sides_where_lungs_touch() -> None:
     from scipy import ndimage as ndi
 

@@ -181,3 +181,14 @@ def test_a_lobe_missing_from_the_lobe_map_has_no_score() -> None:
     assert np.isnan(_value(df, "whole", M.SEVERITY))
     assert _value(df, "RUL", M.SEVERITY) == 2  # 200 of 1400 voxels: 14 %
     assert _value(M.scan_metrics(vol, seg), "whole", M.SEVERITY) == 4  # all five lobes present
+
+
+def test_a_much_smaller_lung_raises_the_asymmetry_flag() -> None:
+    vol, seg = _box_case()  # right 2000, left 1600 voxels: ratio 0.8, normal
+    assert M.quality_flags(vol, seg)[M.FLAG_ASYMMETRY] == 0.0
+    lungs = seg.lungs.copy()
+    lungs[7:12][lungs[7:12] == 2] = 0  # the left lower half left out (a consolidated lobe the mask missed)
+    lungs[2:5][lungs[2:5] == 2] = 0
+    assert M.quality_flags(vol, Segmentation(lungs=lungs, infection=seg.infection, lobes=None))[M.FLAG_ASYMMETRY] == 1.0
+    one = np.where(seg.lungs == 1, 1, 0).astype(np.uint8)
+    assert M.quality_flags(vol, Segmentation(lungs=one, infection=seg.infection, lobes=None))[M.FLAG_ASYMMETRY] == 1.0

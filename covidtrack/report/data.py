@@ -79,6 +79,8 @@ FLAG_MESSAGES: dict[str, str] = {
     metrics.FLAG_COARSE: f"in-plane pixels coarser than {metrics.MAX_PIXEL_MM:g} mm: infection tends to be over-called",
     metrics.FLAG_LUNG_RANGE: "total lung volume outside 1.5-9 L: check the lung mask",
     metrics.FLAG_SMALL_LUNG: "a very small lung or lobe with very high infection: check the lung mask",
+    metrics.FLAG_ASYMMETRY: "one lung much smaller than the other: a consolidated lobe or lung may be missing from the "
+                            "lung mask (the POI would be far too low), or the scan misses a lung; check the lung mask",
     metrics.FLAG_IDENTITY: "DICOM patient ID or sex differs from the patient's other scans (accepted at import): "
                            "check that the scan belongs to this patient",
 }

@@ -80,17 +80,19 @@ def added_voxels(ct_hu: np.ndarray, lungs: np.ndarray, labels: np.ndarray, min_h
     if not cand.any():
         return out
     box = _box(cand)  # everything below happens around the candidates only
-    comp, _ = ndi.label(cand[box])
-    # a lung voxel next to a component sees the component's label within one voxel
-    near = ndi.grey_dilation(comp, size=(3, 3, 3))
+    comp, _ = ndi.label(cand[box])  # face connectivity, as the lobes and the connectivity checks use
+    # a component counts when it shares a face with the lung (a corner or an edge would leave it
+    # a separate piece of the lung mask)
+    face = ndi.generate_binary_structure(3, 1)
+    near = ndi.grey_dilation(comp, footprint=face)
     touching = np.unique(near[inside[box] & (near > 0)])
     out[box] = np.isin(comp, touching[touching > 0])
     return out
 
 
 def assign_sides(lungs: np.ndarray, added: np.ndarray, margin: int = 8) -> np.ndarray:
-    """``lungs`` (0/1/2) with ``added`` voxels labelled as the nearest lung voxel's side,
-    component by component (searched within ``margin`` voxels of each component's box)."""
+    """``lungs`` (0/1/2) with each component of ``added`` labelled as the side it shares most faces
+    with (else the nearest lung voxel's side, searched within ``margin`` voxels of its box)."""
     out = lungs.copy()
     if not added.any():
         return out
@@ -102,10 +104,15 @@ def assign_sides(lungs: np.ndarray, added: np.ndarray, margin: int = 8) -> np.nd
         sub = lungs[box]
         if not (sub > 0).any():
             continue
-        _, idx = ndi.distance_transform_edt(sub == 0, return_indices=True)
-        nearest = sub[tuple(idx)]
         mine = comp[box] == k
-        out[box][mine] = nearest[mine]
+        # the side of the lung it touches most (one side per component: a piece split between
+        # the sides would leave fragments of each)
+        face = ndi.binary_dilation(mine, structure=ndi.generate_binary_structure(3, 1)) & ~mine
+        sides = np.bincount(sub[face].ravel(), minlength=3)[1:]
+        if sides.sum() == 0:
+            _, idx = ndi.distance_transform_edt(sub == 0, return_indices=True)
+            sides = np.bincount(sub[tuple(idx)][mine].ravel(), minlength=3)[1:]
+        out[box][mine] = np.uint8(1 + int(np.argmax(sides)))
     return out
 
 

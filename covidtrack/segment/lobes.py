@@ -395,6 +395,9 @@ def fissure_heights(
     for side in (RIGHT_LUNG, LEFT_LUNG):
         m = (small == side) & ~airway
         if not m.any():
+            if (lungs == side).any():  # a sliver lost on the working grid: the prior on the full grid
+                frame = lung_frame(lungs == side, side)
+                heights.update({name: frame.height(frac).astype(np.float32) for name, frac in prior_fractions(frame, prior).items()})
             continue
         frame = lung_frame(m, side)
         fracs = prior_fractions(frame, prior)

@@ -149,14 +149,51 @@ def _component_sizes(lab: np.ndarray, n: int) -> np.ndarray:
     return np.bincount(lab.ravel(), minlength=n + 1)[1:]
 
 
-def split_sides(mask: np.ndarray, max_erosions: int = 8) -> np.ndarray:
+def body_midline(volume: Volume) -> tuple[float | None, float | None]:
+    """The patient's midline as a fraction (0..1, may lie outside) of the canonical x axis:
+    ``(midline, cut_hint)``.
+
+    ``midline`` comes from the body (everything denser than -500 HU, largest piece, on a coarse
+    subsample) when the field of view holds the whole body width; when the field of view cuts
+    through the body (a small reconstruction centred on one lung), from world x = 0, where scanners
+    centre the patient, if the grid is axis-aligned and spans it; else None. ``cut_hint``: for a
+    body cut at one side of the field of view only, where the midline must lie (beyond that side:
+    0 or 1); only good enough to place a single lung, not to judge two.
+    """
+    arr = volume.array[:: max(1, volume.shape[0] // 24), ::4, ::4]
+    body = arr > -500
+    cut_hint = None
+    if body.any():
+        lab, n = ndi.label(body)
+        sizes = _component_sizes(lab, n)
+        body = lab == int(np.argmax(sizes)) + 1
+        low, high = body[:, :, 0].mean() > 0.02, body[:, :, -1].mean() > 0.02
+        if not (low or high):
+            xs = np.nonzero(body)[2]
+            return float((xs.mean() + 0.5) / body.shape[2]), None
+        if low != high:
+            cut_hint = 0.0 if low else 1.0
+    d = np.asarray(volume.direction, dtype=float).reshape(3, 3)
+    if np.allclose(d, np.eye(3), atol=1e-3):
+        x0, sx, nx = float(volume.origin[0]), float(volume.spacing[2]), volume.shape[2]
+        if x0 < 0 < x0 + (nx - 1) * sx:
+            return float((-x0 / sx + 0.5) / nx), cut_hint
+    return None, cut_hint
+
+
+def split_sides(mask: np.ndarray, max_erosions: int = 8, midline: float | None = None,
+                cut_hint: float | None = None) -> np.ndarray:
     """Right (1) / left (2) labels for a binary lung mask, by geometry alone.
 
     Two big components (the usual case) are the two lungs, and by the definition of the canonical
     grid the one at lower x is the right lung. Lungs that touch at the anterior / posterior
     junction line form one component: it is eroded step by step until it falls apart in two big
-    cores, and every voxel goes to the nearer core. A mask that never splits (one lung only, or
-    fused lungs) is cut at the x centre of its bounding box. The network is not asked for the side:
+    cores, and every voxel goes to the nearer core. ``midline`` (x index on the mask's grid, from
+    :func:`body_midline`) settles the rest: a mask that never splits, or whose two cores lie on
+    one side of it, is one lung (all on the side of the midline it lies on) or fused lungs (cut at
+    the midline). ``cut_hint`` (x index) places a mask that never splits when only that is known
+    (a field of view cut at one side). Without either such a mask is cut at the x centre of its
+    bounding box. The network is not asked for the side:
     with its limited receptive field it cannot see the midline from inside a lung.
     """
     out = np.zeros(mask.shape, dtype=np.uint8)
@@ -175,11 +212,25 @@ def split_sides(mask: np.ndarray, max_erosions: int = 8) -> np.ndarray:
         work = ndi.binary_erosion(work)
         if not work.any():
             break
+    if cores is not None and midline is not None:
+        # two cores on one side of the body's midline are one lung that erosion split (the other
+        # lung missing: cropped, removed, or consolidated and left out by the network)
+        xa, xb = (float(np.nonzero(c)[2].mean()) for c in cores)
+        if (xa - midline) * (xb - midline) > 0:
+            cores = None
     if cores is None:
         xs = np.nonzero(mask.any(axis=(0, 1)))[0]
-        mid = 0.5 * (xs.min() + xs.max())
-        out[mask] = RIGHT_LUNG
-        out[:, :, int(np.ceil(mid)) :][mask[:, :, int(np.ceil(mid)) :]] = LEFT_LUNG
+        midline = midline if midline is not None else cut_hint
+        mid = midline if midline is not None else 0.5 * (xs.min() + xs.max())
+        cut = int(np.ceil(mid))
+        on_left = int(mask[:, :, cut:].sum())
+        if midline is not None and on_left < 0.1 * mask.sum():
+            out[mask] = RIGHT_LUNG  # one lung, on the patient's right of the midline
+        elif midline is not None and on_left > 0.9 * mask.sum():
+            out[mask] = LEFT_LUNG
+        else:
+            out[mask] = RIGHT_LUNG
+            out[:, :, cut:][mask[:, :, cut:]] = LEFT_LUNG
         return out
     a_right = np.nonzero(cores[0])[2].mean() < np.nonzero(cores[1])[2].mean()
     seeds = np.zeros(mask.shape, dtype=np.uint8)
@@ -311,7 +362,10 @@ class LungModel:
         lab, n = ndi.label(coarse)
         sizes = _component_sizes(lab, n)
         coarse = np.isin(lab, np.nonzero(sizes >= 0.02 * sizes.max())[0] + 1)
-        side_coarse = fill_nearest(split_sides(coarse))
+        mid, hint = body_midline(volume)
+        nx = coarse.shape[2]
+        side_coarse = fill_nearest(split_sides(coarse, midline=None if mid is None else mid * nx - 0.5,
+                                               cut_hint=None if hint is None else hint * nx - 0.5))
         # map back only the lungs' bounding box (plus a model voxel) to save time and memory
         lo = [int(i.min()) for i in np.nonzero(p_lung.numpy() > 0.25)]
         hi = [int(i.max()) + 1 for i in np.nonzero(p_lung.numpy() > 0.25)]
