@@ -6,8 +6,8 @@ Everything goes through :func:`covidtrack.pipeline.ingest_manifest` (load, segme
 shipped models, measure, store, register), so the dashboard opens on real pipeline output.
 
 :func:`bootstrap` is a generator of :class:`~covidtrack.events.Progress` events with the overall
-fraction; the dashboard shows them as a progress bar, ``python -m covidtrack demo --ingest`` style
-callers can print them. Phantom files are written to a scratch folder under
+fraction; the dashboard shows them as a progress bar; other callers can print them
+(``pipeline.drain(bootstrap.bootstrap(), print)``). Phantom files are written to a scratch folder under
 ``$COVIDTRACK_HOME/work`` and removed afterwards (the store keeps its own canonical copies).
 A marker file records that the demo was built, so deleting the demo patients does not bring
 them back on the next start. Set ``COVIDTRACK_NO_DEMO=1`` to never build it.

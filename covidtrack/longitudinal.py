@@ -72,7 +72,7 @@ def _patient_of(store: "Store", scan_id: str) -> str:
     scans = store.scans()
     row = scans[scans["scan_id"] == scan_id]
     if row.empty:
-        raise StoreError(f"{store.path}: scan {scan_id} not found. Fix: ingest it first (python -m covidtrack ingest)")
+        raise StoreError(f"{store.path}: scan {scan_id} not found. Fix: ingest it first (python -m covidtrack ingest PATH --patient ID)")
     return str(row["patient_key"].iloc[0])
 
 
@@ -206,7 +206,7 @@ def register_patient(
     """Register every follow-up of a patient to the current baseline (see module docstring)."""
     scans = store.scans(patient_key)
     if scans.empty:
-        raise StoreError(f"{store.path}: patient {patient_key} has no scans. Fix: check the ID (python -m covidtrack ingest first)")
+        raise StoreError(f"{store.path}: patient {patient_key} has no scans. Fix: check the ID (`python -m covidtrack patients` lists them)")
     baseline = store.baseline_scan(patient_key)
     follow = [str(s) for s in scans["scan_id"] if s != baseline]
     results = []

@@ -215,7 +215,7 @@ class Registration:
         for path in self.transform_paths:
             if not path.exists():
                 raise InputError(path, "registration transform file is missing",
-                                 "re-run `python -m covidtrack register` for this patient")
+                                 "re-run `python -m covidtrack register --patient ID --force` for this patient")
         moving = self.moving_grid.to_ants(array.astype(np.float32))
         reference = self.fixed_grid.to_ants(np.zeros(self.fixed_grid.shape, dtype=np.float32))
         out = ants.apply_transforms(
@@ -298,7 +298,7 @@ class Registration:
             )
         except (KeyError, TypeError, ValueError) as err:
             raise InputError(path, f"registration file is not readable ({err})",
-                             "delete the folder and re-run `python -m covidtrack register`") from err
+                             "delete the folder and re-run `python -m covidtrack register --patient ID`") from err
         missing = [p for p in reg.transform_paths + reg.inverse_transform_paths if not p.exists()]
         if missing:
             raise InputError(missing[0], "registration transform file is missing",

@@ -306,10 +306,10 @@ class Store:
         with _CONNECTIONS_LOCK:
             entry = _CONNECTIONS.get(db)
             if entry is None:
-                db.parent.mkdir(parents=True, exist_ok=True)
-                if read_only and not db.exists():
-                    raise StoreError(f"{db}: no store here yet. Fix: import a scan first (python -m covidtrack ingest "
+                if read_only and not db.exists():  # reading creates nothing, not even the folder
+                    raise StoreError(f"{db}: no store here yet. Fix: import a scan first (python -m covidtrack ingest PATH --patient ID "
                                      "or the dashboard's Import page), or set COVIDTRACK_HOME to the folder that holds one")
+                db.parent.mkdir(parents=True, exist_ok=True)
                 try:
                     con = duckdb.connect(str(db), read_only=read_only, config={"threads": settings().threads})
                 except duckdb.IOException as err:
