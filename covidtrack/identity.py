@@ -46,6 +46,8 @@ def conflicts(store: "Store", patient_key: str, meta: ScanMeta) -> list[str]:
     seen_key = seen_sex = seen_other = False
     for row in scans.itertuples(index=False):
         stored = json.loads(row.meta or "{}")
+        if stored.get("identity_note"):
+            continue  # a scan accepted despite a conflict is no reference for the next one
         stored_key, stored_sex = stored.get("source_patient_key", ""), stored.get("patient_sex", "")
         date = str(row.study_date)[:10]
         name = row.alias if isinstance(row.alias, str) and row.alias else row.patient_key

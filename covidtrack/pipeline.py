@@ -356,8 +356,12 @@ def _register_hook(store: Any, key: str, scan_id: str, item: str) -> Generator[P
         b = lo + (hi - lo) * (i + 1) / len(todo)
         yield Progress("register", a, f"registering {follow} to baseline {baseline}", item)
         try:
-            yield from _in_thread(lambda cb, f=follow: longitudinal.register_followup(store, f, progress=cb), "register", a, b, item)
+            res = yield from _in_thread(lambda cb, f=follow: longitudinal.register_followup(store, f, progress=cb), "register", a, b, item)
             done.append(follow)
+            if res is not None and not res.ok:
+                warnings.append(f"the registration of {follow} to the baseline failed its quality check: its change vs baseline "
+                                "is not shown; check both lung masks (Review page)")
+                yield Progress("register", b, warnings[-1], item)
         except Exception as err:  # noqa: BLE001 - the scan is stored; report, don't lose it
             warnings.append(f"registration of {follow} failed: {type(err).__name__}: {err}")
             yield Progress("register", b, warnings[-1], item)

@@ -235,6 +235,14 @@ def test_registration_hook(monkeypatch: pytest.MonkeyPatch) -> None:
         assert store.counts()["scans"] == 4  # the failed registration did not lose the scan
     assert r3.created
 
+    def qa_fails(store, scan_id, progress=None):
+        return types.SimpleNamespace(ok=False, moving_scan=scan_id)
+
+    monkeypatch.setitem(sys.modules, "covidtrack.longitudinal", types.SimpleNamespace(register_followup=qa_fails))
+    last, _ = synthetic_chest(lesion_shift=6)
+    r5 = drain(ingest(last, "P1", "2020-03-27", segmenter=truth_segmenter))
+    assert r5.created and "failed its quality check" in r5.warnings[0]
+
 
 _KILL_SCRIPT = textwrap.dedent(
     """
@@ -413,6 +421,9 @@ def test_follow_up_of_another_person_is_refused_then_flagged_when_accepted(tmp_p
         rows = store.metrics(model_version=None)
         flags = rows[(rows.metric == metrics.FLAG_IDENTITY) & (rows.region == "whole")].set_index("scan_id")["value"]
         assert flags[result.scan_id] == 1.0 and (flags.drop(result.scan_id) == 0.0).all()
+        # the accepted scan is no reference: the patient's own ID still passes after it
+        fifth, _ = synthetic_chest(lesion_shift=5)
+        drain(ingest(_with_identity(fifth, "HOSP-1", "F"), "study-001", "2020-04-08", store=store, segmenter=truth_segmenter))
         reloaded = store.load_volume(result.scan_id)
         assert "accepted at import" in reloaded.meta.identity_note
         assert metrics.quality_flags(reloaded, store.load_segmentation(result.scan_id))[metrics.FLAG_IDENTITY] == 1.0

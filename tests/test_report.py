@@ -143,6 +143,13 @@ def test_change_overlay_uses_change_map() -> None:
     assert len(new)
     r, g, b = img[tuple(new[0])].astype(int)
     assert r > g and r > b  # new infection is red
+    # a follow-up without a change map (stale, failed QA) shows its own infection, titled so
+    from dataclasses import replace
+
+    stale = replace(s, change=(s.change[0], None, s.change[2]))
+    shown = viewer.render(stale, 1, "axial", k, "change", max_px=1000, marks=False)
+    assert np.array_equal(shown, viewer.render(stale, 1, "axial", k, "lobes", max_px=1000, marks=False))
+    assert "change not shown" in figures._timepoint_title(stale, 1, overlay="change")
 
 
 def test_figures_have_expected_traces() -> None:

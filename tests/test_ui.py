@@ -273,7 +273,9 @@ def test_import_without_a_date_asks_for_one_and_a_failed_manifest_is_not_green(s
     manifest = tmp_path / "m.csv"
     manifest.write_text("patient,date,path\nP1,2020-03-01,missing.nii.gz\n")
     at.text_input(key="server_path").input(str(manifest)).run()
+    at.checkbox(key="srv_accept").check().run()
     at.button(key="import_server").click().run()
+    assert not at.checkbox(key="srv_accept").value  # an acceptance is for one import only
     assert not at.exception and not at.success
     errors = [e.value for e in at.error]
     assert errors[0] == "0 scan(s) ok, 1 failed." and errors[1].startswith("line 2: ")

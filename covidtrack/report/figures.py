@@ -204,8 +204,10 @@ def _add_legend(fig: go.Figure, overlay: Overlay) -> None:
         )
 
 
-def _timepoint_title(series: AlignedSeries, t: int, html: bool = True) -> str:
+def _timepoint_title(series: AlignedSeries, t: int, html: bool = True, overlay: Overlay = "lobes") -> str:
     note = "" if series.registered[t] or t == 0 else "not aligned"
+    if overlay == "change" and t > 0 and series.change[t] is None:
+        note = ", ".join(x for x in (note, "change not shown: infection as is") if x)
     if not html:
         return f"{series.dates[t]} · day {series.days[t]}" + (f" ({note})" if note else "")
     # two lines (three when flagged) so six dates side by side do not overlap
@@ -224,7 +226,7 @@ def viewer_figure(
     if height is None:
         aspect = images[0].shape[0] / images[0].shape[1]
         height = int(min(520, max(220, width_px / n * aspect + 110)))
-    fig = make_subplots(rows=1, cols=n, subplot_titles=[_timepoint_title(series, t) for t in range(n)], horizontal_spacing=0.01)
+    fig = make_subplots(rows=1, cols=n, subplot_titles=[_timepoint_title(series, t, overlay=overlay) for t in range(n)], horizontal_spacing=0.01)
     for t, img in enumerate(images):
         fig.add_trace(go.Image(source=data_uri(img), hoverinfo="skip"), row=1, col=t + 1)
     fig.update_xaxes(visible=False)
@@ -242,7 +244,7 @@ def viewer_animation(series: AlignedSeries, plane: Plane, index: int, overlay: O
     """The follow-up sequence: one slice of the same anatomy played through the dates (plotly frames)."""
     images = strip(series, plane, index, overlay, max_px)
     uris = [data_uri(img) for img in images]
-    names = [_timepoint_title(series, t, html=False) for t in range(len(images))]
+    names = [_timepoint_title(series, t, html=False, overlay=overlay) for t in range(len(images))]
     title = f"Follow-up sequence · {plane} slice {index}"
     # the date shown goes into the title (a slider's own current-value label sits under the play buttons)
     fig = go.Figure(data=[go.Image(source=uris[0], hoverinfo="skip")],

@@ -289,8 +289,11 @@ def _captions(a: AlignedSeries) -> list[str]:
     return [f"{d} · day {day}" + ("" if a.registered[t] or t == 0 else " (not aligned)") for t, (d, day) in enumerate(zip(a.dates, a.days))]
 
 
-def write_cohort_pdf(cohort: pd.DataFrame, out: str | Path, arms: list[str] | None = None, engine: Engine = "auto") -> Path:
-    """Write the cohort report (per-arm trajectories, change at last follow-up, test, responders)."""
+def write_cohort_pdf(cohort: pd.DataFrame, out: str | Path, arms: list[str] | None = None, engine: Engine = "auto",
+                     filters: str = "") -> Path:
+    """Write the cohort report (per-arm trajectories, change at last follow-up, test, responders).
+    ``filters``: how ``cohort`` was narrowed (printed in the header, so a subset never reads as
+    the whole cohort)."""
     frame = cohort if arms is None else cohort[cohort["arm"].isin(arms)]
     arm_names = sorted(frame["arm"].dropna().unique())
     pdf = _Pdf("covidtrack trend report · cohort")
@@ -307,6 +310,7 @@ def write_cohort_pdf(cohort: pd.DataFrame, out: str | Path, arms: list[str] | No
             ("Scans", str(frame["scan_id"].nunique())),
             ("Dates", f"{dates.min().date()} to {dates.max().date()}" if len(dates) else "–"),
             ("Model versions", ", ".join(sorted(str(v) for v in frame["model_version"].dropna().unique())) or "–"),
+            ("Filters", filters or "none (every patient of these arms)"),
         ]
     )
     pdf.set_font("DejaVu", "B", 8.5)

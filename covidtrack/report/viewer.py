@@ -176,11 +176,14 @@ def render(
         fill = take_slice(change, plane, index) if change is not None else np.zeros_like(inf)
         if change is None and t == 0:
             fill = np.where(inf > 0, 3, 0).astype(np.uint8)  # baseline: all its infection is the reference
-        img = compose(
-            ct, outline2d=lobes if lobes is not None else lungs,
-            outline_colours=LOBE_COLOURS if lobes is not None else LUNG_COLOURS,
-            fill2d=fill, fill_colours=CHANGE_COLOURS,
-        )
+        outline = dict(outline2d=lobes if lobes is not None else lungs,
+                       outline_colours=LOBE_COLOURS if lobes is not None else LUNG_COLOURS)
+        if change is None and t > 0:
+            # no change map (not registered, failed QA, or masks changed since): the follow-up's own
+            # infection, never an empty panel that would read as "nothing new, nothing persistent"
+            img = compose(ct, infection2d=inf, **outline)
+        else:
+            img = compose(ct, fill2d=fill, fill_colours=CHANGE_COLOURS, **outline)
     else:
         img = compose(ct)
     zr, zc = _square_zoom(plane, series.spacing)

@@ -11,6 +11,7 @@ from covidtrack.report.data import M
 from covidtrack.ui import resources, widgets
 
 PLOTLY_CONFIG = {"displaylogo": False}
+SAVED = "cohort_saved_choices"
 
 
 @st.cache_data(show_spinner=False, max_entries=16)
@@ -28,13 +29,18 @@ def main() -> None:
         return
     arms = sorted(cohort["arm"].dropna().unique())
     side = st.sidebar
-    chosen = side.multiselect("Arms", arms, default=widgets.default_arms(arms), key="cohort_arms")
+    # widget state is dropped when another page is shown: the choices live on in SAVED
+    saved = st.session_state.get(SAVED, {})
+    chosen = side.multiselect("Arms", arms, default=[a for a in saved.get("arms", widgets.default_arms(arms)) if a in arms],
+                              key="cohort_arms")
     first, last = cohort["study_date"].min().date(), cohort["study_date"].max().date()
-    dates = side.date_input("Baseline dates", (first, last), min_value=first, max_value=last, key="cohort_dates",
+    lo0, hi0 = saved.get("dates") or (first, last)
+    lo0, hi0 = max(first, min(lo0, last)), min(last, max(hi0, first))
+    dates = side.date_input("Baseline dates", (lo0, hi0), min_value=first, max_value=last, key="cohort_dates",
                             help="Patients whose first scan lies in this range (e.g. an enrolment period). They keep all "
                                  "their scans, so each patient's baseline stays the first scan.")
     lo, hi = (dates if isinstance(dates, (tuple, list)) and len(dates) == 2 else (first, last))
-    sev = side.slider("Baseline severity score", 0, 25, (0, 25), key="cohort_severity",
+    sev = side.slider("Baseline severity score", 0, 25, saved.get("severity") or (0, 25), key="cohort_severity",
                       help="Total 0-25 score of each patient's first scan. At 0-25 nobody is left out, also not "
                            "patients whose first scan has no score (no lobes).")
     bin_days = side.slider("Day bin width (days)", 1, 7, 4, key="cohort_bin", help="Follow-ups fall on different days; means are taken per bin.")
@@ -44,6 +50,7 @@ def main() -> None:
     }
     frame = _filtered(rev, tuple(chosen), filters["dates"], filters["severity"])
     st.session_state[widgets.COHORT_FILTERS] = filters
+    st.session_state[SAVED] = {**filters, "arms": list(chosen)}
     if frame.empty:
         st.info("No patient matches these filters.")
         return

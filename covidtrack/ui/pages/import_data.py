@@ -54,6 +54,17 @@ def _fields(prefix: str) -> tuple[str, str, dt.date | None, str]:
     return patient, alias, date, arm
 
 
+def _take_acceptance(prefix: str) -> None:
+    """Import button callback: an acceptance is for this one import. The tick is captured for
+    the run that imports and the box is cleared (a callback may reset a widget's state)."""
+    st.session_state[f"{prefix}_accepted_now"] = bool(st.session_state.get(f"{prefix}_accept", False))
+    st.session_state[f"{prefix}_accept"] = False
+
+
+def _accepted(prefix: str) -> bool:
+    return bool(st.session_state.pop(f"{prefix}_accepted_now", False))
+
+
 def _accept_other_id(prefix: str) -> bool:
     return st.checkbox(
         "Accept a different DICOM identity", value=False, key=f"{prefix}_accept",
@@ -78,6 +89,8 @@ def _not_imported(err: CovidtrackError, scratch: Path | None = None, shown_as: s
         text = text.replace(str(scratch / "unpacked"), shown_as).replace(str(scratch) + "/", "").replace(str(scratch), shown_as)
     if "no study date given" in text:
         text += " (here: untick 'Use the study date in the file' and enter the date)"
+    if "remove-scan" in text:
+        text += " (the command line cannot open the store while the dashboard runs: stop it first)"
     st.error(f"Not imported: {text}")
 
 
@@ -95,8 +108,9 @@ def _upload_tab() -> None:
         type=["zip", "nii", "gz", "nrrd", "mha"], key="upload_file", max_upload_size=limit,
     )
     patient, alias, date, arm = _fields("up")
-    accept = _accept_other_id("up")
-    if st.button("Import upload", type="primary", key="import_upload", disabled=file is None):
+    _accept_other_id("up")
+    if st.button("Import upload", type="primary", key="import_upload", disabled=file is None, on_click=_take_acceptance, args=("up",)):
+        accept = _accepted("up")
         if not patient.strip():
             st.error("Enter the patient ID (it is pseudonymised before storing).")
             return
@@ -130,8 +144,9 @@ def _server_tab() -> None:
     is_manifest = path.lower().endswith(".csv")
     if not is_manifest:
         patient, alias, date, arm = _fields("srv")
-    accept = _accept_other_id("srv")
-    if st.button("Import from server", type="primary", key="import_server", disabled=not path):
+    _accept_other_id("srv")
+    if st.button("Import from server", type="primary", key="import_server", disabled=not path, on_click=_take_acceptance, args=("srv",)):
+        accept = _accepted("srv")
         from covidtrack import pipeline
 
         p = Path(path).expanduser()

@@ -91,6 +91,27 @@ def _viewer(patient_key: str, rev: resources.Revision, lobe_view: bool) -> None:
         st.plotly_chart(_animation_fig(patient_key, rev, plane, index, overlay), key="viewer_animation", config=PLOTLY_CONFIG, width="content")
 
 
+def _change_notes(key: str, notes: list[str]) -> None:
+    """Which follow-ups have no change vs baseline shown, and a button that registers them here
+    (the command line cannot open the store while the dashboard holds it)."""
+    from covidtrack import longitudinal
+
+    box = st.info("\n".join(f"- {line.split('; run `')[0]}" for line in notes))
+    if st.button("Update the change vs baseline now", key="register_now",
+                 help="Registers the listed follow-ups to the baseline (about 10-30 s each on 2 CPU cores)."):
+        try:
+            with st.spinner("Registering the follow-ups to the baseline ..."):
+                done = longitudinal.register_patient(resources.store(), key)
+        except Exception as err:  # noqa: BLE001 - say why; nothing stored is lost
+            box.error(f"Registration failed: {err}")
+            return
+        failed = [r.moving_scan for r in done if not r.ok]
+        resources.invalidate()
+        if failed:
+            st.session_state["patient_note"] = f"{len(failed)} follow-up(s) failed the registration quality check; check both lung masks."
+        st.rerun()
+
+
 def main() -> None:
     rev = resources.revision()
     summary = resources.summary(rev)
@@ -103,6 +124,8 @@ def main() -> None:
         st.title("Patient timeline")
         return
     row = summary[summary["patient_key"] == key].iloc[0]
+    if "patient_note" in st.session_state:
+        st.warning(st.session_state.pop("patient_note"))
     frame = resources.patient(key, rev)
     st.title(f"Patient {row['label']}")
     dates = sorted(pd.to_datetime(frame["study_date"]).dt.date.unique()) if len(frame) else []
@@ -127,13 +150,13 @@ def main() -> None:
     st.plotly_chart(trajectory, key="trajectory", config=PLOTLY_CONFIG, width="stretch")
     if heatmap is not None:
         st.plotly_chart(heatmap, key="lobe_heatmap", config=PLOTLY_CONFIG, width="stretch")
+    notes = resources.change_notes(key, rev)
+    if notes:
+        _change_notes(key, notes)
     _viewer(key, rev, lobe_view)
     change = resources.change(key, rev)
     if len(change):
         st.plotly_chart(figures.change_bar_figure(change), key="change_bars", config=PLOTLY_CONFIG, width="stretch")
-    notes = resources.change_notes(key, rev)
-    if notes:
-        st.info("\n".join(f"- {line}" for line in notes))
     st.subheader("Metrics per date")
     table = wide_by_date(frame)
     if not lobe_view:

@@ -49,21 +49,23 @@ def main() -> None:
     st.subheader("Cohort report")
     cohort = resources.cohort(rev)
     arms = sorted(cohort["arm"].dropna().unique())
-    chosen = st.multiselect("Arms", arms, default=widgets.default_arms(arms), key="report_arms")
+    cohort_arms = st.session_state.get("cohort_saved_choices", {}).get("arms")  # the Cohort page's choice, if made
+    default = [a for a in cohort_arms if a in arms] if cohort_arms else widgets.default_arms(arms)
+    chosen = st.multiselect("Arms", arms, default=default, key="report_arms")
     # the Cohort page's baseline-date and baseline-severity filters apply here too, so the PDF shows
     # the same patients as the page
     kept = st.session_state.get(widgets.COHORT_FILTERS, {})
     date_range, severity = kept.get("dates"), kept.get("severity")
-    if date_range or severity:
+    filters = ", ".join(x for x in (f"baselines {date_range[0]} to {date_range[1]}" if date_range else "",
+                                    f"baseline severity {severity[0]}-{severity[1]}" if severity else "") if x)
+    if filters:
         cohort = stats.filter_cohort(cohort, None, date_range, severity)
-        st.caption("With the Cohort page's filters: "
-                   + ", ".join(x for x in (f"baselines {date_range[0]} to {date_range[1]}" if date_range else "",
-                                           f"baseline severity {severity[0]}-{severity[1]}" if severity else "") if x)
-                   + f" ({cohort['patient_key'].nunique()} patients).")
-    if st.button("Build cohort PDF", key="build_cohort", disabled=not chosen or cohort.empty):
+    n = cohort[cohort["arm"].isin(chosen)]["patient_key"].nunique()
+    st.caption((f"With the Cohort page's filters: {filters}. " if filters else "") + f"{n} patient{'' if n == 1 else 's'} in the chosen arms.")
+    if st.button("Build cohort PDF", key="build_cohort", disabled=n == 0):
         with st.spinner("Rendering the report ..."):
             out = out_dir / f"covidtrack-cohort-{dt.date.today()}.pdf"
-            st.session_state["cohort_pdf"] = str(pdf.write_cohort_pdf(cohort, out, arms=chosen))
+            st.session_state["cohort_pdf"] = str(pdf.write_cohort_pdf(cohort, out, arms=chosen, filters=filters))
     _offer("cohort_pdf", "Download cohort PDF")
     st.caption(f"PDFs are also kept under {out_dir.name}/ in the data folder. "
                "The command line does the same: `python -m covidtrack report --patient KEY --out FILE.pdf`.")

@@ -248,11 +248,16 @@ def _save_bar(state: dict[str, Any]) -> None:
         except CovidtrackError as err:
             st.error(str(err))
         else:
-            note = _refresh_change(state["scan_id"])
+            scan_id = state["scan_id"]
+            # the correction is stored: say so and leave the editor first, so a click during the
+            # registration below cannot lose the confirmation
             resources.invalidate()
             _state().clear()
             st.session_state["review_saved"] = (f"Saved correction {cid} (segmentation {seg_id}); the model output is kept "
-                                                f"unchanged. {note}")
+                                                "unchanged.")
+            note = _refresh_change(scan_id)
+            st.session_state["review_saved"] += f" {note}"
+            resources.invalidate()
             st.rerun()
     if b2.button("Discard edits (back to the model output)", key="review_reset"):
         _state().clear()
@@ -269,8 +274,13 @@ def _refresh_change(scan_id: str) -> str:
             done = longitudinal.refresh_after_change(resources.store(), scan_id)
     except Exception as err:  # noqa: BLE001 - the correction is stored either way
         return f"The change vs baseline was not updated ({err}); run `python -m covidtrack register --patient ID` for this patient."
-    redone = sum(not r.reused for r in done)
-    return f"Change vs baseline recomputed for {redone} follow-up(s)." if redone else ""
+    redone = [r for r in done if not r.reused]
+    failed = [r.moving_scan for r in redone if not r.ok]
+    text = f"Change vs baseline recomputed for {len(redone) - len(failed)} follow-up(s)." if len(redone) > len(failed) else ""
+    if failed:
+        text += (f" {len(failed)} follow-up(s) failed the registration quality check; their change is not shown "
+                 "(check both lung masks).")
+    return text.strip()
 
 
 def _import(state: dict[str, Any]) -> None:
