@@ -83,7 +83,8 @@ def _stored_pair(store: "Store", patient_key: str, fixed_scan: str, moving_scan:
 
 
 def _reusable(row: dict[str, Any] | None, fixed_seg: str, moving_seg: str) -> "Registration | None":
-    """The stored registration if it was made from these segmentations and its files exist."""
+    """The stored registration if it was made from these segmentations and its files exist
+    (a pair that failed QA is reused too: the same inputs give the same failure)."""
     from covidtrack.register import Registration
 
     if row is None:
@@ -91,7 +92,9 @@ def _reusable(row: dict[str, Any] | None, fixed_seg: str, moving_seg: str) -> "R
     transforms = row["transforms"]
     path = transforms.get("registration") if isinstance(transforms, dict) else None
     change = row.get("change_map_path")
-    if path is None or change is None or not Path(change).exists():
+    # a pair that passed QA needs its change map; one that failed has none, and redoing it from
+    # the same masks (seeded) would only fail again
+    if path is None or (bool(row["ok"]) and (change is None or not Path(change).exists())):
         return None
     try:
         reg = Registration.load(path)

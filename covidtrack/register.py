@@ -79,7 +79,10 @@ def _ants() -> Any:
     """Import ants after pinning ITK's thread count (ITK reads it once, at first use)."""
     os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(settings().threads)
     import ants
+    import ants.config
 
+    # process-wide and never restored: registrations may run in parallel threads (dashboard)
+    ants.config._random_seed = RANDOM_SEED  # read by ants.registration
     return ants
 
 
@@ -457,9 +460,6 @@ def register(
     mp = _prepare(moving, moving_seg.lungs, moving_seg.infection, MOVING_MARGIN_MM)
     init = _write_translation(folder / "init_translation.mat", mp.centroid - fp.centroid)
     cpu["cpu_s_prepare"] = time.process_time() - c0
-    import ants.config
-
-    seed_before, ants.config._random_seed = ants.config._random_seed, RANDOM_SEED  # read by ants.registration
     try:
         # Stage 1: affine on the lung outline only (robust to infection changing intensities).
         affine = ants.registration(
@@ -479,7 +479,6 @@ def register(
             mask=fp.metric_mask, moving_mask=mp.metric_mask,
         )
     finally:
-        ants.config._random_seed = seed_before
         _remove_intermediate(folder, keep=set())
     cpu["cpu_s_syn"] = time.process_time() - c0 - sum(cpu.values())
     fwd, inv = list(syn["fwdtransforms"]), list(syn["invtransforms"])

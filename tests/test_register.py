@@ -391,3 +391,23 @@ def test_change_follows_corrections_and_hides_stale_pairs(series, covidtrack_hom
         assert store.change_metrics("P1").empty and store.baseline_scan("P1") == s2
         longitudinal.forget_scan(store, s2)
         assert store.patients().empty and store.counts()["scans"] == 0
+
+
+def test_a_failed_pair_is_not_redone_from_the_same_masks(series, covidtrack_home, monkeypatch):
+    import covidtrack.register as reg_mod
+    from covidtrack import longitudinal
+    from covidtrack.store import Store
+
+    (v0, t0), (v1, t1) = series
+    monkeypatch.setattr(reg_mod, "QA_MIN_LUNG_DICE", 1.01)  # nothing can pass
+    calls = []
+    real = reg_mod.register
+    monkeypatch.setattr(reg_mod, "register", lambda *a, **k: calls.append(1) or real(*a, syn_iterations=FAST, **k))
+    with Store.open() as store:
+        _store_scan(store, "P1", dt.date(2026, 3, 10), v0, _seg(t0))
+        s2 = _store_scan(store, "P1", dt.date(2026, 3, 15), v1, _seg(t1))
+        first = longitudinal.register_patient(store, "P1")
+        again = longitudinal.register_patient(store, "P1")
+        assert not first[0].ok and again[0].reused and not again[0].ok and len(calls) == 1
+        assert longitudinal.pair_status(store, "P1") == {s2: longitudinal.FAILED}
+        assert not longitudinal.register_followup(store, s2, force=True).reused and len(calls) == 2

@@ -312,3 +312,23 @@ def test_two_imports_at_once_cannot_both_take_one_date(monkeypatch: pytest.Monke
     assert "already has scan" in str(errors[0])
     with S.Store.open() as store:
         assert store.counts()["scans"] == 1
+
+
+def test_register_all_goes_on_past_a_patient_that_fails(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from covidtrack import longitudinal
+    from covidtrack.__main__ import main as cli
+
+    with S.Store.open() as store:
+        _add(store, "pA", "2020-03-01", 10.0)
+        _add(store, "pB", "2020-03-01", 12.0)
+    seen = []
+
+    def register_patient(store, key, progress=None, force=False):
+        seen.append(key)
+        if key == "pA":
+            raise RuntimeError("empty lung mask")
+        return []
+
+    monkeypatch.setattr(longitudinal, "register_patient", register_patient)
+    assert cli(["register", "--all"]) == 1
+    assert seen == ["pA", "pB"] and "pA: RuntimeError: empty lung mask" in capsys.readouterr().err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -30,10 +31,18 @@ def run(args: argparse.Namespace) -> int:
     from covidtrack.report.load import resolve_patient
     from covidtrack.store import Store
 
+    failed = 0
+    per_patient = []
     with Store.open() as store:
         keys = list(store.patients()["patient_key"]) if args.all else [resolve_patient(store, args.patient)]
-        per_patient = [(key, register_patient(store, key, progress=ProgressBar(), force=args.force)) for key in keys]
-    failed = 0
+        for key in keys:
+            try:
+                per_patient.append((key, register_patient(store, key, progress=ProgressBar(), force=args.force)))
+            except Exception as err:  # noqa: BLE001 - with --all one patient's problem must not stop the others
+                if not args.all:
+                    raise
+                failed += 1
+                print(f"patient {key}: {type(err).__name__}: {err}", file=sys.stderr)
     for key, results in per_patient:
         if not results:
             if not args.all:

@@ -3,6 +3,7 @@ and the per-date metrics table (CSV download)."""
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
@@ -30,13 +31,18 @@ def _tiles(frame: pd.DataFrame) -> None:
     sev = select(frame, M.SEVERITY).drop_duplicates("study_date")["value"].to_numpy()
     cols = st.columns(4)
     if len(poi):
-        cols[0].metric("Latest POI", f"{poi[-1]:.1f} %", _delta(poi[-1] - poi[0], "pts"), delta_color="inverse")
+        last = f"{poi[-1]:.1f} %" if np.isfinite(poi[-1]) else "–"
+        change = _delta(poi[-1] - poi[0], "pts") if np.isfinite(poi[-1]) and np.isfinite(poi[0]) else None
+        cols[0].metric("Latest POI", last, change, delta_color="inverse")
     if len(inf):
         cols[1].metric("Infection volume", f"{inf[-1]:.0f} mL", _delta(inf[-1] - inf[0], "mL", "+.0f"), delta_color="inverse")
     if len(sev):
-        cols[2].metric("Severity score", f"{sev[-1]:.0f} / 25", _delta(sev[-1] - sev[0], "", "+.0f"), delta_color="inverse")
-    if len(poi):
-        cols[3].metric("Peak POI", f"{poi.max():.1f} %")
+        # a scan without a total (a lobe missing from the lobe map) is "not scored", not nan
+        last = f"{sev[-1]:.0f} / 25" if np.isfinite(sev[-1]) else "not scored"
+        change = _delta(sev[-1] - sev[0], "", "+.0f") if np.isfinite(sev[-1]) and np.isfinite(sev[0]) else None
+        cols[2].metric("Severity score", last, change, delta_color="inverse")
+    if np.isfinite(poi).any():
+        cols[3].metric("Peak POI", f"{np.nanmax(poi):.1f} %")
 
 
 def _alias_editor(patient_key: str, label: str) -> None:
@@ -97,7 +103,8 @@ def _change_notes(key: str, notes: list[str]) -> None:
     from covidtrack import longitudinal
 
     box = st.info("\n".join(f"- {line.split('; run `')[0]}" for line in notes))
-    if st.button("Update the change vs baseline now", key="register_now",
+    fixable = {longitudinal.STALE, longitudinal.MISSING} & set(longitudinal.pair_status(resources.store(), key).values())
+    if fixable and st.button("Update the change vs baseline now", key="register_now",
                  help="Registers the listed follow-ups to the baseline (about 10-30 s each on 2 CPU cores)."):
         try:
             with st.spinner("Registering the follow-ups to the baseline ..."):
