@@ -393,3 +393,12 @@ def test_enhanced_multiframe_file_passed_directly_gets_the_conversion_hint(tmp_p
     ds.PixelData = b"".join(pydicom.dcmread(f).PixelData for f in files)
     ds.save_as(tmp_path / "enhanced.dcm", enforce_file_format=True)
     _raises(UnreadableFileError, tmp_path / "enhanced.dcm", "multi-frame", "dcm2niix")
+
+
+def test_a_sheared_nifti_orientation_gets_a_geometry_error_with_the_fix(tmp_path: Path, canonical: np.ndarray) -> None:
+    import nibabel as nib
+
+    affine = np.diag([-1.5, -1.5, 2.5, 1.0])
+    affine[0, 1] = 2.5e-3  # a slight shear: ITK finds no orthonormal direction
+    nib.save(nib.Nifti1Image(np.ascontiguousarray(canonical.transpose(2, 1, 0)), affine), tmp_path / "shear.nii.gz")
+    _raises(GeometryError, tmp_path / "shear.nii.gz", "not orthonormal", "dcm2niix")

@@ -50,6 +50,12 @@ def read_image(path: Path, what: str = "image") -> "sitk.Image":  # noqa: F821 -
         return sitk.ReadImage(str(path))
     except RuntimeError as err:
         detail = [line for line in str(err).splitlines() if line.strip()]
+        if "orthonormal" in str(err):
+            raise GeometryError(
+                path, "its orientation matrix (NIfTI sform/qform) is not orthonormal: a shear, or rounding by the tool "
+                "that wrote it, which ITK refuses to guess around",
+                "re-save it with an orthonormal orientation (e.g. convert the original DICOM series with dcm2niix)",
+            ) from err
         raise UnreadableFileError(
             path, f"cannot be read as {'an' if what[:1] in 'aeiou' else 'a'} {what} "
             f"({detail[-1].strip() if detail else 'unknown ITK error'})",
