@@ -402,3 +402,17 @@ def test_a_sheared_nifti_orientation_gets_a_geometry_error_with_the_fix(tmp_path
     affine[0, 1] = 2.5e-3  # a slight shear: ITK finds no orthonormal direction
     nib.save(nib.Nifti1Image(np.ascontiguousarray(canonical.transpose(2, 1, 0)), affine), tmp_path / "shear.nii.gz")
     _raises(GeometryError, tmp_path / "shear.nii.gz", "not orthonormal", "dcm2niix")
+
+
+def test_cut_short_compressed_metaimage_without_its_size_is_named(tmp_path: Path, canonical: np.ndarray) -> None:
+    img = sitk.GetImageFromArray(np.ascontiguousarray(canonical))
+    img.SetSpacing((1.5, 1.5, 2.5))
+    sitk.WriteImage(img, str(tmp_path / "c.mha"), useCompression=True)
+    data = (tmp_path / "c.mha").read_bytes()
+    key = b"ElementDataFile = LOCAL\n"
+    end = data.index(key) + len(key)
+    header = b"".join(line for line in data[:end].splitlines(keepends=True) if not line.startswith(b"CompressedDataSize"))
+    (tmp_path / "whole.mha").write_bytes(header + data[end:])
+    assert load_ct(tmp_path / "whole.mha").shape == canonical.shape  # the check passes an intact stream
+    (tmp_path / "cut.mha").write_bytes(header + data[end: end + int((len(data) - end) * 0.9)])
+    _raises(UnreadableFileError, tmp_path / "cut.mha", "cut.mha", "truncated")

@@ -191,14 +191,17 @@ def _check_metaimage_complete(path: Path) -> None:
     data_file = header.get("ElementDataFile")
     if data_file is None:
         return
+    compressed = header.get("CompressedData", "False").lower() == "true"
     try:
-        if header.get("CompressedData", "False").lower() == "true":
-            n_bytes = int(header["CompressedDataSize"])  # without it the compressed length is unknown: ITK decides
-        else:
-            dims = [int(v) for v in header.get("DimSize", "").split()]
-            n_bytes = int(np.prod(dims)) * _MET_BYTES[header.get("ElementType", "")] * int(header.get("ElementNumberOfChannels", "1"))
-    except (KeyError, ValueError):
-        return  # unusual header: ITK decides
+        dims = [int(v) for v in header.get("DimSize", "").split()]
+        raw_bytes = int(np.prod(dims)) * _MET_BYTES[header.get("ElementType", "")] * int(header.get("ElementNumberOfChannels", "1"))
+        n_bytes = int(header["CompressedDataSize"]) if compressed else raw_bytes
+    except KeyError:
+        if not compressed:
+            return  # unusual header: ITK decides
+        n_bytes = -1  # compressed without its size: the stream itself is checked below
+    except ValueError:
+        return
     if data_file == "LOCAL":
         have = path.stat().st_size - offset
         source = path
@@ -213,6 +216,23 @@ def _check_metaimage_complete(path: Path) -> None:
     if have < n_bytes:
         raise UnreadableFileError(source, f"holds {have} bytes of voxel data but the header of {path.name} needs "
                                   f"{n_bytes}: the file is truncated", fix)
+    if compressed and n_bytes < 0:
+        # no CompressedDataSize: inflate the stream (in chunks) and compare with the voxel count
+        import zlib
+
+        inflater, got = zlib.decompressobj(), 0
+        with source.open("rb") as fh:
+            fh.seek(offset if data_file == "LOCAL" else 0)
+            while chunk := fh.read(1 << 20):
+                try:
+                    got += len(inflater.decompress(chunk))
+                except zlib.error:
+                    return  # not a zlib stream ITK would read either: let ITK say what it is
+                if inflater.eof:
+                    break
+        if not inflater.eof or got < raw_bytes:
+            raise UnreadableFileError(source, f"its compressed voxel data ends early ({got} of {raw_bytes} bytes after "
+                                      "decompression): the file is truncated", fix)
 
 
 def _nifti_nan_mask(path: Path, shape: tuple[int, ...]) -> np.ndarray:
