@@ -246,7 +246,7 @@ def pair_status(store: "Store", patient_key: str) -> dict[str, str]:
         return {}
     regs = store.registrations(patient_key)
     regs = regs[regs["fixed_scan"] == baseline]
-    active = {sid: store.segmentation(sid, "active").seg_id for sid in scans["scan_id"] if _has_segmentation(store, sid)}
+    active = {sid: _active_seg_id(store, sid) for sid in scans["scan_id"]}
     out: dict[str, str] = {}
     for sid in scans["scan_id"]:
         if sid == baseline:
@@ -272,12 +272,11 @@ def pair_status(store: "Store", patient_key: str) -> dict[str, str]:
     return out
 
 
-def _has_segmentation(store: "Store", scan_id: str) -> bool:
+def _active_seg_id(store: "Store", scan_id: str) -> str | None:
     try:
-        store.segmentation(scan_id, "active")
+        return store.segmentation(scan_id, "active").seg_id
     except StoreError:
-        return False
-    return True
+        return None
 
 
 def refresh_after_change(store: "Store", scan_id: str, progress: ProgressCallback | None = None) -> list[FollowupResult]:

@@ -55,8 +55,6 @@ def _normalise(df: pd.DataFrame) -> pd.DataFrame:
 def cohort_frame(store: "Store", arms: list[str] | None = None, metrics: tuple[str, ...] | None = COHORT_METRICS) -> pd.DataFrame:
     """Long rows of every patient (active model version), see :mod:`covidtrack.report.data`.
     ``arms`` may name ``NO_ARM`` for the patients stored without an arm."""
-    from covidtrack.report.data import NO_ARM
-
     in_sql = arms if arms is None or NO_ARM not in arms else None  # NULL in the store, named only here
     frame = _normalise(store.cohort_metrics(arms=in_sql, metrics=list(metrics) if metrics else None))
     return frame if in_sql is not None or arms is None else frame[frame["arm"].isin(arms)].reset_index(drop=True)
@@ -79,7 +77,7 @@ def patient_header(store: "Store", patient_key: str, frame: pd.DataFrame | None 
     )
 
 
-def change_table(store: "Store", patient_key: str) -> pd.DataFrame:
+def change_table(store: "Store", patient_key: str, status: dict[str, str] | None = None) -> pd.DataFrame:
     """New / resolved / persistent infection (mL) per follow-up and region.
 
     Columns ``date``, ``scan_id``, ``region``, ``new_ml``, ``resolved_ml``, ``persistent_ml``,
@@ -87,7 +85,8 @@ def change_table(store: "Store", patient_key: str) -> pd.DataFrame:
     registered to the current baseline from the segmentations shown now are included
     (:func:`covidtrack.longitudinal.pair_status`); :func:`change_notes` says what is left out.
     Metric names ending in ``new``/``resolved``/``persistent`` (with or without a
-    ``_volume``/``_ml`` suffix) are recognised.
+    ``_volume``/``_ml`` suffix) are recognised. ``status``: :func:`pair_status` when the caller
+    has it already.
     """
     from covidtrack.longitudinal import CURRENT, pair_status
 
@@ -95,7 +94,8 @@ def change_table(store: "Store", patient_key: str) -> pd.DataFrame:
     cols = ["date", "scan_id", "region", *CHANGE_COLUMNS.values()]
     if rows.empty:
         return pd.DataFrame(columns=cols)
-    current = [sid for sid, status in pair_status(store, patient_key).items() if status == CURRENT]
+    status = pair_status(store, patient_key) if status is None else status
+    current = [sid for sid, state in status.items() if state == CURRENT]
     rows = rows[(rows["fixed_scan"] == store.baseline_scan(patient_key)) & rows["moving_scan"].isin(current)]
     kind = rows["metric"].str.replace(r"(_volume|_ml)$", "", regex=True).str.split("_").str[-1]
     rows = rows.assign(kind=kind)
@@ -113,8 +113,10 @@ def change_table(store: "Store", patient_key: str) -> pd.DataFrame:
     return wide[cols].sort_values(["date", "scan_id"], kind="stable").reset_index(drop=True)
 
 
-def change_notes(store: "Store", patient_key: str) -> list[str]:
-    """One line per follow-up whose change vs the baseline is not shown, saying why and the fix."""
+def change_notes(store: "Store", patient_key: str, status: dict[str, str] | None = None, with_fix: bool = True) -> list[str]:
+    """One line per follow-up whose change vs the baseline is not shown, saying why and (with
+    ``with_fix``) the command that updates it; ``status``: :func:`pair_status` when the caller
+    has it already."""
     from covidtrack.longitudinal import CURRENT, FAILED, MISSING, STALE, pair_status
 
     dates = {str(r.scan_id): str(pd.Timestamp(r.study_date).date()) for r in store.scans(patient_key).itertuples()}
@@ -124,8 +126,8 @@ def change_notes(store: "Store", patient_key: str) -> list[str]:
         MISSING: "it has not been registered to the baseline",
     }
     fix = f"run `python -m covidtrack register --patient {patient_key}`"
-    return [f"{dates.get(sid, sid)}: change vs baseline not shown: {why[status]}" + ("" if status == FAILED else f"; {fix}")
-            for sid, status in pair_status(store, patient_key).items() if status != CURRENT]
+    return [f"{dates.get(sid, sid)}: change vs baseline not shown: {why[state]}" + ("" if state == FAILED or not with_fix else f"; {fix}")
+            for sid, state in (pair_status(store, patient_key) if status is None else status).items() if state != CURRENT]
 
 
 def _resize_to(arr: np.ndarray, shape: tuple[int, ...], order: int) -> np.ndarray:
@@ -149,7 +151,7 @@ def _read_mask(path: Path | None) -> np.ndarray | None:
     return read_canonical(Path(path))[0].astype(np.uint8)
 
 
-def aligned_series(store: "Store", patient_key: str) -> AlignedSeries:
+def aligned_series(store: "Store", patient_key: str, status: dict[str, str] | None = None) -> AlignedSeries:
     """All of a patient's scans in the baseline's canonical grid, for the viewer and the report.
 
     Each follow-up is warped with its stored registration (CT linear, labels generic-label) and
@@ -163,7 +165,7 @@ def aligned_series(store: "Store", patient_key: str) -> AlignedSeries:
     from covidtrack.longitudinal import CURRENT, pair_status
 
     regs = store.registrations(patient_key)
-    status = pair_status(store, patient_key)
+    status = pair_status(store, patient_key) if status is None else status
     base_id = str(scans["scan_id"].iloc[0])
     base_vol = store.load_volume(base_id)
     shape = base_vol.shape
@@ -280,13 +282,15 @@ def _warp_follow_up(
 
 def patient_report_data(store: "Store", patient_key: str, with_images: bool = True) -> "PatientReportData":
     """Everything :func:`covidtrack.report.pdf.write_patient_pdf` needs for one patient."""
+    from covidtrack.longitudinal import pair_status
     from covidtrack.report.pdf import PatientReportData
 
     frame = patient_frame(store, patient_key)
     header = patient_header(store, patient_key, frame)
-    aligned = aligned_series(store, patient_key) if with_images else None
-    return PatientReportData(header=header, frame=frame, aligned=aligned, change=change_table(store, patient_key),
-                             change_notes=tuple(change_notes(store, patient_key)))
+    status = pair_status(store, patient_key)  # once: images, table and notes agree on it
+    aligned = aligned_series(store, patient_key, status) if with_images else None
+    return PatientReportData(header=header, frame=frame, aligned=aligned, change=change_table(store, patient_key, status),
+                             change_notes=tuple(change_notes(store, patient_key, status)))
 
 
 def store_revision(store: "Store") -> tuple[int, ...]:

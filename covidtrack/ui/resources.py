@@ -67,21 +67,28 @@ def patient(patient_key: str, rev: Revision) -> pd.DataFrame:
 
 @st.cache_data(show_spinner=False, max_entries=32)
 def change(patient_key: str, rev: Revision) -> pd.DataFrame:
+    return load.change_table(store(), patient_key, pair_status(patient_key, rev))
+
+
+@st.cache_data(show_spinner=False, max_entries=32)
+def pair_status(patient_key: str, rev: Revision) -> dict[str, str]:
+    """Each follow-up's change status (:func:`covidtrack.longitudinal.pair_status`)."""
     del rev
-    return load.change_table(store(), patient_key)
+    from covidtrack.longitudinal import pair_status as status
+
+    return status(store(), patient_key)
 
 
 @st.cache_data(show_spinner=False, max_entries=32)
 def change_notes(patient_key: str, rev: Revision) -> list[str]:
-    del rev
-    return load.change_notes(store(), patient_key)
+    """Follow-ups whose change is not shown, worded for the dashboard (no command-line fix)."""
+    return load.change_notes(store(), patient_key, pair_status(patient_key, rev), with_fix=False)
 
 
 @st.cache_resource(show_spinner="Aligning the follow-ups to the baseline ...", max_entries=6)
 def aligned(patient_key: str, rev: Revision) -> AlignedSeries:
     """Every timepoint in baseline space (warping costs seconds; done once per patient and revision)."""
-    del rev
-    return load.aligned_series(store(), patient_key)
+    return load.aligned_series(store(), patient_key, pair_status(patient_key, rev))
 
 
 def invalidate() -> None:

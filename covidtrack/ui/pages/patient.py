@@ -97,15 +97,16 @@ def _viewer(patient_key: str, rev: resources.Revision, lobe_view: bool) -> None:
         st.plotly_chart(_animation_fig(patient_key, rev, plane, index, overlay), key="viewer_animation", config=PLOTLY_CONFIG, width="content")
 
 
-def _change_notes(key: str, notes: list[str]) -> None:
+def _change_notes(key: str, rev: resources.Revision, notes: list[str]) -> None:
     """Which follow-ups have no change vs baseline shown, and a button that registers them here
     (the command line cannot open the store while the dashboard holds it)."""
     from covidtrack import longitudinal
 
-    box = st.info("\n".join(f"- {line.split('; run `')[0]}" for line in notes))
-    fixable = {longitudinal.STALE, longitudinal.MISSING} & set(longitudinal.pair_status(resources.store(), key).values())
+    box = st.info("\n".join(f"- {line}" for line in notes))
+    fixable = {longitudinal.STALE, longitudinal.MISSING} & set(resources.pair_status(key, rev).values())
     if fixable and st.button("Update the change vs baseline now", key="register_now",
-                 help="Registers the listed follow-ups to the baseline (about 10-30 s each on 2 CPU cores)."):
+                 help="Registers the listed follow-ups to the baseline (one registration each; 7-23 s per pair "
+                      "on an idle 2-core machine in bench/results/register.json)."):
         try:
             with st.spinner("Registering the follow-ups to the baseline ..."):
                 done = longitudinal.register_patient(resources.store(), key)
@@ -159,7 +160,7 @@ def main() -> None:
         st.plotly_chart(heatmap, key="lobe_heatmap", config=PLOTLY_CONFIG, width="stretch")
     notes = resources.change_notes(key, rev)
     if notes:
-        _change_notes(key, notes)
+        _change_notes(key, rev, notes)
     _viewer(key, rev, lobe_view)
     change = resources.change(key, rev)
     if len(change):
