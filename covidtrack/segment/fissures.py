@@ -37,6 +37,16 @@ The right lung's fissures go through two stages (:func:`refine_passes`):
 The left oblique fissure keeps the narrower refinement of :func:`follow_prior` (directional
 evidence across the current surface's normal, +-24 then +-10 mm): with the search it came out
 worse on the phantoms and flatter on both real CTs (``bench/lobes_bench.py``, README).
+
+Before either, an oblique fissure may get a *plane start* (:func:`plane_start`, lobe priors from
+lobes/v2 on): a plane searched over height and two angles within the range of real oblique
+fissures (their angles in the hand-drawn LIDC fissures, stored in the prior) and scored by the
+oriented plate measure along the whole plane. The prior's curved surface can be 20 degrees off
+the visible fissure's slope, more than the narrow passes can turn; a plane fitted to the whole
+fissure at once is not. It is used only where the fissure stands out along it clearly
+(``PLANE_MIN_CONTRAST`` times the lung's mean evidence); then the narrow passes follow the
+fissure's curvature from there. Elsewhere (a fissure not visible, as on the noisy real 4D CT)
+nothing changes.
 """
 
 from __future__ import annotations
@@ -73,6 +83,13 @@ EXTEND_REACH_MM = 40.0  # how far a seen fissure is continued into unseen column
 EXTEND_PLANE_MM = 15.0  # window (Gaussian sigma) of the local planes that continue it
 EXTEND_MIN_SEEN = 0.15  # fraction of a surface's columns that must be seen to continue it
 EDGE_EROSION = 2  # voxels: evidence next to the lung's border is the border's, not a fissure's
+PLANE_OFFSET_MM = 40.0  # plane start: heights searched around the prior's own plane (+-, mm) ...
+PLANE_OFFSET_STEP_MM = 2.0  # ... in these steps
+PLANE_OFFSET_SIGMA_MM = 25.0  # weak pull of the plane's height to the prior's
+PLANE_STEP_DEG = (2.5, 5.0)  # angle steps: rise (AP slope), lateral slope
+PLANE_SPREADS = 2.0  # angles searched within mean +- this many spreads of the real fissures'
+PLANE_PRIOR_WEIGHT = 0.1  # penalty per squared spread, in units of the lung's mean evidence
+PLANE_MIN_CONTRAST = 4.0  # evidence along the plane / lung mean: phantoms 4.1-6.3, no fissure <= 3.6
 
 
 @dataclass(frozen=True, eq=False)
@@ -379,6 +396,89 @@ def _extend_seen(h: np.ndarray, seen: np.ndarray, spacing: tuple[float, float, f
     return np.where(cols, (1.0 - a) * h + a * np.nan_to_num(plane), np.nan)
 
 
+@dataclass(frozen=True)
+class PlaneAngles:
+    """Where real oblique fissures lie as planes ``z = a + y tan(rise) + x tan(lateral)`` on the
+    canonical grid (mm; y runs anterior -> posterior, x right -> left): mean and spread of each
+    angle in degrees, learned from hand-drawn fissures (:mod:`covidtrack.segment.train_lobes`)."""
+
+    rise_deg: float
+    rise_spread_deg: float
+    lateral_deg: float
+    lateral_spread_deg: float
+
+
+@dataclass(frozen=True)
+class PlaneFit:
+    """The best plane of :func:`plane_start`: heights per column (z voxels, NaN outside),
+    its angles (degrees), and ``contrast``: mean evidence per lung column the plane crosses over
+    the mean evidence of the lung (1 = no better than anywhere)."""
+
+    heights: np.ndarray
+    rise_deg: float
+    lateral_deg: float
+    contrast: float
+
+    @property
+    def clear(self) -> bool:
+        return self.contrast >= PLANE_MIN_CONTRAST
+
+
+def plane_start(
+    evidence: np.ndarray, scale: float, lung: np.ndarray, h0: np.ndarray, spacing: tuple[float, float, float],
+    angles: PlaneAngles,
+) -> PlaneFit | None:
+    """The plane, among real fissures' orientations, along which ``evidence`` is strongest.
+
+    ``evidence``: oriented plate measure (HU/mm^2) on the lung's grid, ``scale`` its "clearly
+    visible" level; ``lung``: boolean mask the plane is scored in; ``h0``: the prior surface (z
+    voxel per column, NaN outside), whose least-squares plane centres the height search.
+    Every plane is scored by the evidence it meets in the lung (each column's best voxel within
+    +-1 of the plane, capped at ``scale``), summed over the lung's columns, minus a weak
+    quadratic penalty on its distance from the real fissures' mean angles and from the prior's
+    height. None when the prior has no column.
+    """
+    cols = np.isfinite(h0)
+    if cols.sum() < 3:
+        return None
+    sz, sy, sx = (float(s) for s in spacing)
+    ev = ndi.maximum_filter1d(np.minimum(evidence / max(scale, 1e-6), 1.0), 3, axis=0)
+    lung_mean = float(ev[lung].mean()) if lung.any() else 0.0
+    if lung_mean <= 0.0:
+        return None
+    yy, xx = np.nonzero(cols)
+    ym, xm = (yy - yy.mean()) * sy, (xx - xx.mean()) * sx
+    design = np.stack([np.ones_like(ym), ym, xm], axis=1)
+    centre = float(np.linalg.lstsq(design, h0[cols] * sz, rcond=None)[0][0])
+    heights = centre + np.arange(-PLANE_OFFSET_MM, PLANE_OFFSET_MM + 1e-6, PLANE_OFFSET_STEP_MM)
+    rises = np.arange(angles.rise_deg - PLANE_SPREADS * angles.rise_spread_deg,
+                      angles.rise_deg + PLANE_SPREADS * angles.rise_spread_deg + 1e-6, PLANE_STEP_DEG[0])
+    rises = rises[np.abs(rises) < 80.0]
+    laterals = np.arange(angles.lateral_deg - PLANE_SPREADS * angles.lateral_spread_deg,
+                         angles.lateral_deg + PLANE_SPREADS * angles.lateral_spread_deg + 1e-6, PLANE_STEP_DEG[1])
+    laterals = laterals[np.abs(laterals) < 80.0]
+    nz = lung.shape[0]
+    score = np.zeros((heights.size, rises.size, laterals.size))
+    crossed = np.zeros_like(score)
+    for j, rise in enumerate(np.tan(np.radians(rises))):
+        for k, lat in enumerate(np.tan(np.radians(laterals))):
+            z = np.rint((heights[:, None] + (rise * ym + lat * xm)[None, :]) / sz).astype(int)
+            zc = np.clip(z, 0, nz - 1)
+            inside = lung[zc, yy[None], xx[None]] & (z >= 0) & (z < nz)
+            score[:, j, k] = np.where(inside, ev[zc, yy[None], xx[None]], 0.0).sum(axis=1)
+            crossed[:, j, k] = inside.sum(axis=1)
+    da, dr, dl = np.meshgrid(heights - centre, rises - angles.rise_deg, laterals - angles.lateral_deg, indexing="ij")
+    penalty = 0.5 * ((da / PLANE_OFFSET_SIGMA_MM) ** 2 + (dr / angles.rise_spread_deg) ** 2
+                     + (dl / angles.lateral_spread_deg) ** 2)
+    objective = score / (yy.size * lung_mean) - PLANE_PRIOR_WEIGHT * penalty
+    i = np.unravel_index(int(np.argmax(objective)), objective.shape)
+    contrast = float(score[i] / max(crossed[i], 1.0) / lung_mean)
+    rise, lat = float(rises[i[1]]), float(laterals[i[2]])
+    out = np.full(h0.shape, np.nan)
+    out[cols] = (heights[i[0]] + np.tan(np.radians(rise)) * ym + np.tan(np.radians(lat)) * xm) / sz
+    return PlaneFit(out, rise, lat, contrast)
+
+
 @dataclass(frozen=True, eq=False)
 class FissureEvidence:
     """Everything :func:`refine_passes` reads from the CT of one lung (working grid).
@@ -472,9 +572,16 @@ def refine(
     frame: "LungFrame",
     heights: dict[str, np.ndarray],
     spacing: tuple[float, float, float],
+    planes: dict[str, PlaneAngles] | None = None,
 ) -> dict[str, np.ndarray]:
-    """Refine the prior heights of one lung's fissures with the CT (all on the working grid)."""
+    """Refine the prior heights of one lung's fissures with the CT (all on the working grid).
+
+    ``planes``: the real oblique fissures' angles per fissure name (from the lobe prior); where
+    given, a clearly visible oblique fissure gets a plane start (:func:`plane_start`) and the
+    narrow passes of :func:`follow_prior` from it.
+    """
     side = frame.side
+    planes = planes or {}
     eroded = ndi.binary_erosion(lung, iterations=EDGE_EROSION)  # the pleura is an edge, not a fissure
     D = max(1, int(round(max(band for band, _ in SEARCH_PASSES) / float(spacing[0]))))
     zi = np.arange(lung.shape[0])[:, None, None]
@@ -482,10 +589,19 @@ def refine(
     for h in heights.values():
         hh = np.where(np.isfinite(h), h, -1e9)[None]
         band |= np.abs(zi - hh) <= D + 1
-    evidence = fissure_evidence(ct, lung, spacing, eroded & band, cones=side == RIGHT_LUNG)
+    oblique = "right_oblique" if side == RIGHT_LUNG else "left_oblique"
+    evidence = fissure_evidence(ct, lung, spacing, eroded & band, cones=side == RIGHT_LUNG or oblique in planes)
+    plane = None
+    if oblique in planes:
+        plane = plane_start(evidence.cones["oblique"], evidence.cone_scale["oblique"], eroded, heights[oblique],
+                            spacing, planes[oblique])
+    start = plane.heights if plane is not None and plane.clear else None
     out = dict(heights)
     if side == RIGHT_LUNG:
-        obl = refine_passes(evidence, "oblique", eroded, heights["right_oblique"], spacing)
+        if start is not None:
+            obl = follow_prior(evidence, eroded, start, spacing)
+        else:
+            obl = refine_passes(evidence, "oblique", eroded, heights["right_oblique"], spacing)
         out["right_oblique"] = obl
         hor0 = heights["right_horizontal"]
         # the middle lobe exists only where the prior horizontal lies above the oblique
@@ -493,13 +609,15 @@ def refine(
         hor = refine_passes(evidence, "horizontal", eroded, np.where(exists, hor0, np.nan), spacing, floor=obl)
         out["right_horizontal"] = np.where(exists, hor, hor0 - heights["right_oblique"] + obl)
     else:
-        out["left_oblique"] = follow_prior(evidence, eroded, heights["left_oblique"], spacing)
+        out["left_oblique"] = follow_prior(evidence, eroded, start if start is not None else heights["left_oblique"],
+                                           spacing)
     return out
 
 
 def follow_prior(evidence: FissureEvidence, lung: np.ndarray, h0: np.ndarray, spacing: tuple[float, float, float]) -> np.ndarray:
-    """The narrower refinement kept for the left oblique fissure: sheets scored across the
-    current surface's own normal in bands of +-24 then +-10 mm, no search by orientation.
+    """The narrower refinement: sheets scored across the current surface's own normal in bands
+    of +-24 then +-10 mm, no search by orientation. Used for the left oblique fissure, and for
+    any oblique fissure from a clear plane start.
 
     The orientation-gated search (:func:`refine_passes`) placed the left oblique fissure worse on
     the phantoms and flattened it on both real CTs (``bench/lobes_bench.py``): over the heart the

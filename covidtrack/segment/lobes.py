@@ -22,7 +22,8 @@ Because the frame follows the lung's own diaphragm and apex, the mask alone alre
 anatomical partition. With a CT of thin slices (at most ``MAX_FISSURE_SLICE_MM``),
 :mod:`covidtrack.segment.fissures` moves each surface, column by column, to the plate-like
 fissure it can see, keeping the surface smooth and falling back to the prior where the fissure
-is not visible.
+is not visible. The prior also holds the angles of real oblique fissures as planes, which
+let a clearly visible oblique fissure be found as a whole first.
 
 All heavy work happens on a working grid of about 2 mm; the fissure heights (smooth 2D maps)
 are interpolated back to the lungs' own columns, so the output is on the input grid with
@@ -34,12 +35,16 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from scipy import ndimage as ndi
 
 from covidtrack.errors import InputError, ModelError
 from covidtrack.labels import LEFT_LUNG, RIGHT_LUNG
+
+if TYPE_CHECKING:
+    from covidtrack.segment.fissures import PlaneAngles
 
 WORK_SPACING_MM = 2.0  # working grid: fine enough for fissures, coarse enough for 2 CPU cores
 MAX_FISSURE_SLICE_MM = 2.5  # thicker slices: the CT step is skipped (on the 5 mm real CT it only flattened the fissures)
@@ -69,6 +74,17 @@ class LobePrior:
             grid = self.surfaces.get(name)
             if grid is None or grid.shape != (len(self.v), len(self.w)):
                 raise ModelError(f"lobe prior {self.version or '(unsaved)'}: surface '{name}' missing or mis-shaped")
+
+    @property
+    def planes(self) -> "dict[str, PlaneAngles]":
+        """Angles of real oblique fissures as planes (meta ``oblique_planes``, from lobes/v2 on;
+        empty for older priors, which then refine as before)."""
+        from covidtrack.segment.fissures import PlaneAngles
+
+        stats = self.meta.get("oblique_planes", {})
+        return {name: PlaneAngles(float(d["rise_deg"][0]), float(d["rise_deg"][1]),
+                                  float(d["lateral_deg"][0]), float(d["lateral_deg"][1]))
+                for name, d in stats.items()}
 
     def sample(self, name: str, v: np.ndarray, w: np.ndarray) -> np.ndarray:
         """Bilinear ``T(v, w)`` at arbitrary fractions (clamped to the grid)."""
@@ -405,7 +421,7 @@ def fissure_heights(
         if ct_small is not None:
             from covidtrack.segment.fissures import refine
 
-            coarse = refine(ct_small, m, frame, coarse, work_spacing)  # type: ignore[arg-type]
+            coarse = refine(ct_small, m, frame, coarse, work_spacing, planes=prior.planes)  # type: ignore[arg-type]
         for name, h in coarse.items():
             heights[name] = _to_full_grid(h, f, lungs.shape)
     return heights

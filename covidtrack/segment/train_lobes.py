@@ -20,6 +20,9 @@ For each case, on a ~2 mm grid:
 
 The prior is a kernel regression of ``t`` over ``(v, w)`` per fissure, pooling the cases with
 equal weight per case; a wide kernel fills what no case has drawn (fissures are partial).
+
+From lobes/v2 on the prior also holds each oblique fissure's angles as a plane (mean and
+spread over the cases, :func:`plane_statistics`), the range in which a CT's plane start looks.
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ FINE_BW = (0.05, 0.08)  # kernel widths in (v, w) fractions where fissures are d
 COARSE_BW = (0.20, 0.30)  # fallback where they are not
 FILL_WEIGHT = 2.0  # per-case point mass below which the wide kernel takes over
 TRAIN_SPACING_MM = 2.0
+PLANE_SPREAD_FLOOR_DEG = {"rise_deg": 10.0, "lateral_deg": 20.0}  # three cases cannot estimate a spread
 
 
 @dataclass(frozen=True)
@@ -298,6 +302,46 @@ def case_points(case: CaseData) -> dict[str, FissurePoints]:
     return out
 
 
+def oblique_plane_angles(case: CaseData) -> dict[str, dict[str, float]]:
+    """Each oblique fissure of a case as a least-squares plane ``z = a + y tan(rise) + x tan(lateral)``
+    through its drawn crossings (mm, canonical grid): the two angles in degrees and the RMS
+    distance (mm, along z) of the drawing from the plane."""
+    sz, sy, sx = case.spacing
+    out = {}
+    for side, name in ((RIGHT_LUNG, "right_oblique"), (LEFT_LUNG, "left_oblique")):
+        m = case.lungs == side
+        if not m.any():
+            continue
+        frame = lung_frame(m, side)
+        c = column_crossings(case.fissures, frame, m)
+        keep = (c.rank == 0) if side == LEFT_LUNG else name_right_runs(frame, c)[0]
+        if keep.sum() < 20:
+            continue
+        z, y, x = c.z[keep] * sz, c.y[keep] * sy, c.x[keep] * sx
+        design = np.stack([np.ones_like(y), y - y.mean(), x - x.mean()], axis=1)
+        coef = np.linalg.lstsq(design, z, rcond=None)[0]
+        out[name] = {"rise_deg": float(np.degrees(np.arctan(coef[1]))),
+                     "lateral_deg": float(np.degrees(np.arctan(coef[2]))),
+                     "rms_mm": float(np.sqrt(np.mean((design @ coef - z) ** 2)))}
+    return out
+
+
+def plane_statistics(per_case: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, list[float]]]:
+    """Mean and spread (standard deviation, floored by ``PLANE_SPREAD_FLOOR_DEG``) of each
+    oblique fissure's plane angles over the cases: ``{name: {"rise_deg": [mean, spread], ...}}``."""
+    out: dict[str, dict[str, list[float]]] = {}
+    for name in ("right_oblique", "left_oblique"):
+        rows = [c[name] for c in per_case if name in c]
+        if not rows:
+            continue
+        out[name] = {}
+        for key, floor in PLANE_SPREAD_FLOOR_DEG.items():
+            vals = np.array([r[key] for r in rows])
+            spread = float(vals.std(ddof=1)) if vals.size > 1 else 0.0
+            out[name][key] = [round(float(vals.mean()), 2), round(max(spread, floor), 2)]
+    return out
+
+
 def fit_prior(point_sets: list[dict[str, FissurePoints]], version: str = "", meta: dict | None = None) -> LobePrior:
     """Pool the cases' points (equal weight per case) and fit every fissure surface."""
     grid_v, grid_w = np.linspace(0, 1, GRID_V), np.linspace(0, 1, GRID_W)
@@ -377,6 +421,24 @@ def model_card_markdown(card: dict) -> str:
         "Distances: from every hand-drawn fissure voxel to the nearest predicted border between the two lobes that",
         "fissure separates; which drawn voxel belongs to which fissure is decided from the drawing alone.",
         "",
+        "## Oblique fissure planes (for the CT's plane start)",
+        "",
+        "Each drawn oblique fissure fitted by a plane z = a + y tan(rise) + x tan(lateral) (canonical grid: y",
+        "anterior -> posterior, x right -> left); with a thin-slice CT, `covidtrack.segment.fissures.plane_start`",
+        "searches planes within mean +- 2 spreads of these angles (spreads floored: "
+        + ", ".join(f"{k.replace('_deg', '')} {v:.0f} deg" for k, v in PLANE_SPREAD_FLOOR_DEG.items()) + ").",
+        "",
+        "| case | fissure | rise (deg) | lateral (deg) | RMS of the drawing about its plane (mm) |",
+        "|---|---|---|---|---|",
+    ]
+    for case, fits in card.get("oblique_planes_per_case", {}).items():
+        for name, f in fits.items():
+            lines.append(f"| {case} | {name.replace('_', ' ')} | {f['rise_deg']:.1f} | {f['lateral_deg']:.1f} | {f['rms_mm']:.1f} |")
+    for name, st in card.get("oblique_planes", {}).items():
+        lines.append(f"| mean (spread) | {name.replace('_', ' ')} | {st['rise_deg'][0]:.1f} ({st['rise_deg'][1]:.1f}) "
+                     f"| {st['lateral_deg'][0]:.1f} ({st['lateral_deg'][1]:.1f}) | |")
+    lines += [
+        "",
         "Limits: three training cases (one has its apex cut off by the scan), so the prior carries a per-patient",
         "height bias of roughly 0.1 of the column height; the middle lobe is the least certain lobe.",
         "Licence of the training data: CC BY-NC-SA 4.0 + TCIA terms (non-commercial).",
@@ -402,8 +464,11 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.time()
     loaded = [load_case(c) for c in cases]
     points = [case_points(c) for c in loaded]
+    planes = [oblique_plane_angles(c) for c in loaded]
     prior = fit_prior(points, version=f"lobes/{version}",
-                      meta={"cases": [c.name for c in loaded], "grid": [GRID_V, GRID_W]})
+                      meta={"cases": [c.name for c in loaded], "grid": [GRID_V, GRID_W],
+                            "oblique_planes": plane_statistics(planes),
+                            "oblique_planes_per_case": {c.name: p for c, p in zip(loaded, planes)}})
     train_s = time.time() - t0
     print(f"fitted prior on {len(loaded)} cases in {train_s:.1f} s; leave-one-out evaluation ...")
     loo = leave_one_out(loaded, points)
@@ -411,7 +476,8 @@ def run(args: argparse.Namespace) -> int:
     card = {
         "task": "lobes",
         "version": version,
-        "kind": "fissure shape prior (kernel regression of fissure height fraction over lung-normalised AP x lateral position)",
+        "kind": "fissure shape prior (kernel regression of fissure height fraction over lung-normalised AP x lateral position) "
+                "+ the angles of the oblique fissures as planes",
         "files": ["prior.npz"],
         "data": {"cases": [c.name for c in loaded], "source": "LIDC-IDRI lung + hand-drawn fissure masks "
                  "(UNC-Robotics/Med-MPD @ 6ae6237, CC BY-NC-SA 4.0 + TCIA terms)",
@@ -425,6 +491,8 @@ def run(args: argparse.Namespace) -> int:
         "hardware": {"processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
                      "note": "2 CPU cores"},
         "validation": loo,
+        "oblique_planes": prior.meta["oblique_planes"],
+        "oblique_planes_per_case": prior.meta["oblique_planes_per_case"],
         "code_commit": _git_commit(),
         "date": dt.date.today().isoformat(),
     }
