@@ -157,6 +157,73 @@ def test_left_oblique_follows_a_visible_fissure_near_the_prior() -> None:
     _assert_refinement_finds(lungs, 2, "left_oblique", np.where(np.isfinite(prior_h), prior_h - 6.0, np.nan))
 
 
+def test_plane_start_finds_a_steeper_left_oblique_fissure() -> None:
+    """Left lung: a visible plane rising 45 degrees towards the back and tilted laterally, far
+    from the prior's curved surface (> 14 mm), is found whole by the plane start (lobes/v2 on)
+    and then followed; the narrow passes alone stay near the prior."""
+    lungs = ellipsoid_lungs()
+    prior_h = fissure_heights(lungs, SPACING)["left_oblique"]
+    cols = (lungs == 2).any(axis=0)
+    yy, xx = np.indices(prior_h.shape).astype(float)
+    rise = np.tan(np.radians(45.0)) * (yy - yy[cols].mean()) * SPACING[1] / SPACING[0]
+    tilt = np.tan(np.radians(-15.0)) * (xx - xx[cols].mean()) * SPACING[2] / SPACING[0]
+    _assert_refinement_finds(lungs, 2, "left_oblique", np.where(cols, np.nanmean(prior_h[cols]) - 6.0 + rise + tilt, np.nan))
+
+
+def test_plane_start_needs_a_visible_fissure() -> None:
+    """The plane start is used only where a fissure stands out along it: on a CT with a plate it
+    is clear and lies on the plate; on lung noise alone it is not clear (the prior stands)."""
+    from covidtrack.segment.fissures import EDGE_EROSION, OBLIQUE_CONE_DEG, hessian, oriented_plate, plane_start
+
+    lungs = ellipsoid_lungs()
+    prior = load_prior()
+    angles = prior.planes["left_oblique"]
+    prior_h = fissure_heights(lungs, SPACING)["left_oblique"]
+    cols = (lungs == 2).any(axis=0)
+    yy = np.indices(prior_h.shape)[0].astype(float)
+    true_h = np.where(cols, np.nanmean(prior_h[cols]) + np.tan(np.radians(40.0)) * (yy - yy[cols].mean()) * SPACING[1] / SPACING[0], np.nan)
+    lung = ndi.binary_erosion(lungs == 2, iterations=EDGE_EROSION)
+    fits = {}
+    for name, ct in (("plate", _plate_ct(lungs, np.nan_to_num(true_h, nan=-100))), ("noise", _plate_ct(lungs, np.full(prior_h.shape, -100.0)))):
+        cone = oriented_plate(hessian(ct, SPACING), lung, {"oblique": OBLIQUE_CONE_DEG})["oblique"]
+        scale = float(np.percentile(cone[cone > 0], 90))
+        fits[name] = plane_start(cone, scale, lung, prior_h, SPACING, angles)
+    assert fits["plate"].clear and not fits["noise"].clear, {k: f.contrast for k, f in fits.items()}
+    assert abs(fits["plate"].rise_deg - 40.0) <= 2.5
+    m = (lungs == 2).any(axis=0)
+    assert float(np.nanmean(np.abs(fits["plate"].heights - true_h)[m])) * SPACING[0] < 3.0
+
+
+def test_plane_angles_of_drawn_fissures_known_answer() -> None:
+    """Training: a left oblique fissure drawn as a plane at known angles is measured back, and
+    the statistics over cases keep at least their floor spread."""
+    from covidtrack.segment.train_lobes import PLANE_SPREAD_FLOOR_DEG, CaseData, oblique_plane_angles, plane_statistics
+
+    lungs = ellipsoid_lungs()
+    cols = (lungs == 2).any(axis=0)
+    yy, xx = np.indices(cols.shape).astype(float)
+    h = 30.0 + (np.tan(np.radians(40.0)) * (yy - 32) * SPACING[1] + np.tan(np.radians(-15.0)) * (xx - 70) * SPACING[2]) / SPACING[0]
+    z = np.arange(lungs.shape[0])[:, None, None]
+    fissures = (np.abs(z - h[None]) < 0.5) & (lungs == 2)
+    got = oblique_plane_angles(CaseData("synthetic", lungs, fissures, SPACING))
+    assert "right_oblique" not in got  # nothing drawn there
+    assert abs(got["left_oblique"]["rise_deg"] - 40.0) < 1.5 and abs(got["left_oblique"]["lateral_deg"] + 15.0) < 1.5
+    assert got["left_oblique"]["rms_mm"] < 1.5
+    stats = plane_statistics([got, got])
+    assert stats["left_oblique"]["rise_deg"][1] == PLANE_SPREAD_FLOOR_DEG["rise_deg"]
+    assert abs(stats["left_oblique"]["rise_deg"][0] - 40.0) < 1.5
+
+
+def test_shipped_prior_holds_real_oblique_fissure_angles() -> None:
+    """The active prior's plane angles are those of real drawn fissures: both oblique fissures
+    rise towards the back, and a prior without them (lobes/v1) has none."""
+    prior = load_prior()
+    for name in ("right_oblique", "left_oblique"):
+        assert 20.0 < prior.planes[name].rise_deg < 60.0, prior.planes
+    bare = LobePrior(prior.v, prior.w, prior.surfaces, version="old", meta={})
+    assert bare.planes == {}
+
+
 def test_oriented_plate_tells_steep_from_flat_sheets() -> None:
     """The oblique cone keeps a 45-degree sheet and drops a flat one; the horizontal cone the reverse."""
     from covidtrack.segment.fissures import HORIZONTAL_CONE_DEG, OBLIQUE_CONE_DEG, hessian, oriented_plate

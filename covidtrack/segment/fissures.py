@@ -45,8 +45,9 @@ oriented plate measure along the whole plane. The prior's curved surface can be 
 the visible fissure's slope, more than the narrow passes can turn; a plane fitted to the whole
 fissure at once is not. It is used only where the fissure stands out along it clearly
 (``PLANE_MIN_CONTRAST`` times the lung's mean evidence); then the narrow passes follow the
-fissure's curvature from there. Elsewhere (a fissure not visible, as on the noisy real 4D CT)
-nothing changes.
+fissure's curvature from there. A fissure that the prior's own curved shape, moved up or down,
+meets better than any plane keeps the usual refinement.
+Elsewhere (a fissure not visible, as on the noisy real 4D CT) nothing changes.
 """
 
 from __future__ import annotations
@@ -90,6 +91,7 @@ PLANE_STEP_DEG = (2.5, 5.0)  # angle steps: rise (AP slope), lateral slope
 PLANE_SPREADS = 2.0  # angles searched within mean +- this many spreads of the real fissures'
 PLANE_PRIOR_WEIGHT = 0.1  # penalty per squared spread, in units of the lung's mean evidence
 PLANE_MIN_CONTRAST = 4.0  # evidence along the plane / lung mean: phantoms 4.1-6.3, no fissure <= 3.6
+PLANE_MIN_CROSSED = 0.5  # a plane clipping a corner of the lung is judged over half its columns
 
 
 @dataclass(frozen=True, eq=False)
@@ -410,18 +412,31 @@ class PlaneAngles:
 
 @dataclass(frozen=True)
 class PlaneFit:
-    """The best plane of :func:`plane_start`: heights per column (z voxels, NaN outside),
-    its angles (degrees), and ``contrast``: mean evidence per lung column the plane crosses over
-    the mean evidence of the lung (1 = no better than anywhere)."""
+    """The best plane of :func:`plane_start`: heights per column (z voxels, NaN outside) and
+    its angles (degrees). ``contrast``: mean evidence per lung column the plane crosses (at least
+    ``PLANE_MIN_CROSSED`` of the columns counted) over the mean evidence of the lung (1 = no
+    better than anywhere). ``support`` / ``prior_support``: the search's objective for the plane /
+    for the prior's own surface at its best height (evidence summed over all columns, in units
+    of the lung's mean per column, less the penalties)."""
 
     heights: np.ndarray
     rise_deg: float
     lateral_deg: float
     contrast: float
+    support: float
+    prior_support: float
 
     @property
     def clear(self) -> bool:
-        return self.contrast >= PLANE_MIN_CONTRAST
+        """A fissure stands out along the plane, and the plane meets more of it than the prior's
+        shape can (a curved fissure is better reached from the curved prior)."""
+        return self.contrast >= PLANE_MIN_CONTRAST and self.support > self.prior_support
+
+
+def _capped(evidence: np.ndarray, scale: float) -> np.ndarray:
+    """Evidence capped at its "clearly visible" level (0..1), each voxel taking the best of
+    +-1 voxel along z (a surface rounded to whole voxels must not miss a one-voxel sheet)."""
+    return ndi.maximum_filter1d(np.minimum(evidence / max(scale, 1e-6), 1.0), 3, axis=0)
 
 
 def plane_start(
@@ -442,7 +457,7 @@ def plane_start(
     if cols.sum() < 3:
         return None
     sz, sy, sx = (float(s) for s in spacing)
-    ev = ndi.maximum_filter1d(np.minimum(evidence / max(scale, 1e-6), 1.0), 3, axis=0)
+    ev = _capped(evidence, scale)
     lung_mean = float(ev[lung].mean()) if lung.any() else 0.0
     if lung_mean <= 0.0:
         return None
@@ -458,25 +473,34 @@ def plane_start(
                          angles.lateral_deg + PLANE_SPREADS * angles.lateral_spread_deg + 1e-6, PLANE_STEP_DEG[1])
     laterals = laterals[np.abs(laterals) < 80.0]
     nz = lung.shape[0]
+
+    def along(z_mm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Evidence summed and lung columns crossed, per candidate row of heights (mm)."""
+        z = np.rint(z_mm / sz).astype(int)
+        zc = np.clip(z, 0, nz - 1)
+        inside = lung[zc, yy[None], xx[None]] & (z >= 0) & (z < nz)
+        return np.where(inside, ev[zc, yy[None], xx[None]], 0.0).sum(axis=1), inside.sum(axis=1)
+
     score = np.zeros((heights.size, rises.size, laterals.size))
     crossed = np.zeros_like(score)
     for j, rise in enumerate(np.tan(np.radians(rises))):
         for k, lat in enumerate(np.tan(np.radians(laterals))):
-            z = np.rint((heights[:, None] + (rise * ym + lat * xm)[None, :]) / sz).astype(int)
-            zc = np.clip(z, 0, nz - 1)
-            inside = lung[zc, yy[None], xx[None]] & (z >= 0) & (z < nz)
-            score[:, j, k] = np.where(inside, ev[zc, yy[None], xx[None]], 0.0).sum(axis=1)
-            crossed[:, j, k] = inside.sum(axis=1)
+            score[:, j, k], crossed[:, j, k] = along(heights[:, None] + (rise * ym + lat * xm)[None, :])
     da, dr, dl = np.meshgrid(heights - centre, rises - angles.rise_deg, laterals - angles.lateral_deg, indexing="ij")
     penalty = 0.5 * ((da / PLANE_OFFSET_SIGMA_MM) ** 2 + (dr / angles.rise_spread_deg) ** 2
                      + (dl / angles.lateral_spread_deg) ** 2)
-    objective = score / (yy.size * lung_mean) - PLANE_PRIOR_WEIGHT * penalty
+    norm = yy.size * lung_mean
+    objective = score / norm - PLANE_PRIOR_WEIGHT * penalty
     i = np.unravel_index(int(np.argmax(objective)), objective.shape)
-    contrast = float(score[i] / max(crossed[i], 1.0) / lung_mean)
+    contrast = float(score[i] / max(crossed[i], PLANE_MIN_CROSSED * yy.size) / lung_mean)
+    # the prior's own shape at its best height, on the same terms (its height penalised alike)
+    offsets = heights - centre
+    prior_score, _ = along(h0[cols][None, :] * sz + offsets[:, None])
+    prior_objective = prior_score / norm - PLANE_PRIOR_WEIGHT * 0.5 * (offsets / PLANE_OFFSET_SIGMA_MM) ** 2
     rise, lat = float(rises[i[1]]), float(laterals[i[2]])
     out = np.full(h0.shape, np.nan)
     out[cols] = (heights[i[0]] + np.tan(np.radians(rise)) * ym + np.tan(np.radians(lat)) * xm) / sz
-    return PlaneFit(out, rise, lat, contrast)
+    return PlaneFit(out, rise, lat, contrast, float(objective[i]), float(prior_objective.max()))
 
 
 @dataclass(frozen=True, eq=False)
@@ -577,8 +601,8 @@ def refine(
     """Refine the prior heights of one lung's fissures with the CT (all on the working grid).
 
     ``planes``: the real oblique fissures' angles per fissure name (from the lobe prior); where
-    given, a clearly visible oblique fissure gets a plane start (:func:`plane_start`) and the
-    narrow passes of :func:`follow_prior` from it.
+    given, a clearly visible oblique fissure that a plane fits better than the prior's own shape
+    gets a plane start (:func:`plane_start`) and the narrow passes of :func:`follow_prior` from it.
     """
     side = frame.side
     planes = planes or {}
@@ -595,22 +619,20 @@ def refine(
     if oblique in planes:
         plane = plane_start(evidence.cones["oblique"], evidence.cone_scale["oblique"], eroded, heights[oblique],
                             spacing, planes[oblique])
-    start = plane.heights if plane is not None and plane.clear else None
     out = dict(heights)
+    if plane is not None and plane.clear:
+        obl = follow_prior(evidence, eroded, plane.heights, spacing)
+    elif side == RIGHT_LUNG:
+        obl = refine_passes(evidence, "oblique", eroded, heights["right_oblique"], spacing)
+    else:
+        obl = follow_prior(evidence, eroded, heights["left_oblique"], spacing)
+    out[oblique] = obl
     if side == RIGHT_LUNG:
-        if start is not None:
-            obl = follow_prior(evidence, eroded, start, spacing)
-        else:
-            obl = refine_passes(evidence, "oblique", eroded, heights["right_oblique"], spacing)
-        out["right_oblique"] = obl
         hor0 = heights["right_horizontal"]
         # the middle lobe exists only where the prior horizontal lies above the oblique
         exists = np.isfinite(hor0) & (hor0 > heights["right_oblique"] + 1.0)
         hor = refine_passes(evidence, "horizontal", eroded, np.where(exists, hor0, np.nan), spacing, floor=obl)
         out["right_horizontal"] = np.where(exists, hor, hor0 - heights["right_oblique"] + obl)
-    else:
-        out["left_oblique"] = follow_prior(evidence, eroded, start if start is not None else heights["left_oblique"],
-                                           spacing)
     return out
 
 
