@@ -54,6 +54,58 @@ def _true_fissure_distances(pred: np.ndarray, truth_lobes: np.ndarray, spacing) 
     return out
 
 
+class record_planes:
+    """Collect every :func:`covidtrack.segment.fissures.plane_start` decision made inside the
+    ``with`` block: per lung (right first), its contrast, support against the prior's, angles
+    and whether the plane start was used."""
+
+    def __enter__(self) -> list[dict]:
+        from covidtrack.segment import fissures as F
+
+        self._orig, self.rows = F.plane_start, []
+
+        def wrapped(*args, **kwargs):
+            fit = self._orig(*args, **kwargs)
+            if fit is not None:
+                self.rows.append({"contrast": round(fit.contrast, 2), "support": round(fit.support, 2),
+                                  "prior_support": round(fit.prior_support, 2), "rise_deg": round(fit.rise_deg, 1),
+                                  "lateral_deg": round(fit.lateral_deg, 1), "used": bool(fit.clear)})
+            return fit
+
+        F.plane_start = wrapped
+        return self.rows
+
+    def __exit__(self, *exc) -> None:
+        from covidtrack.segment import fissures as F
+
+        F.plane_start = self._orig
+
+
+def hide_fissures(hu: np.ndarray, truth_lobes: np.ndarray, seed: int = 0) -> np.ndarray:
+    """The phantom CT with its fissures painted over: voxels within one voxel of a border between
+    two lobes get the local (in-slice 5x5) median plus noise. A null case for the plane start's
+    threshold (imperfect: remnants of a fissure can survive)."""
+    from scipy import ndimage as ndi
+
+    border = np.zeros(truth_lobes.shape, bool)
+    lab = truth_lobes.astype(np.int16)
+    for ax in range(3):
+        a = np.take(lab, range(lab.shape[ax] - 1), axis=ax)
+        b = np.take(lab, range(1, lab.shape[ax]), axis=ax)
+        diff = (a != b) & (a > 0) & (b > 0)
+        lo = [slice(None)] * 3
+        lo[ax] = slice(0, -1)
+        hi = [slice(None)] * 3
+        hi[ax] = slice(1, None)
+        border[tuple(lo)] |= diff
+        border[tuple(hi)] |= diff
+    border = ndi.binary_dilation(border)
+    out = hu.astype(np.float32).copy()
+    med = ndi.median_filter(out, size=(1, 5, 5))
+    out[border] = med[border] + np.random.default_rng(seed).normal(0.0, 15.0, int(border.sum()))
+    return out
+
+
 def timed_partition(lungs: np.ndarray, spacing, ct: np.ndarray | None) -> tuple[dict[str, np.ndarray], np.ndarray, float]:
     """Fissure heights and lobes of a right/left lung mask (what ``lobes_from_lung_mask`` does,
     keeping the heights for the other measures) and the seconds it took."""
@@ -113,10 +165,16 @@ def phantoms(seeds: tuple[int, ...] = (0, 1, 2, 3, 4)) -> dict:
         heights = {}
         row["oblique_rise_deg"] = {"truth": oblique_rise_deg(_truth_heights(truth.lobes), truth.lungs, vol.spacing)}
         for mode, ct in (("mask_only", None), ("with_ct", vol.array)):
-            heights[mode], lobes, secs = timed_partition(truth.lungs, vol.spacing, ct)
+            with record_planes() as planes:
+                heights[mode], lobes, secs = timed_partition(truth.lungs, vol.spacing, ct)
             row[mode] = {"dice": lobe_dice(lobes, truth.lobes), "seconds": round(secs, 2),
                          "fissure_distance_mm": _true_fissure_distances(lobes, truth.lobes, vol.spacing)}
+            if ct is not None:
+                row["plane_start"] = dict(zip(("right_oblique", "left_oblique"), planes))
             row["oblique_rise_deg"][mode] = oblique_rise_deg(heights[mode], truth.lungs, vol.spacing)
+        with record_planes() as planes:
+            fissure_heights(truth.lungs, vol.spacing, hide_fissures(vol.array, truth.lobes, seed))
+        row["plane_start_fissures_hidden"] = dict(zip(("right_oblique", "left_oblique"), planes))
         row["truth_shares_pct"] = lobe_shares(truth.lobes)
         row["prior_normal_angle_deg_median"] = _prior_normal_angles(truth, vol.spacing, heights["mask_only"])
         out[f"seed{seed}"] = row
@@ -131,9 +189,17 @@ def phantoms(seeds: tuple[int, ...] = (0, 1, 2, 3, 4)) -> dict:
         }
     summary["oblique_rise_deg"] = {m: {k: [round(out[f"seed{s}"]["oblique_rise_deg"][m][k], 1) for s in seeds]
                                        for k in ("right_oblique", "left_oblique")} for m in ("truth", "mask_only", "with_ct")}
+    for key in ("plane_start", "plane_start_fissures_hidden"):
+        rows = [out[f"seed{s}"][key] for s in seeds]
+        summary[key] = {name: {"contrast": [r[name]["contrast"] for r in rows if name in r],
+                               "used": [r[name]["used"] for r in rows if name in r]}
+                        for name in ("right_oblique", "left_oblique")}
     angles = [out[f"seed{s}"]["prior_normal_angle_deg_median"] for s in seeds]
     summary["prior_normal_angle_deg_median"] = {k: [round(a[k], 1) for a in angles] for k in angles[0]}
     out["summary"] = {"seeds": list(seeds), **summary,
+                      "plane_start_note": "plane_start: the plane start's decision per oblique fissure with CT (used when contrast "
+                                          ">= 4 and support > prior_support); plane_start_fissures_hidden: the same with the "
+                                          "fissures painted over (hide_fissures), a null case",
                       "note": "phantoms at peak disease; fissure distance = mean distance from every true fissure face "
                               "to the nearest predicted border of the same two lobes (goal with CT: 3 mm; Dice goal 0.90)"}
     return out
@@ -291,8 +357,8 @@ def start_consistency(vol, lungs: np.ndarray, shifts_mm: tuple[float, ...] = (-1
     results = {}
     try:
         for shift in (0.0,) + tuple(shifts_mm):
-            def shifted(ct, lung, frame, heights, spacing, shift=shift):
-                return refine(ct, lung, frame, {k: h + shift / spacing[0] for k, h in heights.items()}, spacing)
+            def shifted(ct, lung, frame, heights, spacing, shift=shift, **kw):
+                return refine(ct, lung, frame, {k: h + shift / spacing[0] for k, h in heights.items()}, spacing, **kw)
 
             F.refine = shifted
             results[shift] = fissure_heights(lungs, vol.spacing, vol.array)
@@ -321,7 +387,10 @@ def real_cts() -> dict:
         res = {}
         row["oblique_rise_deg"] = {}
         for mode, ct in (("mask only", None), ("with CT", vol.array)):
-            heights, lobes, secs = timed_partition(lungs, vol.spacing, ct)
+            with record_planes() as planes:
+                heights, lobes, secs = timed_partition(lungs, vol.spacing, ct)
+            if planes:
+                row["plane_start"] = dict(zip(("right_oblique", "left_oblique"), planes))
             res[mode] = lobes
             row[mode.replace(" ", "_")] = {"seconds": round(secs, 2), "shares_pct": lobe_shares(lobes)}
             row["oblique_rise_deg"][mode.replace(" ", "_").replace("CT", "ct")] = oblique_rise_deg(heights, lungs, vol.spacing)
