@@ -31,6 +31,7 @@ import json
 import os
 import shutil
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -282,6 +283,8 @@ class FileStage:
 # --- the store -----------------------------------------------------------------------------------
 _CONNECTIONS: dict[Path, list[Any]] = {}  # path -> [connection, open count]: one per process
 _CONNECTIONS_LOCK = threading.Lock()
+OPEN_WAIT_S = 15.0  # how long an open waits for another process to release the file
+OPEN_RETRY_S = 0.25
 
 
 def _json(obj: Any) -> str:
@@ -300,27 +303,48 @@ class Store:
 
     # -- lifecycle --------------------------------------------------------------------------
     @classmethod
-    def open(cls, path: str | Path | None = None, read_only: bool = False) -> "Store":
-        """Open (creating and migrating when needed) the store at ``path`` (default settings().db_path)."""
+    def open(cls, path: str | Path | None = None, read_only: bool = False, wait_s: float = OPEN_WAIT_S) -> "Store":
+        """Open (creating and migrating when needed) the store at ``path`` (default settings().db_path).
+
+        DuckDB lets one process write a file at a time, and the dashboard holds the store only while
+        a page runs; when another process holds it, the open is retried for ``wait_s`` seconds
+        before :class:`~covidtrack.errors.StoreError` says who to wait for.
+        """
         db = Path(path).expanduser().resolve() if path is not None else settings().db_path
-        with _CONNECTIONS_LOCK:
-            entry = _CONNECTIONS.get(db)
-            if entry is None:
-                if read_only and not db.exists():  # reading creates nothing, not even the folder
-                    raise StoreError(f"{db}: no store here yet. Fix: import a scan first (python -m covidtrack ingest PATH --patient ID "
-                                     "or the dashboard's Import page), or set COVIDTRACK_HOME to the folder that holds one")
-                db.parent.mkdir(parents=True, exist_ok=True)
-                try:
-                    con = duckdb.connect(str(db), read_only=read_only, config={"threads": settings().threads})
-                except duckdb.IOException as err:
-                    raise StoreError(
-                        f"{db}: cannot open the store ({err}). Fix: another covidtrack process holds it; "
-                        "close it (DuckDB allows one writer per file) or run this inside that process"
-                    ) from err
-                entry = _CONNECTIONS[db] = [con, 0, read_only]
-            elif entry[2] and not read_only:
-                raise StoreError(f"{db}: already open read-only in this process. Fix: close that Store before opening it for writing")
-            entry[1] += 1
+        deadline = time.monotonic() + max(wait_s, 0.0)
+        while True:
+            with _CONNECTIONS_LOCK:
+                entry = _CONNECTIONS.get(db)
+                if entry is None:
+                    if read_only and not db.exists():  # reading creates nothing, not even the folder
+                        raise StoreError(f"{db}: no store here yet. Fix: import a scan first (python -m covidtrack ingest PATH --patient ID "
+                                         "or the dashboard's Import page), or set COVIDTRACK_HOME to the folder that holds one")
+                    db.parent.mkdir(parents=True, exist_ok=True)
+                    try:
+                        con = duckdb.connect(str(db), read_only=read_only, config={"threads": settings().threads})
+                    except duckdb.IOException as err:
+                        if "lock" not in str(err).lower():  # unreadable, no permission: waiting will not help
+                            raise StoreError(f"{db}: cannot open the store ({err}). Fix: check the file and its folder's "
+                                             "permissions, or set COVIDTRACK_HOME to another folder") from err
+                        if time.monotonic() < deadline:
+                            busy = err
+                        else:
+                            raise StoreError(
+                                f"{db}: cannot open the store ({err}); waited {wait_s:.0f} s. Fix: another covidtrack process "
+                                "is writing to it (DuckDB allows one writer per file): a command-line import or registration, "
+                                "a fine-tuning job, or a dashboard page that is running; try again when it has finished"
+                            ) from err
+                    else:
+                        busy = None
+                        entry = _CONNECTIONS[db] = [con, 0, read_only]
+                elif entry[2] and not read_only:
+                    raise StoreError(f"{db}: already open read-only in this process. Fix: close that Store before opening it for writing")
+                else:
+                    busy = None
+                if busy is None:
+                    entry[1] += 1
+                    break
+            time.sleep(OPEN_RETRY_S)
         store = cls(db, entry[0], read_only=entry[2])
         try:
             if not store.read_only:
@@ -334,6 +358,10 @@ class Store:
             store.close()  # a failed open must not keep the connection (and the file lock)
             raise
         return store
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     def close(self) -> None:
         if self._closed:

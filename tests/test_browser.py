@@ -118,3 +118,27 @@ def test_patient_page_shows_trajectory_and_viewer(server: tuple[str, str], drive
     assert viewer.size["height"] > 150 and viewer.size["width"] > 400
     heading = driver.find_element(By.TAG_NAME, "h1").text
     assert key in heading
+
+
+def test_command_line_writes_while_the_dashboard_is_open(server: tuple[str, str], driver, covidtrack_home: Path) -> None:
+    """A page that has loaded holds no lock: a command-line write (removing a scan) succeeds
+    while the dashboard is open in a browser, and the page shows the result after a reload."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    url, key = server
+    driver.get(f"{url}/patient?patient={key}")
+    wait = WebDriverWait(driver, 90)
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".st-key-trajectory .main-svg"))
+    env = {**os.environ, "COVIDTRACK_HOME": str(covidtrack_home)}
+    with Store.open(read_only=True, wait_s=30) as store:
+        scans = store.scans(key)
+    last = str(scans.sort_values("study_date")["scan_id"].iloc[-1])
+    done = subprocess.run([sys.executable, "-m", "covidtrack", "remove-scan", last, "--yes", "--no-register"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    driver.refresh()
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".st-key-trajectory .main-svg"))
+    with Store.open(read_only=True, wait_s=30) as store:
+        assert len(store.scans(key)) == N_SCANS - 1
+    assert "Traceback" not in driver.find_element(By.TAG_NAME, "body").text

@@ -332,3 +332,42 @@ def test_register_all_goes_on_past_a_patient_that_fails(monkeypatch: pytest.Monk
     monkeypatch.setattr(longitudinal, "register_patient", register_patient)
     assert cli(["register", "--all"]) == 1
     assert seen == ["pA", "pB"] and "pA: RuntimeError: empty lung mask" in capsys.readouterr().err
+
+
+def test_open_waits_while_another_process_writes(tmp_path: Path) -> None:
+    """DuckDB lets one process write a file: an open that finds it held retries until the other
+    process lets go (so a command and a dashboard page can take turns), and one that gives up
+    says who to wait for."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    db = tmp_path / "store" / "covidtrack.duckdb"
+    S.Store.open(db).close()
+    marker = tmp_path / "holding"
+    script = (
+        "import sys, time, pathlib\n"
+        "from covidtrack.store import Store\n"
+        f"with Store.open({str(db)!r}) as s:\n"
+        f"    pathlib.Path({str(marker)!r}).touch()\n"
+        "    time.sleep(3.0)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    proc = subprocess.Popen([sys.executable, "-c", script], env=env, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while not marker.exists():
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            assert time.monotonic() < deadline, "the holding process never opened the store"
+            time.sleep(0.05)
+        with pytest.raises(StoreError, match="another covidtrack process is writing"):
+            S.Store.open(db, wait_s=0.0)
+        t0 = time.monotonic()
+        with S.Store.open(db, wait_s=60.0) as store:  # opens as soon as the other process closes
+            assert time.monotonic() - t0 > 0.5
+            store.set_patient("p", arm="x")
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -286,3 +286,25 @@ def test_import_root_restricts_server_paths(small_store: list[str], tmp_path: Pa
     monkeypatch.setenv("COVIDTRACK_IMPORT_ROOT", str(tmp_path / "incoming"))
     with pytest.raises(InputError, match="outside the import folder"):
         uploads.check_server_path(REPO / "data" / "samples")
+
+
+def test_a_page_holds_the_store_only_while_it_runs(small_store: list[str]) -> None:
+    """After a page has run, the dashboard has closed the store, so a command-line process can
+    write (DuckDB allows one writer per file); the next run opens it again."""
+    import os
+    import subprocess
+    import sys
+
+    from covidtrack import store as S
+    from covidtrack.config import settings
+
+    at = _open("patient", patient=small_store[1])
+    assert not at.exception
+    assert settings().db_path not in S._CONNECTIONS
+    script = "from covidtrack.store import Store\nwith Store.open(wait_s=0) as s:\n    s.set_patient(%r, arm='cli-arm')\n" % small_store[2]
+    done = subprocess.run([sys.executable, "-c", script], env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    at.run()  # the page opens the store again and sees the other process's write
+    assert not at.exception
+    with Store.open() as store:
+        assert store.patients().set_index("patient_key").loc[small_store[2], "arm"] == "cli-arm"

@@ -1,12 +1,17 @@
 """Cached resources of the dashboard.
 
-The Store (one DuckDB connection per process, which DuckDB requires for a writer) is cached with
-``st.cache_resource``; tables with ``st.cache_data`` keyed by the store revision (row counts), so
-a new import shows up on the next rerun without any manual refresh while warm pages cost no
-queries. Aligned image series are large, so they are cached as resources (no copy per rerun).
+The Store is opened on first use in each script run and closed when the run ends
+(:func:`release`, called by ``app.py``): DuckDB lets one process write a file at a time, so a
+dashboard that kept it open would lock the command line out for as long as it runs. Runs of
+several sessions share one connection (:meth:`Store.open` counts them). Tables are cached with
+``st.cache_data`` keyed by the store revision (row counts), so a new import, from the dashboard
+or the command line, shows up on the next rerun while warm pages cost no queries. Aligned image
+series are large, so they are cached as resources (no copy per rerun).
 """
 
 from __future__ import annotations
+
+import threading
 
 import pandas as pd
 import streamlit as st
@@ -19,10 +24,26 @@ from covidtrack.store import Store
 Revision = tuple[int, ...]
 
 
-@st.cache_resource(show_spinner=False)
+_RUN = threading.local()  # the store of the script run (or worker thread) on this thread
+OPEN_WAIT_S = 2.0  # a page waits this long for another process's write, then says so (startup.gate)
+
+
 def store() -> Store:
-    """The process-wide store (``COVIDTRACK_HOME``); opened once, migrated if needed."""
-    return Store.open()
+    """The store (``COVIDTRACK_HOME``) for this script run: opened (and migrated if needed) on
+    first use, the same object for the rest of the run, closed by :func:`release`."""
+    current = getattr(_RUN, "store", None)
+    if current is None or current.closed:
+        current = _RUN.store = Store.open(wait_s=OPEN_WAIT_S)
+    return current
+
+
+def release() -> None:
+    """Close this thread's store (end of a script run, or of a worker thread's job), letting
+    other processes write; the next :func:`store` call opens it again."""
+    current = getattr(_RUN, "store", None)
+    _RUN.store = None
+    if current is not None:
+        current.close()
 
 
 def revision() -> Revision:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import streamlit as st
 
 from covidtrack import bootstrap
-from covidtrack.errors import CovidtrackError
+from covidtrack.errors import StoreError
 from covidtrack.events import Progress
 from covidtrack.ui import resources
 
@@ -23,6 +23,7 @@ from covidtrack.ui import resources
 log = logging.getLogger(__name__)
 _RUNNING = threading.Event()
 _JOB_STARTED = threading.Event()  # so sessions only look at a job that exists
+BUSY_RETRY_S = 5.0  # the store is held by another process: seconds between tries
 
 
 @dataclass
@@ -54,7 +55,9 @@ class BootstrapJob:
         finally:
             self.done = True
             _RUNNING.clear()
-        if not self.error:
+        if self.error:
+            resources.release()
+        else:
             self._align()
 
     def _align(self) -> None:
@@ -72,6 +75,7 @@ class BootstrapJob:
             log.warning("background alignment stopped: %s", err)
         finally:
             self.aligning = ""
+            resources.release()  # this worker thread's store: let other processes write again
 
 
 def _warm_viewer_cache() -> None:
@@ -104,9 +108,13 @@ def gate() -> bool:
     """
     try:
         store = resources.store()
-    except CovidtrackError as err:  # e.g. another process holds the DuckDB file
-        st.error(str(err))
-        st.stop()
+    except StoreError as err:  # another process is writing (e.g. a command-line import): wait for it
+        st.title("covidtrack")
+        st.info("The store is busy: another covidtrack process is writing to it (DuckDB allows one writer at a "
+                f"time). This page tries again every {BUSY_RETRY_S:.0f} s and opens as soon as it is free.")
+        st.caption(str(err))
+        time.sleep(BUSY_RETRY_S)
+        st.rerun()
     if "bootstrap_checked" in st.session_state:
         _aligning_note()
         return True

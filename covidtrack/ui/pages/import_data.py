@@ -89,8 +89,6 @@ def _not_imported(err: CovidtrackError, scratch: Path | None = None, shown_as: s
         text = text.replace(str(scratch / "unpacked"), shown_as).replace(str(scratch) + "/", "").replace(str(scratch), shown_as)
     if "no study date given" in text:
         text += " (here: untick 'Use the study date in the file' and enter the date)"
-    if "remove-scan" in text:
-        text += " (the command line cannot open the store while the dashboard runs: stop it first)"
     st.error(f"Not imported: {text}")
 
 

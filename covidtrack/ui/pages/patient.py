@@ -99,7 +99,7 @@ def _viewer(patient_key: str, rev: resources.Revision, lobe_view: bool) -> None:
 
 def _change_notes(key: str, rev: resources.Revision, notes: list[str]) -> None:
     """Which follow-ups have no change vs baseline shown, and a button that registers them here
-    (the command line cannot open the store while the dashboard holds it)."""
+    (the same as ``python -m covidtrack register``, without leaving the page)."""
     from covidtrack import longitudinal
 
     box = st.info("\n".join(f"- {line}" for line in notes))
