@@ -27,7 +27,10 @@ pairs registered to the former baseline are removed.
 from __future__ import annotations
 
 import shutil
+import threading
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -40,6 +43,20 @@ if TYPE_CHECKING:
     from covidtrack.store import Store
 
 CHANGE_MAP_FILE = "change_map.nii.gz"
+_PATIENT_LOCKS: dict[str, threading.RLock] = {}
+_PATIENT_LOCKS_GUARD = threading.Lock()
+
+
+@contextmanager
+def _patient_lock(patient_key: str) -> Iterator[None]:
+    """One registration run per patient at a time in this process: the dashboard registers from
+    several threads (an import, a background update after a saved correction, a button), and two
+    runs on one pair would compute it twice and race to store it. Re-entrant, so
+    :func:`register_patient` can call :func:`register_followup` under it."""
+    with _PATIENT_LOCKS_GUARD:
+        lock = _PATIENT_LOCKS.setdefault(patient_key, threading.RLock())
+    with lock:
+        yield
 
 
 @dataclass(frozen=True)
@@ -129,11 +146,18 @@ def register_followup(
     Returns None when ``scan_id`` is itself the baseline (nothing to register). ``force``
     recomputes even when the stored registration is still valid.
     """
+    key = _patient_of(store, scan_id)
+    with _patient_lock(key):
+        return _register_followup(store, key, scan_id, progress, force)
+
+
+def _register_followup(
+    store: "Store", key: str, scan_id: str, progress: ProgressCallback | None, force: bool
+) -> FollowupResult | None:
     from covidtrack.change import change_map, change_metrics
     from covidtrack.register import register
     from covidtrack.store import new_reg_id, write_canonical
 
-    key = _patient_of(store, scan_id)
     baseline = store.baseline_scan(key)
     _drop_stale(store, key, str(baseline))
     if baseline is None or baseline == scan_id:
@@ -207,6 +231,11 @@ def register_patient(
     store: "Store", patient_key: str, progress: ProgressCallback | None = None, force: bool = False
 ) -> list[FollowupResult]:
     """Register every follow-up of a patient to the current baseline (see module docstring)."""
+    with _patient_lock(patient_key):
+        return _register_patient(store, patient_key, progress, force)
+
+
+def _register_patient(store: "Store", patient_key: str, progress: ProgressCallback | None, force: bool) -> list[FollowupResult]:
     scans = store.scans(patient_key)
     if scans.empty:
         raise StoreError(f"{store.path}: patient {patient_key} has no scans. Fix: check the ID (`python -m covidtrack patients` lists them)")

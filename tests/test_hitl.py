@@ -412,10 +412,19 @@ def test_review_page_edits_and_saves_a_correction(ui_store: list[str]) -> None:
     at.text_input(key="review_author").set_value("AB")
     at.button(key="review_save").click().run()
     assert not at.exception, [e.value for e in at.exception]
-    assert any("Saved correction" in s.value for s in at.success)
+    assert any("Saved correction" in s.value and "in the background" in s.value for s in at.success)
     with Store.open() as store:
         rows = store.corrections(scan)
     assert len(rows) == 1 and rows["author"].iloc[0] == "AB" and rows["voxels_changed"].iloc[0] > 0
+    # the change vs baseline is redone in the background; the page reports it when done
+    from covidtrack.ui import jobs, resources
+
+    queue = resources.jobs()
+    assert [j.label for j in queue.jobs()][-1] == f"correction of scan {scan}"
+    assert queue.wait(timeout=300)
+    assert queue.jobs()[-1].state == jobs.DONE, queue.jobs()[-1].message
+    at.run()
+    assert any("Background update of the change vs baseline" in s.value for s in at.success)
 
 
 def test_models_page_lists_versions_and_promotes(ui_store: list[str]) -> None:

@@ -308,3 +308,25 @@ def test_a_page_holds_the_store_only_while_it_runs(small_store: list[str]) -> No
     assert not at.exception
     with Store.open() as store:
         assert store.patients().set_index("patient_key").loc[small_store[2], "arm"] == "cli-arm"
+
+
+def test_update_change_button_registers_in_the_background(small_store: list[str]) -> None:
+    """The Patient page's button queues the registration and returns at once; while it runs the
+    button is disabled, and the page reports the result when it is done."""
+    from covidtrack.ui import jobs, resources
+
+    key = small_store[1]
+    at = _open("patient", patient=key)
+    buttons = [b for b in at.button if b.key == "register_now"]
+    assert buttons, "the synthetic store has unregistered follow-ups: the button is offered"
+    buttons[0].click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    queue = resources.jobs()
+    mine = queue.jobs(key)
+    assert mine and mine[-1].label == "requested on this page"
+    if queue.busy(key):
+        assert [b for b in at.button if b.key == "register_now"][0].disabled
+    assert queue.wait(timeout=600)
+    assert mine[-1].state == jobs.DONE, mine[-1].message
+    at.run()
+    assert any("Background update of the change vs baseline" in s.value for s in at.success)

@@ -17,6 +17,7 @@ import pandas as pd
 import streamlit as st
 
 from covidtrack.report import load
+from covidtrack.ui.jobs import JobQueue
 from covidtrack.report.data import NO_ARM, patient_summary
 from covidtrack.report.viewer import AlignedSeries
 from covidtrack.store import Store
@@ -44,6 +45,12 @@ def release() -> None:
     _RUN.store = None
     if current is not None:
         current.close()
+
+
+@st.cache_resource(show_spinner=False)
+def jobs() -> JobQueue:
+    """The server's one queue of background jobs (:mod:`covidtrack.ui.jobs`)."""
+    return JobQueue()
 
 
 def revision() -> Revision:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pandas as pd
 import streamlit as st
 
@@ -73,3 +75,34 @@ def open_patient(patient_key: str) -> None:
     st.session_state[PATIENT_STATE] = patient_key
     st.session_state.pop("patient_select", None)  # let the page pick up the new patient
     st.switch_page(PAGES["patient"], query_params={"patient": patient_key})
+
+
+RECENT_JOB_S = 120.0  # a finished background job is reported on its pages for this long
+
+
+def background_jobs(patient_key: str | None = None) -> None:
+    """Background updates of the change vs baseline (:mod:`covidtrack.ui.jobs`) of one patient, or
+    of all when None: what finished in the last two minutes, and what is still running, watched
+    every 2 s; when it finishes the page reruns once and shows the new numbers."""
+    from covidtrack.ui import jobs, resources
+
+    now = time.time()
+    listed = resources.jobs().jobs(patient_key)
+    for job in listed:
+        if job.finished is not None and now - job.finished < RECENT_JOB_S:
+            shown = st.success if job.state == jobs.DONE else st.error
+            shown(f"Background update of the change vs baseline ({job.label}): {job.message}")
+    if any(job.active for job in listed):
+        _watch_jobs(patient_key)
+
+
+@st.fragment(run_every=2.0)
+def _watch_jobs(patient_key: str | None) -> None:
+    from covidtrack.ui import resources
+
+    running = [job for job in resources.jobs().jobs(patient_key) if job.active]
+    if not running:
+        st.rerun(scope="app")  # finished: the whole page again, with the new numbers
+    for job in running:
+        st.info(f"Updating the change vs baseline in the background ({job.label}): {job.state}. You can go on "
+                "working; this page refreshes when it is done.")

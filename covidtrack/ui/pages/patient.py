@@ -11,7 +11,7 @@ import streamlit as st
 from covidtrack.report import figures
 from covidtrack.report.viewer import LOBE_LEGEND
 from covidtrack.report.data import LOBES, M, flag_lines, metric_label, select, wide_by_date
-from covidtrack.ui import resources, widgets
+from covidtrack.ui import jobs, resources, widgets
 
 # Columns of the on-screen table (the CSV download has every metric).
 TABLE_METRICS = (M.POI, M.POI_GGO, M.POI_CONS, M.INFECTION_ML, M.GGO_ML, M.CONS_ML, M.LUNG_ML, M.SEVERITY, M.MEAN_HU, M.LESIONS)
@@ -98,25 +98,17 @@ def _viewer(patient_key: str, rev: resources.Revision, lobe_view: bool) -> None:
 
 
 def _change_notes(key: str, rev: resources.Revision, notes: list[str]) -> None:
-    """Which follow-ups have no change vs baseline shown, and a button that registers them here
-    (the same as ``python -m covidtrack register``, without leaving the page)."""
+    """Which follow-ups have no change vs baseline shown, and a button that registers them in the
+    background (the same as ``python -m covidtrack register``, without leaving the page)."""
     from covidtrack import longitudinal
 
-    box = st.info("\n".join(f"- {line}" for line in notes))
+    st.info("\n".join(f"- {line}" for line in notes))
     fixable = {longitudinal.STALE, longitudinal.MISSING} & set(resources.pair_status(key, rev).values())
-    if fixable and st.button("Update the change vs baseline now", key="register_now",
-                 help="Registers the listed follow-ups to the baseline (one registration each; 7-23 s per pair "
-                      "on an idle 2-core machine in bench/results/register.json)."):
-        try:
-            with st.spinner("Registering the follow-ups to the baseline ..."):
-                done = longitudinal.register_patient(resources.store(), key)
-        except Exception as err:  # noqa: BLE001 - say why; nothing stored is lost
-            box.error(f"Registration failed: {err}")
-            return
-        failed = [r.moving_scan for r in done if not r.ok]
-        resources.invalidate()
-        if failed:
-            st.session_state["patient_note"] = f"{len(failed)} follow-up(s) failed the registration quality check; check both lung masks."
+    queue = resources.jobs()
+    if fixable and st.button("Update the change vs baseline now", key="register_now", disabled=queue.busy(key),
+                             help="Registers the listed follow-ups to the baseline in the background (one registration "
+                                  "each; 7-23 s per pair on an idle 2-core machine in bench/results/register.json)."):
+        queue.submit(key, "requested on this page", lambda store: jobs.register_patient(store, key))
         st.rerun()
 
 
@@ -132,8 +124,6 @@ def main() -> None:
         st.title("Patient timeline")
         return
     row = summary[summary["patient_key"] == key].iloc[0]
-    if "patient_note" in st.session_state:
-        st.warning(st.session_state.pop("patient_note"))
     frame = resources.patient(key, rev)
     st.title(f"Patient {row['label']}")
     dates = sorted(pd.to_datetime(frame["study_date"]).dt.date.unique()) if len(frame) else []
@@ -158,6 +148,7 @@ def main() -> None:
     st.plotly_chart(trajectory, key="trajectory", config=PLOTLY_CONFIG, width="stretch")
     if heatmap is not None:
         st.plotly_chart(heatmap, key="lobe_heatmap", config=PLOTLY_CONFIG, width="stretch")
+    widgets.background_jobs(key)
     notes = resources.change_notes(key, rev)
     if notes:
         _change_notes(key, rev, notes)

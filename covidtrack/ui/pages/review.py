@@ -23,7 +23,7 @@ from covidtrack.hitl import active, corrections, importing
 from covidtrack.labels import CONSOLIDATION, GGO
 from covidtrack.report.viewer import INFECTION_COLOURS, LOBE_COLOURS, LOBE_LEGEND
 from covidtrack.segment.intensity import window_hu
-from covidtrack.ui import resources, uploads, widgets
+from covidtrack.ui import jobs, resources, uploads, widgets
 
 try:  # optional: without it the coordinate fields are the way to click
     from streamlit_image_coordinates import streamlit_image_coordinates
@@ -249,38 +249,20 @@ def _save_bar(state: dict[str, Any]) -> None:
             st.error(str(err))
         else:
             scan_id = state["scan_id"]
-            # the correction is stored: say so and leave the editor first, so a click during the
-            # registration below cannot lose the confirmation
             resources.invalidate()
             _state().clear()
+            # the change vs baseline of the affected follow-ups is redone in the background
+            # (registration, 7-23 s per follow-up): the reviewer can go on to the next scan
+            scans = resources.store().scans()
+            key = str(scans.loc[scans["scan_id"] == scan_id, "patient_key"].iloc[0])
+            resources.jobs().submit(key, f"correction of scan {scan_id}",
+                                    lambda store, sid=scan_id: jobs.refresh_change(store, sid))
             st.session_state["review_saved"] = (f"Saved correction {cid} (segmentation {seg_id}); the model output is kept "
-                                                "unchanged.")
-            note = _refresh_change(scan_id)
-            st.session_state["review_saved"] += f" {note}"
-            resources.invalidate()
+                                                "unchanged. The change vs baseline is being updated in the background.")
             st.rerun()
     if b2.button("Discard edits (back to the model output)", key="review_reset"):
         _state().clear()
         st.rerun()
-
-
-def _refresh_change(scan_id: str) -> str:
-    """Re-register the follow-up pairs the correction made stale, so the change vs baseline matches
-    the corrected mask; a failure leaves the correction stored and says how to redo it."""
-    from covidtrack import longitudinal
-
-    try:
-        with st.spinner("Updating the change vs baseline (registration) ..."):
-            done = longitudinal.refresh_after_change(resources.store(), scan_id)
-    except Exception as err:  # noqa: BLE001 - the correction is stored either way
-        return f"The change vs baseline was not updated ({err}); run `python -m covidtrack register --patient ID` for this patient."
-    redone = [r for r in done if not r.reused]
-    failed = [r.moving_scan for r in redone if not r.ok]
-    text = f"Change vs baseline recomputed for {len(redone) - len(failed)} follow-up(s)." if len(redone) > len(failed) else ""
-    if failed:
-        text += (f" {len(failed)} follow-up(s) failed the registration quality check; their change is not shown "
-                 "(check both lung masks).")
-    return text.strip()
 
 
 def _import(state: dict[str, Any]) -> None:
@@ -317,6 +299,7 @@ def main() -> None:
                "for the next model version (Models page).")
     if "review_saved" in st.session_state:
         st.success(st.session_state.pop("review_saved"))
+    widgets.background_jobs()
     scan_id = _queue()
     if scan_id is None:
         return
