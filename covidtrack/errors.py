@@ -48,3 +48,7 @@ class ModelError(CovidtrackError):
 
 class StoreError(CovidtrackError):
     """The DuckDB store refused an operation (schema mismatch, missing scan, ...)."""
+
+
+class StoreBusyError(StoreError):
+    """Another process holds the store's file (DuckDB allows one writer); waiting helps."""

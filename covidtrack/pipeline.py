@@ -100,13 +100,17 @@ def _in_thread(fn: Callable[[ProgressCallback], T], stage: str, lo: float, hi: f
 
     worker = threading.Thread(target=target, name=f"covidtrack-{stage}", daemon=True)
     worker.start()
-    while worker.is_alive() or not events.empty():
-        try:
-            ev = events.get(timeout=0.05)
-        except queue.Empty:
-            continue
-        yield Progress(stage=ev.stage or stage, fraction=lo + (hi - lo) * ev.fraction, message=ev.message, item=item)
-    worker.join()
+    try:
+        while worker.is_alive() or not events.empty():
+            try:
+                ev = events.get(timeout=0.05)
+            except queue.Empty:
+                continue
+            yield Progress(stage=ev.stage or stage, fraction=lo + (hi - lo) * ev.fraction, message=ev.message, item=item)
+    finally:
+        # also when the consumer abandons the generator (a dashboard page interrupted by a click
+        # closes it): the worker uses the caller's store, which must outlive it
+        worker.join()
     if "error" in box:
         raise box["error"]
     return box["result"]

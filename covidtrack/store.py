@@ -44,7 +44,7 @@ import numpy as np
 import pandas as pd
 
 from covidtrack.config import settings
-from covidtrack.errors import ModelError, StoreError
+from covidtrack.errors import ModelError, StoreBusyError, StoreError
 from covidtrack.segment.types import Segmentation
 from covidtrack.volume import ScanMeta, SourceGrid, Volume
 
@@ -308,55 +308,57 @@ class Store:
 
         DuckDB lets one process write a file at a time, and the dashboard holds the store only while
         a page runs; when another process holds it, the open is retried for ``wait_s`` seconds
-        before :class:`~covidtrack.errors.StoreError` says who to wait for.
+        before :class:`~covidtrack.errors.StoreBusyError` says who to wait for. Threads of one
+        process share one connection; the open that creates it also migrates the schema and
+        cleans orphaned files.
         """
         db = Path(path).expanduser().resolve() if path is not None else settings().db_path
         deadline = time.monotonic() + max(wait_s, 0.0)
         while True:
             with _CONNECTIONS_LOCK:
                 entry = _CONNECTIONS.get(db)
-                if entry is None:
-                    if read_only and not db.exists():  # reading creates nothing, not even the folder
-                        raise StoreError(f"{db}: no store here yet. Fix: import a scan first (python -m covidtrack ingest PATH --patient ID "
-                                         "or the dashboard's Import page), or set COVIDTRACK_HOME to the folder that holds one")
-                    db.parent.mkdir(parents=True, exist_ok=True)
-                    try:
-                        con = duckdb.connect(str(db), read_only=read_only, config={"threads": settings().threads})
-                    except duckdb.IOException as err:
-                        if "lock" not in str(err).lower():  # unreadable, no permission: waiting will not help
-                            raise StoreError(f"{db}: cannot open the store ({err}). Fix: check the file and its folder's "
-                                             "permissions, or set COVIDTRACK_HOME to another folder") from err
-                        if time.monotonic() < deadline:
-                            busy = err
-                        else:
-                            raise StoreError(
-                                f"{db}: cannot open the store ({err}); waited {wait_s:.0f} s. Fix: another covidtrack process "
-                                "is writing to it (DuckDB allows one writer per file): a command-line import or registration, "
-                                "a fine-tuning job, or a dashboard page that is running; try again when it has finished"
-                            ) from err
-                    else:
-                        busy = None
-                        entry = _CONNECTIONS[db] = [con, 0, read_only]
-                elif entry[2] and not read_only:
-                    raise StoreError(f"{db}: already open read-only in this process. Fix: close that Store before opening it for writing")
-                else:
-                    busy = None
-                if busy is None:
+                if entry is not None:
+                    if entry[2] and not read_only:
+                        raise StoreError(f"{db}: already open read-only in this process. Fix: close that Store before opening it for writing")
                     entry[1] += 1
-                    break
+                    return cls(db, entry[0], read_only=entry[2])
+                if read_only and not db.exists():  # reading creates nothing, not even the folder
+                    raise StoreError(f"{db}: no store here yet. Fix: import a scan first (python -m covidtrack ingest PATH --patient ID "
+                                     "or the dashboard's Import page), or set COVIDTRACK_HOME to the folder that holds one")
+                db.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    con = duckdb.connect(str(db), read_only=read_only, config={"threads": settings().threads})
+                except duckdb.IOException as err:
+                    if "lock" not in str(err).lower():  # unreadable, no permission: waiting will not help
+                        raise StoreError(f"{db}: cannot open the store ({err}). Fix: check the file and its folder's "
+                                         "permissions, or set COVIDTRACK_HOME to another folder") from err
+                    if time.monotonic() >= deadline:
+                        raise StoreBusyError(
+                            f"{db}: cannot open the store ({err}); waited {wait_s:.0f} s. Fix: another covidtrack process "
+                            "is writing to it (DuckDB allows one writer per file): a command-line import or registration, "
+                            "a fine-tuning job, or a dashboard that is running a page, building its demo or updating a "
+                            "change vs baseline in the background; try again when it has finished"
+                        ) from err
+                else:
+                    # this open creates the process's connection, so no other thread of the process
+                    # holds a Store (none is writing files) and the DuckDB lock fences other
+                    # processes: the one moment migrating and cleaning orphans is safe. Done before
+                    # the connection is published, so a second opener waits on the lock meanwhile.
+                    store = cls(db, con, read_only=read_only)
+                    try:
+                        if not read_only:
+                            store.migrate()
+                            store.clean_orphans()
+                        elif store.schema_version() != SCHEMA_VERSION:
+                            raise StoreError(f"{db}: schema version {store.schema_version()} needs migrating (written by an older "
+                                             "covidtrack). Fix: run any command that writes once, e.g. `python -m covidtrack register --all`, "
+                                             "or open the dashboard")
+                    except BaseException:
+                        con.close()  # a failed open must not keep the connection (and the file lock)
+                        raise
+                    _CONNECTIONS[db] = [con, 1, read_only]
+                    return store
             time.sleep(OPEN_RETRY_S)
-        store = cls(db, entry[0], read_only=entry[2])
-        try:
-            if not store.read_only:
-                store.migrate()
-                store.clean_orphans()
-            elif store.schema_version() != SCHEMA_VERSION:
-                raise StoreError(f"{db}: schema version {store.schema_version()} needs migrating (written by an older "
-                                 "covidtrack). Fix: run any command that writes once, e.g. `python -m covidtrack register --all`, "
-                                 "or open the dashboard")
-        except BaseException:
-            store.close()  # a failed open must not keep the connection (and the file lock)
-            raise
         return store
 
     @property
@@ -372,8 +374,8 @@ class Store:
             if entry is not None and entry[0] is self._con:
                 entry[1] -= 1
                 if entry[1] <= 0:
+                    del _CONNECTIONS[self.path]  # first: a close that raises must not leave a dead entry
                     entry[0].close()
-                    del _CONNECTIONS[self.path]
 
     def __enter__(self) -> "Store":
         return self
@@ -508,23 +510,26 @@ class Store:
         """Remove files under scans/ and masks/ that no row refers to (left by a killed ingest).
 
         Only names this module creates are touched (``scan-*``, ``seg-*``, ``.tmp-*``), and files
-        this process is still writing are skipped.
+        this process is still writing are skipped. :meth:`open` runs it only when it creates the
+        process's connection (no other thread of the process holds a Store then).
         """
-        refs = self.referenced_files()
+        removed = []
+        # under the in-flight lock from before the rows are read until the last deletion: a file
+        # staged meanwhile waits (milliseconds) instead of being taken for an orphan
         with _IN_FLIGHT_LOCK:
             busy = {p.resolve() for p in _IN_FLIGHT}
-        removed = []
-        for folder, prefix in ((self.scans_dir, "scan-"), (self.masks_dir, "seg-")):
-            if not folder.is_dir():
-                continue
-            for p in folder.iterdir():
-                if not p.is_file() or not (p.name.startswith(prefix) or p.name.startswith(".tmp-")):
+            refs = self.referenced_files()
+            for folder, prefix in ((self.scans_dir, "scan-"), (self.masks_dir, "seg-")):
+                if not folder.is_dir():
                     continue
-                rp = p.resolve()
-                if rp in refs or rp in busy:
-                    continue
-                p.unlink(missing_ok=True)
-                removed.append(p)
+                for p in folder.iterdir():
+                    if not p.is_file() or not (p.name.startswith(prefix) or p.name.startswith(".tmp-")):
+                        continue
+                    rp = p.resolve()
+                    if rp in refs or rp in busy:
+                        continue
+                    p.unlink(missing_ok=True)
+                    removed.append(p)
         removed += self._clean_scan_folders()
         return removed
 
@@ -546,7 +551,7 @@ class Store:
                     removed.append(p)
         if cache.is_dir():
             for p in cache.glob("*.npz"):
-                pair = p.name.split("--")[0].split("_")
+                pair = p.name.removeprefix(".tmp-").split("--")[0].split("_")  # ".tmp-": being written
                 if len(pair) == 2 and not set(pair) <= ids:
                     p.unlink(missing_ok=True)
                     removed.append(p)

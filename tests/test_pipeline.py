@@ -496,3 +496,25 @@ def test_an_implausible_date_in_the_file_is_refused_unless_a_date_is_given(tmp_p
         with pytest.raises(InputError, match="study date in the file.*implausible"):
             drain(ingest(anonymised, "P1", None, segmenter=truth_segmenter))
     assert drain(ingest(anonymised, "P1", "2020-03-14", segmenter=truth_segmenter)).created
+
+
+def test_an_abandoned_progress_generator_waits_for_its_worker() -> None:
+    """A dashboard run interrupted by a click closes the pipeline generator; its worker thread
+    uses the run's store, so closing must wait until the worker has finished (the run then
+    releases the store)."""
+    import threading as th
+
+    from covidtrack import pipeline
+
+    finished = th.Event()
+
+    def slow(cb):
+        cb(pipeline.Progress("register", 0.1, "working"))
+        time.sleep(0.5)
+        finished.set()
+        return "done"
+
+    gen = pipeline._in_thread(slow, "register", 0.0, 1.0, "item")
+    next(gen)
+    gen.close()
+    assert finished.is_set()

@@ -371,3 +371,73 @@ def test_open_waits_while_another_process_writes(tmp_path: Path) -> None:
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_page_runs_keep_the_files_of_a_concurrent_ingest(covidtrack_home: Path) -> None:
+    """One thread ingests (holding its Store, as the Import page or the demo worker does) while
+    another opens and closes the store as every dashboard page run does: no committed file may be
+    taken for an orphan (only the open that creates the process's connection cleans)."""
+    import threading
+
+    from covidtrack.report import synthetic
+
+    S.Store.open().close()
+    stop = threading.Event()
+
+    def writer() -> None:
+        try:
+            with S.Store.open() as s:
+                synthetic.populate_store(s, n_patients=6, n_scans=4, shape=(16, 48, 48))
+        finally:
+            stop.set()
+
+    def page_runs() -> None:
+        while not stop.is_set():
+            S.Store.open(wait_s=2.0).close()
+
+    threads = [threading.Thread(target=page_runs), threading.Thread(target=writer)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    with S.Store.open() as s:
+        missing = [p for p in s.referenced_files() if not p.exists()]
+        assert len(s.scans()) == 24
+    assert not missing, f"{len(missing)} files of committed rows deleted, e.g. {missing[:2]}"
+
+
+def test_two_sessions_open_a_fresh_store_at_once(covidtrack_home: Path) -> None:
+    import threading
+
+    barrier, errors = threading.Barrier(2), []
+
+    def session() -> None:
+        barrier.wait()
+        try:
+            S.Store.open().close()
+        except Exception as err:  # noqa: BLE001
+            errors.append(f"{type(err).__name__}: {err}")
+
+    threads = [threading.Thread(target=session) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+
+
+def test_open_keeps_a_viewer_cache_file_being_written_for_a_stored_pair(covidtrack_home: Path) -> None:
+    from covidtrack.report import synthetic
+
+    with S.Store.open() as s:
+        key = synthetic.populate_store(s, n_patients=1, n_scans=2, shape=(16, 48, 48))[0]
+        a, b = list(s.scans(key).sort_values("study_date")["scan_id"])
+    tmp = covidtrack_home / "viewer_cache" / f".tmp-{a}_{b}--reg-0123--seg-4567.npz"  # load._write_cached's name
+    tmp.parent.mkdir(parents=True)
+    tmp.write_bytes(b"being written by another session")
+    S.Store.open().close()  # another session's page run, creating the connection: it cleans
+    assert tmp.exists()
+    gone = covidtrack_home / "viewer_cache" / ".tmp-scan-0000_scan-1111--reg-0--seg-0.npz"  # a pair never stored
+    gone.write_bytes(b"x")
+    S.Store.open().close()
+    assert not gone.exists() and tmp.exists()

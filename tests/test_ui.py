@@ -330,3 +330,38 @@ def test_update_change_button_registers_in_the_background(small_store: list[str]
     assert mine[-1].state == jobs.DONE, mine[-1].message
     at.run()
     assert any("Background update of the change vs baseline" in s.value for s in at.success)
+
+
+def test_gate_does_not_call_a_permanent_error_busy(covidtrack_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only a store held by another process is 'busy' (and retried); a newer schema is an error
+    with its fix, shown once."""
+    import streamlit
+
+    from covidtrack.ui import startup
+
+    with Store.open() as s, s.transaction() as cur:
+        cur.execute("INSERT INTO schema_version (version) VALUES (99)")  # written by a newer covidtrack
+    monkeypatch.setattr(startup, "BUSY_RETRY_S", 0.0)
+    monkeypatch.setattr(streamlit, "rerun", streamlit.stop)  # one run, not a retry loop
+    at = AppTest.from_file(APP, default_timeout=30).run()
+    assert not any("busy" in i.value for i in at.info), [i.value for i in at.info]
+    assert any("newer" in e.value for e in at.error), [e.value for e in at.error]
+
+
+def test_a_command_line_alias_change_shows_up_on_the_dashboard(small_store: list[str]) -> None:
+    """A write from another process that changes no row count (an arm/alias update) reaches the
+    dashboard on its next run: the cache key covers the patients' alias and arm."""
+    import os
+    import subprocess
+    import sys
+
+    at = _open("patients")
+    assert not at.exception
+    script = f"from covidtrack.store import Store\nwith Store.open(wait_s=0) as s:\n    s.set_patient({small_store[1]!r}, alias='bed 7', arm='cli-arm')\n"
+    done = subprocess.run([sys.executable, "-c", script], env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    at.run()  # the user refreshes the page
+    shown = at.dataframe[0].value.to_string()
+    assert "bed 7" in shown and "cli-arm" in shown, shown  # a new arm is shown, not filtered out
+    assert "cli-arm" in at.multiselect(key="patients_arms").value
+    assert not at.warning, [w.value for w in at.warning]

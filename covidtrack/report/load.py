@@ -294,16 +294,24 @@ def patient_report_data(store: "Store", patient_key: str, with_images: bool = Tr
 
 
 def store_revision(store: "Store") -> tuple[int, ...]:
-    """A cheap fingerprint that changes whenever rows are added, a registration is redone (it
-    replaces its row) or the active models change (cache key for the dashboard)."""
+    """A cheap fingerprint that changes whenever rows are added or removed, a registration is
+    redone (it replaces its row), a patient's alias or arm changes, or the active models change
+    (cache key for the dashboard, which another process may have written to between two runs:
+    a scan removed and another added keep the counts but change the ids)."""
     import zlib
 
     from covidtrack.store import active_model_names
 
     row = store._one("SELECT epoch_us(max(created_at)) FROM registrations")
     latest_reg = int(row[0]) if row and row[0] is not None else 0
+    ids = store._one(
+        "SELECT (SELECT hash(string_agg(concat_ws('|', patient_key, coalesce(alias, ''), coalesce(arm, '')), ',' "
+        "ORDER BY patient_key)) FROM patients), "
+        "(SELECT hash(string_agg(scan_id, ',' ORDER BY scan_id)) FROM scans), "
+        "(SELECT hash(string_agg(seg_id, ',' ORDER BY seg_id)) FROM segmentations)"
+    )
     models = zlib.crc32(",".join(sorted(active_model_names())).encode())
-    return (*store.counts().values(), latest_reg, models)
+    return (*store.counts().values(), latest_reg, *(int(v or 0) for v in (ids or ())), models)
 
 
 def resolve_patient(store: "Store", ident: str) -> str:

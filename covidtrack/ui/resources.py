@@ -11,6 +11,7 @@ series are large, so they are cached as resources (no copy per rerun).
 
 from __future__ import annotations
 
+import logging
 import threading
 
 import pandas as pd
@@ -23,6 +24,7 @@ from covidtrack.report.viewer import AlignedSeries
 from covidtrack.store import Store
 
 Revision = tuple[int, ...]
+log = logging.getLogger(__name__)
 
 
 _RUN = threading.local()  # the store of the script run (or worker thread) on this thread
@@ -44,7 +46,10 @@ def release() -> None:
     current = getattr(_RUN, "store", None)
     _RUN.store = None
     if current is not None:
-        current.close()
+        try:
+            current.close()
+        except Exception as err:  # noqa: BLE001 - runs in app.py's finally: never replace the page's own outcome
+            log.warning("closing the store after a page run: %s", err)
 
 
 @st.cache_resource(show_spinner=False)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import streamlit as st
 
 from covidtrack import bootstrap
-from covidtrack.errors import StoreError
+from covidtrack.errors import StoreBusyError, StoreError
 from covidtrack.events import Progress
 from covidtrack.ui import resources
 
@@ -108,13 +108,16 @@ def gate() -> bool:
     """
     try:
         store = resources.store()
-    except StoreError as err:  # another process is writing (e.g. a command-line import): wait for it
+    except StoreBusyError as err:  # another process is writing (e.g. a command-line import): wait for it
         st.title("covidtrack")
         st.info("The store is busy: another covidtrack process is writing to it (DuckDB allows one writer at a "
                 f"time). This page tries again every {BUSY_RETRY_S:.0f} s and opens as soon as it is free.")
         st.caption(str(err))
         time.sleep(BUSY_RETRY_S)
         st.rerun()
+    except StoreError as err:  # waiting will not help (a newer schema, permissions): say what to do
+        st.error(str(err))
+        st.stop()
     if "bootstrap_checked" in st.session_state:
         _aligning_note()
         return True

@@ -25,20 +25,25 @@ def _run(events: Generator[Progress, None, Any], label: str) -> Any:
     log = st.empty()
     lines: list[str] = []
     fraction = 0.0
-    while True:
-        try:
-            ev = next(events)
-        except StopIteration as stop:
-            bar.progress(1.0, text=f"{label}: done")
-            return stop.value
-        except CovidtrackError:
-            bar.progress(fraction, text=f"{label}: failed (nothing was stored)")
-            raise
-        fraction = min(1.0, ev.fraction)
-        bar.progress(fraction, text=f"{label} · {ev.stage}: {ev.message}"[:200])
-        if ev.stage in ("failed", "done", "summary") or (not lines or not lines[-1].startswith(ev.stage)):
-            lines.append(f"{ev.stage}: {ev.message}")
-            log.code("\n".join(lines[-12:]), language=None)
+    try:
+        while True:
+            try:
+                ev = next(events)
+            except StopIteration as stop:
+                bar.progress(1.0, text=f"{label}: done")
+                return stop.value
+            except CovidtrackError:
+                bar.progress(fraction, text=f"{label}: failed (nothing was stored)")
+                raise
+            fraction = min(1.0, ev.fraction)
+            bar.progress(fraction, text=f"{label} · {ev.stage}: {ev.message}"[:200])
+            if ev.stage in ("failed", "done", "summary") or (not lines or not lines[-1].startswith(ev.stage)):
+                lines.append(f"{ev.stage}: {ev.message}")
+                log.code("\n".join(lines[-12:]), language=None)
+    finally:
+        # a click during the import interrupts this run: close the pipeline now, so its worker
+        # thread (segmentation, registration) finishes before the run releases the store
+        events.close()
 
 
 def _fields(prefix: str) -> tuple[str, str, dt.date | None, str]:

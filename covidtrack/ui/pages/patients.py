@@ -16,6 +16,13 @@ def main() -> None:
         return
     query = st.text_input("Search", placeholder="alias, key or arm", key="patients_search")
     arms = sorted(table["arm"].dropna().unique())
+    known = st.session_state.get("patients_arms_known")
+    if known is not None and "patients_arms" in st.session_state:
+        # an arm that appeared since (an import, another process) is shown, not silently filtered out;
+        # an arm the user deselected stays deselected
+        new = [a for a in arms if a not in known]
+        st.session_state["patients_arms"] = [a for a in st.session_state["patients_arms"] if a in arms] + new
+    st.session_state["patients_arms_known"] = arms
     chosen_arms = st.multiselect("Arms", arms, default=arms, key="patients_arms")
     shown = table[table["arm"].isin(chosen_arms)]
     if query:
