@@ -188,7 +188,7 @@ def spa_navigate(driver: object, server: "Server", label: str, last_text: str) -
     from selenium.webdriver.support.ui import WebDriverWait
 
     away = "import" if label != "import" else "report"
-    link = '[data-testid="stSidebarNavLink"][href$="{}"]'
+    link = '[data-testid="stSidebar"] a[href$="{}"]'  # the menu's page links
     driver.find_element(By.CSS_SELECTOR, link.format(NAV_TITLES[away][0])).click()  # type: ignore[attr-defined]
     wait = WebDriverWait(driver, 180, poll_frequency=0.05)
     wait.until(lambda d: d.find_element(By.TAG_NAME, "h1").text.startswith(NAV_TITLES[away][1]))

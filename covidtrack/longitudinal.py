@@ -26,6 +26,7 @@ pairs registered to the former baseline are removed.
 
 from __future__ import annotations
 
+import contextvars
 import shutil
 import threading
 import uuid
@@ -39,10 +40,13 @@ from covidtrack.errors import StoreError
 from covidtrack.events import ProgressCallback, emit
 
 if TYPE_CHECKING:
+    import pandas as pd
+
     from covidtrack.register import Registration
     from covidtrack.store import Store
 
 CHANGE_MAP_FILE = "change_map.nii.gz"
+_ISOLATE: contextvars.ContextVar[bool] = contextvars.ContextVar("covidtrack_isolated_registration", default=False)
 _PATIENT_LOCKS: dict[str, threading.RLock] = {}
 _PATIENT_LOCKS_GUARD = threading.Lock()
 
@@ -154,9 +158,7 @@ def register_followup(
 def _register_followup(
     store: "Store", key: str, scan_id: str, progress: ProgressCallback | None, force: bool
 ) -> FollowupResult | None:
-    from covidtrack.change import change_map, change_metrics
-    from covidtrack.register import register
-    from covidtrack.store import new_reg_id, write_canonical
+    from covidtrack.store import new_reg_id
 
     baseline = store.baseline_scan(key)
     _drop_stale(store, key, str(baseline))
@@ -178,14 +180,8 @@ def _register_followup(
     reg_id = new_reg_id()
     work = registrations_root(store) / f".tmp-{baseline}_{scan_id}-{uuid.uuid4().hex[:8]}"
     try:
-        emit(progress, "register", 0.1, "registering (affine + SyN)", scan_id)
-        reg = register(fixed, fixed_seg, moving, moving_seg, work)
-        emit(progress, "register", 0.8, "change map", scan_id)
-        warped_inf = reg.warp_labels(moving_seg.infection)
-        change = change_map(fixed_seg.infection, warped_inf, lungs=fixed_seg.lungs)
-        table = change_metrics(change, fixed_seg.lobes, fixed.spacing, lungs=fixed_seg.lungs)
-        write_canonical(work / CHANGE_MAP_FILE, fixed, change)
-        reg = _with_inputs(reg, fixed_rec.seg_id, moving_rec.seg_id, reg_id)
+        emit(progress, "register", 0.1, "registering (affine + SyN), change map", scan_id)
+        table = _run_compute(fixed, fixed_seg, moving, moving_seg, work, (fixed_rec.seg_id, moving_rec.seg_id), reg_id)
         # Swap the finished folder in (a crash before this line leaves only a .tmp-* folder).
         if final.exists():
             shutil.rmtree(final)
@@ -207,6 +203,76 @@ def _register_followup(
                            change=table if reg.ok else table.iloc[0:0], reg_id=reg_id)
     emit(progress, "register", 1.0, "registered" if reg.ok else "registered, QA failed: " + "; ".join(reg.qa.problems), scan_id)
     return FollowupResult(baseline, scan_id, reg_id, reg.ok, qa, final, False)
+
+
+def _compute_pair(
+    fixed: Any, fixed_seg: Any, moving: Any, moving_seg: Any, work: Path, seg_ids: tuple[str, str], reg_id: str
+) -> "pd.DataFrame":
+    """Register, warp the follow-up's infection, compute the change map and the change per region;
+    write everything into ``work`` (files only, no store) and return the change table."""
+    from covidtrack.change import change_map, change_metrics
+    from covidtrack.register import register
+    from covidtrack.store import write_canonical
+
+    reg = register(fixed, fixed_seg, moving, moving_seg, work)
+    warped_inf = reg.warp_labels(moving_seg.infection)
+    change = change_map(fixed_seg.infection, warped_inf, lungs=fixed_seg.lungs)
+    table = change_metrics(change, fixed_seg.lobes, fixed.spacing, lungs=fixed_seg.lungs)
+    write_canonical(work / CHANGE_MAP_FILE, fixed, change)
+    _with_inputs(reg, seg_ids[0], seg_ids[1], reg_id)
+    return table
+
+
+@contextmanager
+def isolated_registration() -> Iterator[None]:
+    """Inside this block, registrations made by this thread (and by the worker threads the
+    pipeline starts from it, which inherit the context) run their ANTs part in a child process.
+
+    ANTsPy keeps Python's global interpreter lock during a registration (seconds to tens of
+    seconds), so run in a thread of the dashboard's server it freezes every other thread: every
+    page of every session. The dashboard's background jobs, its demo alignment and its Import
+    page use this block; the command line does not need it. The store is still read and written
+    by the calling thread only.
+    """
+    token = _ISOLATE.set(True)
+    try:
+        yield
+    finally:
+        _ISOLATE.reset(token)
+
+
+def _run_compute(*args: Any) -> "pd.DataFrame":
+    if not _ISOLATE.get():
+        return _compute_pair(*args)
+    return _compute_in_child(*args)
+
+
+def _compute_in_child(*args: Any) -> "pd.DataFrame":
+    """:func:`_compute_pair` in a fresh Python process (``python -m covidtrack._regchild``): its
+    inputs and the change table travel as pickle files in a temporary folder outside the store.
+    A plain subprocess, not multiprocessing: its spawn start re-runs the parent's main script,
+    which under Streamlit is the dashboard itself."""
+    import os
+    import pickle
+    import subprocess
+    import sys
+    import tempfile
+
+    from covidtrack.errors import CovidtrackError
+
+    job = Path(tempfile.mkdtemp(prefix="covidtrack-register-"))
+    try:
+        (job / "args.pkl").write_bytes(pickle.dumps(args, protocol=pickle.HIGHEST_PROTOCOL))
+        env = os.environ.copy()  # the same settings (threads, home); covidtrack importable from anywhere
+        root = str(Path(__file__).resolve().parent.parent)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
+        done = subprocess.run([sys.executable, "-m", "covidtrack._regchild", str(job)], capture_output=True, text=True,
+                              env=env, check=False)
+        if done.returncode != 0 or not (job / "table.pkl").exists():
+            raise CovidtrackError(f"registration in a child process failed (exit {done.returncode}): {done.stderr[-2000:]}")
+        return pickle.loads((job / "table.pkl").read_bytes())
+    finally:
+        shutil.rmtree(job, ignore_errors=True)
 
 
 def _with_inputs(reg: "Registration", fixed_seg: str, moving_seg: str, reg_id: str) -> "Registration":

@@ -18,6 +18,7 @@ Guarantees:
 
 from __future__ import annotations
 
+import contextvars
 import csv
 import datetime as dt
 import importlib
@@ -98,7 +99,8 @@ def _in_thread(fn: Callable[[ProgressCallback], T], stage: str, lo: float, hi: f
         except BaseException as err:  # re-raised in the caller's thread below
             box["error"] = err
 
-    worker = threading.Thread(target=target, name=f"covidtrack-{stage}", daemon=True)
+    # the caller's context travels along (e.g. longitudinal.isolated_registration in the dashboard)
+    worker = threading.Thread(target=contextvars.copy_context().run, args=(target,), name=f"covidtrack-{stage}", daemon=True)
     worker.start()
     try:
         while worker.is_alive() or not events.empty():

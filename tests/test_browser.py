@@ -142,3 +142,22 @@ def test_command_line_writes_while_the_dashboard_is_open(server: tuple[str, str]
     with Store.open(read_only=True, wait_s=30) as store:
         assert len(store.scans(key)) == N_SCANS - 1
     assert "Traceback" not in driver.find_element(By.TAG_NAME, "body").text
+
+
+def test_update_change_runs_in_the_background_of_the_real_server(server: tuple[str, str], driver) -> None:
+    """In the served dashboard, 'Update the change vs baseline now' queues a background job whose
+    registration runs in a child process; the page reports the result by itself."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    url, key = server
+    driver.get(f"{url}/patient?patient={key}")
+    wait = WebDriverWait(driver, 180)
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".st-key-register_now button"))
+    driver.find_element(By.CSS_SELECTOR, ".st-key-register_now button").click()
+    wait.until(lambda d: "Background update of the change vs baseline" in d.find_element(By.TAG_NAME, "body").text)
+    body = driver.find_element(By.TAG_NAME, "body").text
+    assert "recomputed for" in body or "failed the registration quality check" in body, body[-2000:]
+    assert "Traceback" not in body
+    with Store.open(read_only=True, wait_s=30) as store:
+        assert len(store.registrations(key)) == N_SCANS - 1

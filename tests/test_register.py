@@ -411,3 +411,23 @@ def test_a_failed_pair_is_not_redone_from_the_same_masks(series, covidtrack_home
         assert not first[0].ok and again[0].reused and not again[0].ok and len(calls) == 1
         assert longitudinal.pair_status(store, "P1") == {s2: longitudinal.FAILED}
         assert not longitudinal.register_followup(store, s2, force=True).reused and len(calls) == 2
+
+
+def test_a_redone_registration_changes_the_dashboard_revision(covidtrack_home: Path) -> None:
+    """The dashboard's cache key must change when a pair is registered again, even if the clock
+    reads earlier than when another pair was registered (a time-zone or daylight-saving change):
+    each redo has a new row id, and the key hashes the ids."""
+    from covidtrack import longitudinal
+    from covidtrack.report import load, synthetic
+    from covidtrack.store import Store
+
+    with Store.open() as store:
+        key = synthetic.populate_store(store, n_patients=1, n_scans=3, shape=(16, 48, 48))[0]
+        longitudinal.register_patient(store, key)
+        with store.transaction() as cur:  # both pairs seem to have been registered a day later
+            cur.execute("UPDATE registrations SET created_at = created_at + INTERVAL 1 DAY")
+        before = load.store_revision(store)
+        regs = store._df("SELECT moving_scan FROM registrations ORDER BY created_at")
+        first = str(regs["moving_scan"].iloc[0])  # not the latest row: the latest time stays as it was
+        assert not longitudinal.register_followup(store, first, force=True).reused
+        assert load.store_revision(store) != before

@@ -295,7 +295,7 @@ def patient_report_data(store: "Store", patient_key: str, with_images: bool = Tr
 
 def store_revision(store: "Store") -> tuple[int, ...]:
     """A cheap fingerprint that changes whenever rows are added or removed, a registration is
-    redone (it replaces its row), a patient's alias or arm changes, or the active models change
+    redone (it replaces its row with a new id), a patient's alias or arm changes, or the active models change
     (cache key for the dashboard, which another process may have written to between two runs:
     a scan removed and another added keep the counts but change the ids)."""
     import zlib
@@ -308,7 +308,8 @@ def store_revision(store: "Store") -> tuple[int, ...]:
         "SELECT (SELECT hash(string_agg(concat_ws('|', patient_key, coalesce(alias, ''), coalesce(arm, '')), ',' "
         "ORDER BY patient_key)) FROM patients), "
         "(SELECT hash(string_agg(scan_id, ',' ORDER BY scan_id)) FROM scans), "
-        "(SELECT hash(string_agg(seg_id, ',' ORDER BY seg_id)) FROM segmentations)"
+        "(SELECT hash(string_agg(seg_id, ',' ORDER BY seg_id)) FROM segmentations), "
+        "(SELECT hash(string_agg(reg_id, ',' ORDER BY reg_id)) FROM registrations)"  # a redo gets a new id
     )
     models = zlib.crc32(",".join(sorted(active_model_names())).encode())
     return (*store.counts().values(), latest_reg, *(int(v or 0) for v in (ids or ())), models)

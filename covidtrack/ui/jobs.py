@@ -3,9 +3,11 @@ baseline up to date (registration, 7-23 s per follow-up) after a saved correctio
 
 One worker thread per server process runs the jobs one at a time, in the order they were
 submitted, each with its own store connection that it closes when the job ends (so command-line
-processes can write between jobs). A page submits a job and returns at once; it shows the jobs'
-state on later runs. No streamlit here: the pages hold the one :class:`JobQueue` as a cached
-resource (``covidtrack.ui.resources.jobs``).
+processes can write between jobs; a job whose store is held by another process waits for it).
+The ANTs part of a registration runs in a child process (:func:`covidtrack.longitudinal.isolated_registration`):
+ANTsPy holds Python's interpreter lock, and in a thread it would freeze every page of the server.
+A page submits a job and returns at once; it shows the jobs' state on later runs. No streamlit
+here: the pages use the one :data:`QUEUE` of the process (``covidtrack.ui.resources.jobs``).
 """
 
 from __future__ import annotations
@@ -18,10 +20,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from covidtrack.errors import StoreBusyError
+from covidtrack.longitudinal import isolated_registration
 from covidtrack.store import Store
 
 QUEUED, RUNNING, DONE, FAILED = "queued", "running", "done", "failed"
 KEEP_FINISHED = 20  # finished jobs kept for display
+BUSY_RETRY_S = 5.0  # another process holds the store: seconds between tries
 
 
 @dataclass
@@ -55,15 +60,15 @@ class JobQueue:
     def submit(self, patient_key: str, label: str, work: Callable[[Store], str]) -> Job:
         """Queue ``work(store) -> message`` for ``patient_key``; returns at once."""
         job = Job(uuid.uuid4().hex[:8], patient_key, label, work)
-        with self._lock:
+        with self._lock:  # queued under the lock: an idle worker cannot exit between the check and the put
             self._jobs.append(job)
             finished = [j for j in self._jobs if not j.active]
             for old in finished[:-KEEP_FINISHED]:
                 self._jobs.remove(old)
+            self._queue.put(job)
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._run, name="covidtrack-jobs", daemon=True)
                 self._thread.start()
-        self._queue.put(job)
         return job
 
     def jobs(self, patient_key: str | None = None) -> list[Job]:
@@ -84,6 +89,15 @@ class JobQueue:
             time.sleep(0.05)
         return True
 
+    def _open_busy(self) -> Store:
+        """The store, waiting as long as another process holds it (a command-line import): a job
+        that waits loses nothing, one that gives up loses the update."""
+        while True:
+            try:
+                return self._open_store()
+            except StoreBusyError:
+                time.sleep(BUSY_RETRY_S)
+
     def _run(self) -> None:
         while True:
             try:
@@ -95,15 +109,18 @@ class JobQueue:
                         return
                 continue
             job.state = RUNNING
+            state, message = FAILED, "stopped"
             try:
-                with self._open_store() as store:
-                    job.message = job.work(store)
-                job.state = DONE
-            except Exception as err:  # noqa: BLE001 - shown on the page; what is stored stays
-                job.message = f"{type(err).__name__}: {err}"
-                job.state = FAILED
-            finally:
+                store = self._open_busy()
+                with store, isolated_registration():
+                    message = job.work(store)
+                state = DONE
+            except BaseException as err:  # noqa: BLE001 - shown on the page; what is stored stays
+                message = f"{type(err).__name__}: {err}"
+            finally:  # the finish time first: a page that sees the final state also sees when
+                job.message = message
                 job.finished = time.time()
+                job.state = state
 
 
 def refresh_change(store: Store, scan_id: str) -> str:
@@ -132,3 +149,6 @@ def summarise(done: list[Any]) -> str:
         text += (f" {len(failed)} follow-up(s) failed the registration quality check; their change is not shown "
                  "(check both lung masks).")
     return text.strip()
+
+
+QUEUE = JobQueue()  # the process's queue: module level, so clearing Streamlit's caches cannot fork a second one

@@ -18,7 +18,7 @@ import pandas as pd
 import streamlit as st
 
 from covidtrack.report import load
-from covidtrack.ui.jobs import JobQueue
+from covidtrack.ui.jobs import QUEUE, JobQueue
 from covidtrack.report.data import NO_ARM, patient_summary
 from covidtrack.report.viewer import AlignedSeries
 from covidtrack.store import Store
@@ -52,10 +52,9 @@ def release() -> None:
             log.warning("closing the store after a page run: %s", err)
 
 
-@st.cache_resource(show_spinner=False)
 def jobs() -> JobQueue:
     """The server's one queue of background jobs (:mod:`covidtrack.ui.jobs`)."""
-    return JobQueue()
+    return QUEUE
 
 
 def revision() -> Revision:

@@ -17,6 +17,7 @@ import streamlit as st
 from covidtrack import bootstrap
 from covidtrack.errors import StoreBusyError, StoreError
 from covidtrack.events import Progress
+from covidtrack.longitudinal import isolated_registration
 from covidtrack.ui import resources
 
 
@@ -63,12 +64,13 @@ class BootstrapJob:
     def _align(self) -> None:
         try:
             events = bootstrap.register_all(resources.store())
-            while True:
-                try:
-                    ev = next(events)
-                except StopIteration:
-                    break
-                self.aligning = ev.message
+            with isolated_registration():  # ANTs in a child process: the open pages stay responsive
+                while True:
+                    try:
+                        ev = next(events)
+                    except StopIteration:
+                        break
+                    self.aligning = ev.message
             self.aligning = "caching aligned images"
             _warm_viewer_cache()
         except Exception as err:  # noqa: BLE001 - the dashboard works without alignment

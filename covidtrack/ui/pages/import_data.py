@@ -16,34 +16,38 @@ import streamlit as st
 from covidtrack.config import settings
 from covidtrack.errors import CovidtrackError
 from covidtrack.events import Progress
+from covidtrack.longitudinal import isolated_registration
 from covidtrack.ui import resources, uploads, widgets
 
 
 def _run(events: Generator[Progress, None, Any], label: str) -> Any:
-    """Drive a pipeline generator with a progress bar and an event log; return its result."""
+    """Drive a pipeline generator with a progress bar and an event log; return its result.
+
+    The registration's ANTs part runs in a child process (other sessions' pages stay responsive),
+    and a run interrupted by a click closes the pipeline, whose worker thread (segmentation,
+    registration) then finishes before the run releases the store."""
     bar = st.progress(0.0, text=f"{label}: starting")
     log = st.empty()
     lines: list[str] = []
     fraction = 0.0
-    try:
-        while True:
-            try:
-                ev = next(events)
-            except StopIteration as stop:
-                bar.progress(1.0, text=f"{label}: done")
-                return stop.value
-            except CovidtrackError:
-                bar.progress(fraction, text=f"{label}: failed (nothing was stored)")
-                raise
-            fraction = min(1.0, ev.fraction)
-            bar.progress(fraction, text=f"{label} · {ev.stage}: {ev.message}"[:200])
-            if ev.stage in ("failed", "done", "summary") or (not lines or not lines[-1].startswith(ev.stage)):
-                lines.append(f"{ev.stage}: {ev.message}")
-                log.code("\n".join(lines[-12:]), language=None)
-    finally:
-        # a click during the import interrupts this run: close the pipeline now, so its worker
-        # thread (segmentation, registration) finishes before the run releases the store
-        events.close()
+    with isolated_registration():
+        try:
+            while True:
+                try:
+                    ev = next(events)
+                except StopIteration as stop:
+                    bar.progress(1.0, text=f"{label}: done")
+                    return stop.value
+                except CovidtrackError:
+                    bar.progress(fraction, text=f"{label}: failed (nothing was stored)")
+                    raise
+                fraction = min(1.0, ev.fraction)
+                bar.progress(fraction, text=f"{label} · {ev.stage}: {ev.message}"[:200])
+                if ev.stage in ("failed", "done", "summary") or (not lines or not lines[-1].startswith(ev.stage)):
+                    lines.append(f"{ev.stage}: {ev.message}")
+                    log.code("\n".join(lines[-12:]), language=None)
+        finally:
+            events.close()
 
 
 def _fields(prefix: str) -> tuple[str, str, dt.date | None, str]:
