@@ -177,7 +177,7 @@ def timed_load(driver: object, server: "Server", url: str, last_text: str) -> di
 
 
 # page label -> (sidebar link href ending, page heading)
-NAV_TITLES = {"patient": ("/patient", "Patient "), "patients": ("/", "Patients"), "cohort": ("/cohort", "Cohort"),
+NAV_TITLES = {"patient": ("/patient", "Patient "), "patients": ("/patients", "Patients"), "cohort": ("/cohort", "Cohort"),
               "import": ("/import", "Import"), "report": ("/report", "Trend reports")}
 
 
@@ -185,18 +185,27 @@ def spa_navigate(driver: object, server: "Server", label: str, last_text: str) -
     """Warm visit the way a user makes it: click the page in the sidebar (no reload of the app's
     JavaScript), from another page, with the server's caches warm. Wall and CPU as timed_load."""
     from selenium.webdriver.common.by import By
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
     from selenium.webdriver.support.ui import WebDriverWait
 
     away = "import" if label != "import" else "report"
-    link = '[data-testid="stSidebar"] a[href$="{}"]'  # the menu's page links
-    driver.find_element(By.CSS_SELECTOR, link.format(NAV_TITLES[away][0])).click()  # type: ignore[attr-defined]
-    wait = WebDriverWait(driver, 180, poll_frequency=0.05)
+
+    def menu_link(path: str) -> object:
+        """The sidebar menu's link to ``path`` (its href, without any query, ends with it)."""
+        for a in driver.find_elements(By.CSS_SELECTOR, '[data-testid="stSidebar"] a'):  # type: ignore[attr-defined]
+            href = (a.get_attribute("href") or "").split("?")[0]
+            if href.endswith(path):
+                return a
+        raise RuntimeError(f"no menu link to {path}")
+
+    menu_link(NAV_TITLES[away][0]).click()  # type: ignore[attr-defined]
+    wait = WebDriverWait(driver, 180, poll_frequency=0.05, ignored_exceptions=(NoSuchElementException, StaleElementReferenceException))  # pages re-render
     wait.until(lambda d: d.find_element(By.TAG_NAME, "h1").text.startswith(NAV_TITLES[away][1]))
     time.sleep(1.0)
     nav, heading = NAV_TITLES[label]
     cpu0, task0 = _proc_cpu_s(server.proc.pid), _browser_task_s(driver)
     t0 = time.perf_counter()
-    driver.find_element(By.CSS_SELECTOR, link.format(nav)).click()  # type: ignore[attr-defined]
+    menu_link(nav).click()  # type: ignore[attr-defined]
     wait.until(lambda d: d.find_element(By.TAG_NAME, "h1").text.startswith(heading))
     wait.until(lambda d: last_text in d.find_element(By.TAG_NAME, "body").text)
     wait.until(lambda d: not d.find_elements(By.CSS_SELECTOR, '[data-testid="stSkeleton"]'))
@@ -217,11 +226,12 @@ def load_and_time(driver: object, url: str, last_text: str = "not a diagnosis") 
     every page ends with) is shown, no element is a loading skeleton, and every visible chart is
     drawn. A fresh navigation builds a new DOM, so no stale element from an earlier run counts."""
     from selenium.webdriver.common.by import By
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
     from selenium.webdriver.support.ui import WebDriverWait
 
     t0 = time.perf_counter()
     driver.get(url)  # type: ignore[attr-defined]
-    wait = WebDriverWait(driver, 180, poll_frequency=0.05)
+    wait = WebDriverWait(driver, 180, poll_frequency=0.05, ignored_exceptions=(NoSuchElementException, StaleElementReferenceException))  # pages re-render
     wait.until(lambda d: d.find_elements(By.TAG_NAME, "h1") or d.find_elements(By.CSS_SELECTOR, '[data-testid="stException"]'))
     errors = driver.find_elements(By.CSS_SELECTOR, '[data-testid="stException"]')  # type: ignore[attr-defined]
     if errors:
