@@ -47,6 +47,7 @@ MANIFEST_COLUMNS = ("patient", "date", "path")  # required; "arm" and "alias" op
 # Fractions of one scan's progress bar given to each stage (segmentation dominates on CPU).
 _SEGMENT = (0.05, 0.80)
 _REGISTER = (0.88, 0.99)
+REOPEN_WAIT_S = 120.0  # after segmenting, the store is reopened: wait longer rather than waste the work
 
 
 @dataclass(frozen=True)
@@ -258,6 +259,9 @@ def ingest(
             yield Progress("load", 0.02, f"note: {note}", item)
 
         seg_fn = segmenter or _default_segmenter()
+        if own_store:  # segmenting takes longest: other processes (the dashboard) may use the store meanwhile
+            store.close()
+            store = None
         yield Progress("segment", _SEGMENT[0], "segmenting lungs, lobes and infection", item)
         seg = yield from _in_thread(lambda cb: seg_fn(volume, cb), "segment", *_SEGMENT, item)
         if seg.shape != volume.shape:
@@ -267,6 +271,12 @@ def ingest(
 
         yield Progress("metrics", 0.82, "measuring", item)
         table = metrics.scan_metrics(volume, seg)
+        if own_store:
+            store = Store.open(wait_s=REOPEN_WAIT_S)
+            existing = _recheck(store, key, content_hash, study_date, volume, alias, item, accept_other_id)
+            if existing is not None:  # the same scan was stored meanwhile (another import of the file)
+                yield Progress("done", 1.0, f"already stored as {existing[0]}", existing[0])
+                return IngestResult(scan_id=existing[0], patient_key=existing[1], created=False)
 
         yield Progress("store", 0.85, "writing masks and rows", item)
         try:
@@ -289,8 +299,34 @@ def ingest(
             warnings.insert(0, f"{item}: {volume.meta.identity_note} (the scan is flagged)")
         return IngestResult(scan_id, key, True, seg_id, tuple(registered), tuple(warnings))
     finally:
-        if own_store:
+        if own_store and store is not None:
             store.close()
+
+
+def _recheck(store: Any, key: str, content_hash: str, study_date: dt.date, volume: Volume, alias: str | None,
+             item: str, accept_other_id: bool) -> tuple[str, str] | None:
+    """The checks made before segmenting, again, after the store was reopened (another process may
+    have written meanwhile). Returns the stored scan when this very scan was stored meanwhile
+    (for this patient); raises :class:`InputError` as the first checks would."""
+    from covidtrack import identity
+
+    existing = store.scan_by_hash(content_hash)
+    if existing is not None:
+        if existing[1] != key:
+            raise InputError(item, f"the same scan was stored meanwhile as {existing[0]} for another patient",
+                             "check the patient ID; one scan belongs to one patient")
+        return existing
+    _check_one_scan_per_date(store, key, study_date, item)
+    if alias:
+        pats = store.patients()
+        taken = pats[(pats["alias"] == alias) & (pats["patient_key"] != key)]
+        if len(taken):
+            raise InputError(item, f"alias {alias!r} was given meanwhile to patient {taken['patient_key'].iloc[0]}",
+                             "pick another --alias (an alias must name one patient)")
+    conflicts = identity.conflicts(store, key, volume.meta)
+    if conflicts and not accept_other_id:
+        raise InputError(item, "; ".join(conflicts), identity.FIX)
+    return None
 
 
 def _check_one_scan_per_date(store: Any, key: str, study_date: dt.date, item: str) -> None:
@@ -432,45 +468,38 @@ def ingest_manifest(
 
     Events carry the file in ``item`` and overall progress in ``fraction``; the last event is
     ``stage="summary"`` whose message lists what failed and why.
+    Without ``store`` every row opens the store for itself (:func:`ingest`), so other processes,
+    such as the dashboard, can use it between rows and while each scan is segmented.
     """
-    from covidtrack.store import Store
-
     rows = read_manifest(manifest)
-    own_store = store is None
-    if own_store:
-        store = Store.open()
     ok: list[IngestResult] = []
     failed: list[tuple[str, str]] = []
-    try:
-        n = max(len(rows), 1)
-        for i, row in enumerate(rows):
-            events = ingest(
-                row["path"], row["patient"], row["date"] or None, arm=row.get("arm") or None, store=store,
-                segmenter=segmenter, register=register, alias=row.get("alias") or None,
-                series_uid=row.get("series_uid") or None, accept_other_id=accept_other_id,
-            )
-            try:
-                while True:
-                    try:
-                        ev = next(events)
-                    except StopIteration as stop:
-                        ok.append(stop.value)
-                        break
-                    yield Progress(ev.stage, (i + ev.fraction) / n, f"[{i + 1}/{len(rows)}] {ev.message}", row["path"])
-            except ModelError:
-                raise  # a missing/corrupt model fails every file: stop and say so once
-            except (InputError, StoreError) as err:
-                failed.append((row["path"], f"line {row['line']}: {err}"))
-                yield Progress("failed", (i + 1) / n, failed[-1][1], row["path"])
-            except Exception as err:  # noqa: BLE001 - one odd file must not stop the others
-                failed.append((row["path"], f"line {row['line']}: {type(err).__name__}: {err}"))
-                yield Progress("failed", (i + 1) / n, failed[-1][1], row["path"])
-        summary = ManifestSummary(tuple(ok), tuple(failed))
-        yield Progress("summary", 1.0, summary.describe(), str(manifest))
-        return summary
-    finally:
-        if own_store:
-            store.close()
+    n = max(len(rows), 1)
+    for i, row in enumerate(rows):
+        events = ingest(
+            row["path"], row["patient"], row["date"] or None, arm=row.get("arm") or None, store=store,
+            segmenter=segmenter, register=register, alias=row.get("alias") or None,
+            series_uid=row.get("series_uid") or None, accept_other_id=accept_other_id,
+        )
+        try:
+            while True:
+                try:
+                    ev = next(events)
+                except StopIteration as stop:
+                    ok.append(stop.value)
+                    break
+                yield Progress(ev.stage, (i + ev.fraction) / n, f"[{i + 1}/{len(rows)}] {ev.message}", row["path"])
+        except ModelError:
+            raise  # a missing/corrupt model fails every file: stop and say so once
+        except (InputError, StoreError) as err:
+            failed.append((row["path"], f"line {row['line']}: {err}"))
+            yield Progress("failed", (i + 1) / n, failed[-1][1], row["path"])
+        except Exception as err:  # noqa: BLE001 - one odd file must not stop the others
+            failed.append((row["path"], f"line {row['line']}: {type(err).__name__}: {err}"))
+            yield Progress("failed", (i + 1) / n, failed[-1][1], row["path"])
+    summary = ManifestSummary(tuple(ok), tuple(failed))
+    yield Progress("summary", 1.0, summary.describe(), str(manifest))
+    return summary
 
 
 def export_metrics(out_dir: str | Path, fmt: str = "csv", all_versions: bool = False, store: Any = None) -> list[Path]:

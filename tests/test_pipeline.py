@@ -518,3 +518,39 @@ def test_an_abandoned_progress_generator_waits_for_its_worker() -> None:
     next(gen)
     gen.close()
     assert finished.is_set()
+
+
+def test_the_store_is_free_while_a_scan_is_segmented(tmp_path: Path) -> None:
+    """A command-line ingest lets other processes (the dashboard) use the store while it segments,
+    and checks again afterwards: a scan stored meanwhile on the same date is refused, nothing of
+    this ingest is stored."""
+    vol, truth = synthetic_chest()
+    path = _write(vol, tmp_path / "chest.nii.gz")
+    other, _ = synthetic_chest(lesion_shift=2)
+    other_path = _write(other, tmp_path / "other.nii.gz")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    script = ("from covidtrack.store import Store\n"
+              "with Store.open(wait_s=0) as s:\n"
+              "    s.set_patient('someone-else', arm='x')\n")
+
+    def segmenter_with_visitor(v: Volume, progress=None) -> Segmentation:
+        done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr[-2000:]  # the store was free while segmenting
+        return truth_segmenter(v, progress)
+
+    drain(ingest(path, "P1", "2020-03-14", segmenter=segmenter_with_visitor))
+
+    def segmenter_racing(v: Volume, progress=None) -> Segmentation:
+        # meanwhile another import stores a scan of the same patient on the same date
+        drain(ingest(other_path, "P1", "2020-03-20", segmenter=truth_segmenter, register=False))
+        return truth_segmenter(v, progress)
+
+    vol3, _ = synthetic_chest(lesion_shift=4)
+    path3 = _write(vol3, tmp_path / "third.nii.gz")
+    with pytest.raises(InputError, match="a date is one timepoint"):
+        drain(ingest(path3, "P1", "2020-03-20", segmenter=segmenter_racing))
+    with S.Store.open() as store:
+        key = io.patient_key("P1")
+        assert len(store.scans(key)) == 2  # the first ingest and the racing one; nothing of the third
+        assert "someone-else" in set(store.patients()["patient_key"])
+        assert _files(store.home) == store.referenced_files()
