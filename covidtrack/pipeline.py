@@ -219,12 +219,7 @@ def ingest(
         if not key:
             raise InputError(item, "no patient ID given", "pass --patient ID (it is pseudonymised before storing)")
         given_date = _given_date(date, item)  # a bad date is refused before anything else
-        if alias:
-            pats = store.patients()
-            taken = pats[(pats["alias"] == alias) & (pats["patient_key"] != key)]
-            if len(taken):
-                raise InputError(item, f"alias {alias!r} already names patient {taken['patient_key'].iloc[0]}",
-                                 "pick another --alias (an alias must name one patient)")
+        _check_alias(store, key, alias, item)
         content_hash = io.volume_hash(volume)
         existing = store.scan_by_hash(content_hash)
         if existing is not None:
@@ -317,16 +312,22 @@ def _recheck(store: Any, key: str, content_hash: str, study_date: dt.date, volum
                              "check the patient ID; one scan belongs to one patient")
         return existing
     _check_one_scan_per_date(store, key, study_date, item)
-    if alias:
-        pats = store.patients()
-        taken = pats[(pats["alias"] == alias) & (pats["patient_key"] != key)]
-        if len(taken):
-            raise InputError(item, f"alias {alias!r} was given meanwhile to patient {taken['patient_key'].iloc[0]}",
-                             "pick another --alias (an alias must name one patient)")
+    _check_alias(store, key, alias, item)
     conflicts = identity.conflicts(store, key, volume.meta)
     if conflicts and not accept_other_id:
         raise InputError(item, "; ".join(conflicts), identity.FIX)
     return None
+
+
+def _check_alias(store: Any, key: str, alias: str | None, item: str) -> None:
+    """An alias names one patient: refuse one that already names another."""
+    if not alias:
+        return
+    pats = store.patients()
+    taken = pats[(pats["alias"] == alias) & (pats["patient_key"] != key)]
+    if len(taken):
+        raise InputError(item, f"alias {alias!r} already names patient {taken['patient_key'].iloc[0]}",
+                         "pick another --alias (an alias must name one patient)")
 
 
 def _check_one_scan_per_date(store: Any, key: str, study_date: dt.date, item: str) -> None:
