@@ -418,3 +418,83 @@ def test_cut_short_compressed_metaimage_without_its_size_is_named(tmp_path: Path
     _check_metaimage_complete(tmp_path / "whole.mha")  # an intact stream passes the check (what ITK then reads is ITK's)
     (tmp_path / "cut.mha").write_bytes(header + data[end: end + int((len(data) - end) * 0.9)])
     _raises(UnreadableFileError, tmp_path / "cut.mha", "cut.mha", "truncated")
+
+
+def _suffixless_series(folder: Path, canonical: np.ndarray) -> list[Path]:
+    """A series named like CD / storescp exports: no file extension (IM0001, UIDs)."""
+    out = []
+    for f in gen.write_series(folder, canonical):
+        g = f.with_suffix("")
+        f.rename(g)
+        out.append(g)
+    return sorted(out)
+
+
+@pytest.mark.parametrize("damage", ["empty", "cut before the preamble"])
+@pytest.mark.parametrize("which", [0, -1, 5])
+def test_broken_slice_without_suffix_is_named(tmp_path: Path, canonical: np.ndarray, damage: str, which: int) -> None:
+    # a cut-short first or last slice would otherwise make the scan one slice shorter, silently
+    files = _suffixless_series(tmp_path / "s", canonical)
+    bad = files[which]
+    bad.write_bytes(b"" if damage == "empty" else bad.read_bytes()[:100])
+    _raises(UnreadableFileError, tmp_path / "s", bad.name, "named like the DICOM files", "re-export")
+
+
+def test_unrelated_suffixless_file_is_still_ignored(tmp_path: Path, canonical: np.ndarray) -> None:
+    files = _suffixless_series(tmp_path / "s", canonical)
+    (tmp_path / "s" / "LOCKFILE").write_bytes(b"")
+    (tmp_path / "s" / "README").write_text("exported by a viewer")
+    assert load_ct(tmp_path / "s").shape[0] == len(files)
+
+
+def test_unlistable_subfolder_is_named(tmp_path: Path, canonical: np.ndarray, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    files = gen.write_series(tmp_path / "study" / "DICOM" / "0001", canonical)
+    second = tmp_path / "study" / "DICOM" / "0002"
+    second.mkdir()
+    for f in files[8:]:  # the export split the series over two folders
+        f.rename(second / f.name)
+    real = os.scandir
+
+    def scandir(path):  # what a folder without read permission does (also as root, where chmod would not)
+        if Path(path) == second:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    err = _raises(UnreadableFileError, tmp_path / "study", "0002", "permission denied", "read access")
+    assert Path(err.path) == second
+
+
+def test_unreadable_volume_file_says_permission(tmp_path: Path, canonical: np.ndarray, monkeypatch: pytest.MonkeyPatch) -> None:
+    paths = []
+    for name in ("scan.mha", "scan.nrrd", "scan.nii.gz"):
+        p = tmp_path / name
+        sitk.WriteImage(sitk.GetImageFromArray(canonical), str(p))
+        paths.append(p)
+    real = Path.open
+
+    def refuse(self, *args, **kwargs):
+        if self in paths:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", refuse)
+    for p in paths:
+        _raises(UnreadableFileError, p, p.name, "permission denied", "read access")
+
+
+def test_unreadable_dicom_file_says_permission(tmp_path: Path, canonical: np.ndarray, monkeypatch: pytest.MonkeyPatch) -> None:
+    import pydicom
+
+    files = gen.write_series(tmp_path / "s", canonical)
+    real = pydicom.dcmread
+
+    def dcmread(path, *args, **kwargs):
+        if Path(path) == files[3]:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(pydicom, "dcmread", dcmread)
+    _raises(UnreadableFileError, tmp_path / "s", files[3].name, "permission denied", "read access")

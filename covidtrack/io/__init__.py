@@ -60,10 +60,8 @@ def load_ct(path: str | Path, series_uid: str | None = None) -> Volume:
     if scan.unreadable:
         bad, reason = scan.unreadable[0]
         more = f" (and {len(scan.unreadable) - 1} more unreadable file(s))" if len(scan.unreadable) > 1 else ""
-        raise UnreadableFileError(
-            bad, f"{reason}{more}; it may belong to the series being loaded",
-            "re-export or re-copy the series, or move the broken file out of the folder and load it again",
-        )
+        raise UnreadableFileError(bad, f"{reason}{more}; it may belong to the series being loaded",
+                                  dicom.unreadable_fix(reason))
     info = dicom.choose_series(scan, series_uid)
     array, grid, meta = dicom.read_series(scan, info)
     note = dicom.skipped_series_note(scan, info) if series_uid is None else None

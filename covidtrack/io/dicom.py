@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import os
+import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -149,6 +151,8 @@ def _read_header(path: Path) -> tuple[object | None, str]:
             # pydicom stops quietly at the end of a truncated file; a real instance always has this
             return None, "DICOM header is incomplete (no SeriesInstanceUID): the file is probably truncated"
         return ds, ""
+    except PermissionError as err:
+        return None, _os_reason(err, "cannot read this file")
     except InvalidDicomError:
         pass  # no DICM preamble: maybe an old headerless file, maybe not DICOM at all
     except Exception as err:  # noqa: BLE001 - pydicom raises many types on truncated files
@@ -222,15 +226,51 @@ def _orientation_name(headers: list[SliceHeader]) -> str:
     return _AXIS_NAMES[axis] if abs(normal[axis]) > np.cos(np.radians(10)) else "oblique"
 
 
-def _candidate_files(folder: Path) -> list[Path]:
-    files = []
-    for p in sorted(folder.rglob("*")):
-        if not p.is_file() or any(part.startswith(".") for part in p.relative_to(folder).parts):
-            continue
-        if p.name.upper() == "DICOMDIR" or p.suffix.lower() in _NOT_DICOM_SUFFIXES:
-            continue
-        files.append(p)
-    return files
+def _candidate_files(folder: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """Files under ``folder`` that may be DICOM, and the subfolders that could not be listed.
+
+    ``os.walk`` with an error handler rather than ``Path.rglob``: rglob skips a subfolder it
+    cannot open without a word, and a series split over ``DICOM/0001`` and ``DICOM/0002`` would
+    then load short.
+    """
+    files: list[Path] = []
+    unlisted: list[tuple[Path, str]] = []
+
+    def refused(err: OSError) -> None:
+        where = Path(err.filename) if err.filename else folder
+        unlisted.append((where, _os_reason(err, "cannot open this folder")))
+
+    for root, dirs, names in os.walk(folder, onerror=refused):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        base = Path(root)
+        for name in names:
+            p = base / name
+            if name.startswith(".") or not p.is_file():
+                continue
+            if name.upper() == "DICOMDIR" or p.suffix.lower() in _NOT_DICOM_SUFFIXES:
+                continue
+            files.append(p)
+    return sorted(files), unlisted
+
+
+def _os_reason(err: OSError, what: str) -> str:
+    if isinstance(err, PermissionError):
+        return f"{what}: permission denied"
+    return f"{what} ({type(err).__name__}: {err.strerror or err})"
+
+
+def unreadable_fix(reason: str) -> str:
+    """What to do about an unreadable file or folder (see :func:`scan_folder`'s reasons)."""
+    if "permission denied" in reason:
+        return ("give your user read access to it (e.g. chmod -R u+rX on the study folder) or copy the study "
+                "somewhere readable, and load it again")
+    return "re-export or re-copy the series, or move the broken file out of the folder and load it again"
+
+
+def _name_shape(name: str) -> str:
+    """A file name with every run of digits and dots replaced by ``#``: ``IM000123`` -> ``im#``,
+    a UID name ``1.2.840.113619...`` -> ``#``. Files of one export share a shape."""
+    return re.sub(r"[0-9.]+", "#", name.lower())
 
 
 def scan_folder(folder: str | Path) -> DicomScan:
@@ -242,22 +282,42 @@ def scan_folder(folder: str | Path) -> DicomScan:
         raise NoImageDataError(folder, "is not a folder", "pass the folder that holds the DICOM files")
     groups: dict[str, list[SliceHeader]] = defaultdict(list)
     first_ds: dict[str, object] = {}
-    unreadable: list[tuple[Path, str]] = []
-    for path in _candidate_files(folder):
-        if path.stat().st_size == 0:
+    files, unlisted = _candidate_files(folder)
+    unreadable: list[tuple[Path, str]] = list(unlisted)
+    # Unparsable files without a DICOM suffix may be anything (a README, a lock file); they are
+    # called broken only when they are named like the DICOM files beside them (IM000014 among
+    # IM000001..IM000013): a cut-short first or last slice must not make the scan silently shorter.
+    suspects: list[tuple[Path, str]] = []
+    for path in files:
+        try:
+            empty = path.stat().st_size == 0
+        except OSError as err:
+            unreadable.append((path, _os_reason(err, "cannot read this file")))
+            continue
+        if empty:
             if path.suffix.lower() in _DICOM_SUFFIXES:
                 unreadable.append((path, "empty file (0 bytes)"))
+            else:
+                suspects.append((path, "empty file (0 bytes)"))
             continue
         ds, reason = _read_header(path)
         if ds is None:
             if reason:
                 unreadable.append((path, reason))
+            else:
+                suspects.append((path, "no readable DICOM header (truncated, or not DICOM)"))
             continue
         header = _slice_header(path, ds)
         groups[header.series_uid].append(header)
         uid = header.series_uid
         if uid not in first_ds or (_is_localizer_ds(first_ds[uid]) and not set(header.image_type) & _LOCALIZER_WORDS):
             first_ds[uid] = ds  # the series' description, kernel, thickness: from an image, not a scout
+    if suspects:
+        shapes = {(h.path.parent, _name_shape(h.path.name)) for hs in groups.values() for h in hs}
+        unreadable += [
+            (path, f"{reason}, although it is named like the DICOM files beside it")
+            for path, reason in suspects if (path.parent, _name_shape(path.name)) in shapes
+        ]
     infos = []
     for uid in list(groups):
         # a scout filed inside the CT series (same SeriesInstanceUID) is not one of its slices:
@@ -322,9 +382,7 @@ def choose_series(scan: DicomScan, series_uid: str | None) -> SeriesInfo:
     if not scan.series:
         if scan.unreadable:
             bad, reason = scan.unreadable[0]
-            raise UnreadableFileError(
-                bad, f"{reason}; no readable DICOM file in {scan.folder}", "re-export or re-copy the series"
-            )
+            raise UnreadableFileError(bad, f"{reason}; no readable DICOM file in {scan.folder}", unreadable_fix(reason))
         raise NoImageDataError(
             scan.folder, "no DICOM files found in this folder or its subfolders",
             "pass the folder that holds the .dcm files, or a NIfTI/NRRD/MHA file",

@@ -39,6 +39,7 @@ def read_image(path: Path, what: str = "image") -> "sitk.Image":  # noqa: F821 -
         raise NoImageDataError(path, "does not exist", "check the path (typo? unmounted drive?)")
     if path.is_file() and path.stat().st_size == 0:
         raise NoImageDataError(path, "is an empty file (0 bytes)", f"re-export or re-copy the {what}")
+    require_readable(path)
     # ITK pads missing voxel data of a cut-short NIfTI with zeros and reports a cut-short
     # MetaImage with an unrelated reason: check both against their headers first
     name = path.name.lower()
@@ -62,6 +63,24 @@ def read_image(path: Path, what: str = "image") -> "sitk.Image":  # noqa: F821 -
             f"check that the file is complete and really a {'/'.join(s.lstrip('.') for s in IMAGE_SUFFIXES)} file; "
             "re-export or re-copy it",
         ) from err
+
+
+def require_readable(path: Path) -> None:
+    """Refuse a file this process may not read with a typed error that says so (ITK and the
+    header checks would report it as missing, truncated or "not a NIfTI")."""
+    if not path.is_file():
+        return
+    try:
+        with path.open("rb") as fh:
+            fh.read(1)
+    except PermissionError as err:
+        raise UnreadableFileError(
+            path, "cannot be read: permission denied",
+            "give your user read access to the file (e.g. chmod u+r) or copy it somewhere readable, and load it again",
+        ) from err
+    except OSError as err:
+        raise UnreadableFileError(path, f"cannot be read ({type(err).__name__}: {err.strerror or err})",
+                                  "check the disk or network share it is on, or copy the file somewhere local") from err
 
 
 def source_grid(image: "sitk.Image") -> SourceGrid:  # noqa: F821
@@ -212,6 +231,7 @@ def _check_metaimage_complete(path: Path) -> None:
         if not source.is_file():
             raise UnreadableFileError(path, f"its voxel data file {data_file} is missing (expected beside it)",
                                       f"copy {data_file} into the same folder as {path.name}")
+        require_readable(source)
         have = source.stat().st_size
     if have < n_bytes:
         raise UnreadableFileError(source, f"holds {have} bytes of voxel data but the header of {path.name} needs "
