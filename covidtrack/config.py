@@ -16,6 +16,15 @@ SHIPPED_MODELS = REPO_ROOT / "data" / "models"
 SAMPLES = REPO_ROOT / "data" / "samples"
 
 
+DEFAULT_SALT = "covidtrack-default-salt"  # public: keys made with it can be reversed by trying IDs
+
+DEFAULT_SALT_WARNING = (
+    "COVIDTRACK_SALT is not set, so patient keys use the public default salt: anyone with the store can "
+    "recover short numeric patient IDs by trying them all. Set COVIDTRACK_SALT to a secret of your site "
+    "BEFORE the first ingest (changing it later gives the same patient a new key)."
+)
+
+
 @dataclass(frozen=True)
 class Settings:
     """Resolved settings. Build with :func:`settings` so env vars are read once per call."""
@@ -23,6 +32,10 @@ class Settings:
     home: Path
     threads: int
     salt: str
+
+    @property
+    def salt_is_default(self) -> bool:
+        return self.salt == DEFAULT_SALT
 
     @property
     def db_path(self) -> Path:
@@ -71,5 +84,5 @@ def settings() -> Settings:
     except ValueError:
         raise InputError("COVIDTRACK_THREADS", f"{raw_threads!r} is not a whole number",
                          "set COVIDTRACK_THREADS to a number of CPU threads, e.g. 2, or unset it for all cores") from None
-    salt = os.environ.get("COVIDTRACK_SALT", "covidtrack-default-salt")
+    salt = os.environ.get("COVIDTRACK_SALT", DEFAULT_SALT)
     return Settings(home=home, threads=max(1, threads), salt=salt)

@@ -171,8 +171,19 @@ def _geometry(volume: Volume) -> dict[str, Any]:
     }
 
 
+def _stored_source_name(volume: Volume) -> str:
+    """What the store keeps of where a scan came from: its format, never the file or folder name.
+
+    Exports are often named after the patient (``MRN445566_SMITH_2020-03-14.nii.gz``, a PACS folder
+    per patient, the demo's own ``DEMO01/DEMO01_2020-06-14.nii.gz``), and the store keeps no
+    identifying text; the scan's content hash identifies it.
+    """
+    return volume.meta.source_format or "unknown"
+
+
 def _meta(volume: Volume) -> dict[str, Any]:
     meta = asdict(volume.meta)
+    meta["source_name"] = ""  # see _stored_source_name
     # the store keeps the patient's key in its own column; the file's own (DICOM PatientID) key
     # stays in the meta so later scans can be checked against it (covidtrack.identity)
     meta["source_patient_key"] = meta.pop("patient_key", "")
@@ -363,7 +374,7 @@ def _store_scan(
         store.add_scan(
             st.ScanRecord(
                 scan_id=scan_id, patient_key=key, study_date=study_date, content_hash=content_hash,
-                volume_path=vpath, geometry=_geometry(volume), source_name=volume.meta.source_name, meta=_meta(volume),
+                volume_path=vpath, geometry=_geometry(volume), source_name=_stored_source_name(volume), meta=_meta(volume),
             ),
             st.SegRecord(
                 seg_id=seg_id, scan_id=scan_id, kind="model", model_versions=dict(seg.model_versions),

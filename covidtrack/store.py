@@ -48,7 +48,7 @@ from covidtrack.errors import ModelError, StoreBusyError, StoreError
 from covidtrack.segment.types import Segmentation
 from covidtrack.volume import ScanMeta, SourceGrid, Volume
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 MODEL_TASKS = ("lungs", "infection", "lobes")  # tasks whose active versions define "active" metrics
 MASK_PARTS = ("lungs", "infection", "lobes")
 CORRECTED_TAG = "corrected"
@@ -141,6 +141,12 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         # models change; see Store._active_source)
         "CREATE TABLE active_segs (scan_id VARCHAR NOT NULL, seg_id VARCHAR NOT NULL, kind VARCHAR NOT NULL)",
         "CREATE TABLE active_state (cache_key VARCHAR NOT NULL)",
+    ),
+    # v4: no file or folder names (exports are often named after the patient): a scan's source is
+    # its format only (covidtrack.pipeline._stored_source_name), in the column and in the meta.
+    4: (
+        r"""UPDATE scans SET source_name = coalesce(nullif(regexp_extract(meta, '"source_format": *"([^"\\]*)"', 1), ''), 'unknown')""",
+        r"""UPDATE scans SET meta = regexp_replace(meta, '"source_name": *"(?:[^"\\]|\\.)*"', '"source_name": ""', 'g') WHERE meta IS NOT NULL""",
     ),
 }
 
@@ -1132,6 +1138,9 @@ class Store:
         original = (
             self._seg_by_id(original_seg_id) if original_seg_id else self.segmentation(scan_id, "final")
         )
+        if original.scan_id != scan_id:
+            raise StoreError(f"correction of {scan_id}: segmentation {original.seg_id} belongs to scan "
+                             f"{original.scan_id}. Fix: pass a segmentation of the corrected scan")
         seg = SegRecord(
             seg_id=new_seg_id(),
             scan_id=scan_id,

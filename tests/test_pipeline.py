@@ -554,3 +554,27 @@ def test_the_store_is_free_while_a_scan_is_segmented(tmp_path: Path) -> None:
         assert len(store.scans(key)) == 2  # the first ingest and the racing one; nothing of the third
         assert "someone-else" in set(store.patients()["patient_key"])
         assert _files(store.home) == store.referenced_files()
+
+
+def test_file_and_folder_names_are_not_stored(tmp_path: Path) -> None:
+    # exports are often named after the patient: the store keeps the format, not the name
+    vol, _ = synthetic_chest()
+    path = _write(vol, tmp_path / "MRN445566_SMITH_ANNA_2020-03-14.nii.gz")
+    drain(ingest(path, "MRN445566", "2020-03-14", segmenter=truth_segmenter))
+    with S.Store.open() as store:
+        scans = store.scans()
+        assert scans.source_name.item() == "nifti"
+        assert "SMITH" not in scans.meta.item() and "MRN445566" not in scans.meta.item()
+        db = store.path
+    assert b"SMITH" not in db.read_bytes() and b"MRN445566" not in db.read_bytes()
+
+
+def test_ingest_warns_about_the_public_default_salt(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from covidtrack.cli.ingest import _warn_default_salt
+
+    monkeypatch.delenv("COVIDTRACK_SALT", raising=False)
+    _warn_default_salt()
+    assert "COVIDTRACK_SALT is not set" in capsys.readouterr().err
+    monkeypatch.setenv("COVIDTRACK_SALT", "a-site-secret")
+    _warn_default_salt()
+    assert capsys.readouterr().err == ""

@@ -441,3 +441,28 @@ def test_open_keeps_a_viewer_cache_file_being_written_for_a_stored_pair(covidtra
     gone.write_bytes(b"x")
     S.Store.open().close()
     assert not gone.exists() and tmp.exists()
+
+
+def test_migration_to_v4_drops_stored_file_names(tmp_path: Path) -> None:
+    db = tmp_path / "old.duckdb"
+    con = duckdb.connect(str(db))
+    for version in (1, 2, 3):
+        for stmt in S.MIGRATIONS[version]:
+            con.execute(stmt)
+        con.execute("INSERT INTO schema_version (version) VALUES (?)", [version])
+    con.execute("INSERT INTO patients (patient_key, arm) VALUES ('p1', 'control')")
+    for i, (name, meta) in enumerate([
+        ("MRN1_SMITH.nii.gz", '{"source_format": "nifti", "source_name": "MRN1 \\"Bob\\" SMITH.nii.gz", "notes": []}'),
+        ("DOE_JOHN", '{"source_format": "dicom", "source_name": "DOE_JOHN"}'),
+        ("old.nii", "{}"),
+    ]):
+        con.execute(
+            "INSERT INTO scans (scan_id, patient_key, study_date, content_hash, geometry, source_name, volume_path, meta) "
+            f"VALUES ('scan-{i}', 'p1', DATE '2020-04-0{i + 1}', 'h{i}', '{{}}', ?, 'scans/scan-{i}.nii.gz', ?)", [name, meta])
+    con.close()
+    with S.Store.open(db) as store:
+        scans = store.scans().sort_values("scan_id")
+        assert scans.source_name.tolist() == ["nifti", "dicom", "unknown"]
+        text = " ".join(scans.meta.astype(str))
+        assert "SMITH" not in text and "DOE" not in text and "Bob" not in text
+        assert json.loads(scans.meta.iloc[0])["source_format"] == "nifti"

@@ -31,9 +31,17 @@ class ProgressBar:
         self.stream.flush()
 
 
+def _warn_default_salt() -> None:
+    from covidtrack.config import DEFAULT_SALT_WARNING, settings
+
+    if settings().salt_is_default:
+        print(f"warning: {DEFAULT_SALT_WARNING}", file=sys.stderr)
+
+
 def _ingest(args: argparse.Namespace) -> int:
     from covidtrack.pipeline import drain, ingest
 
+    _warn_default_salt()
     result = drain(
         ingest(args.path, args.patient, args.date, arm=args.arm, alias=args.alias, register=not args.no_register,
                series_uid=args.series_uid, accept_other_id=args.accept_other_id),
@@ -49,6 +57,7 @@ def _ingest(args: argparse.Namespace) -> int:
 def _ingest_manifest(args: argparse.Namespace) -> int:
     from covidtrack.pipeline import drain, ingest_manifest
 
+    _warn_default_salt()
     summary = drain(ingest_manifest(args.manifest, register=not args.no_register, accept_other_id=args.accept_other_id),
                     ProgressBar())
     print(summary.describe())

@@ -186,6 +186,10 @@ def main() -> None:
     st.title("Import")
     st.write("Each scan is loaded, checked, segmented, measured and stored in one step; a follow-up is registered to the "
              "patient's baseline. A file that fails shows why, and nothing of it is stored.")
+    from covidtrack.config import DEFAULT_SALT_WARNING, settings
+
+    if settings().salt_is_default:
+        st.warning(DEFAULT_SALT_WARNING + " Restart the dashboard with it set.", icon="🔑")
     up, srv = st.tabs(["Upload", "Server folder or manifest"])
     with up:
         _upload_tab()
