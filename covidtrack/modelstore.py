@@ -8,10 +8,14 @@ Switching is an atomic file replace, so a crash never leaves a half-written poin
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import re
 import tempfile
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,8 +94,30 @@ def active(task: str) -> ModelRef:
     return shipped[-1]
 
 
+_POINTER_LOCK = threading.Lock()  # dashboard sessions are threads of one process
+
+
+@contextlib.contextmanager
+def _pointer_update() -> Iterator[None]:
+    """Serialise read-change-write of the pointer across threads and processes (a promotion and a
+    rollback at the same moment must not lose one of them; the replace alone is atomic)."""
+    lock_path = settings().models_dir / "active.lock"
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with _POINTER_LOCK, open(lock_path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def set_active(task: str, version: str) -> ModelRef:
     """Make ``version`` active, remembering the previous one for :func:`rollback`."""
+    with _pointer_update():
+        return _set_active(task, version)
+
+
+def _set_active(task: str, version: str) -> ModelRef:
     ref = get(task, version)
     pointer = _read_pointer()
     try:
@@ -108,6 +134,11 @@ def set_active(task: str, version: str) -> ModelRef:
 
 def rollback(task: str) -> ModelRef:
     """Re-activate the version that was active before the last promotion."""
+    with _pointer_update():
+        return _rollback(task)
+
+
+def _rollback(task: str) -> ModelRef:
     pointer = _read_pointer()
     history = pointer.get(task, {}).get("history", [])
     if not history:

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from scipy import ndimage
 
 from covidtrack import modelstore
 from covidtrack.config import settings
@@ -559,3 +560,164 @@ def test_a_publish_in_progress_is_not_a_version() -> None:
     assert ".v9.x1y2z3" not in [r.version for r in modelstore.list_versions("infection")]
     with pytest.raises(Exception, match="not found"):
         modelstore.get("infection", ".v9.x1y2z3")
+
+
+# --- defects found by a review (session 8) -------------------------------------------------------
+def test_correction_refuses_a_segmentation_of_another_scan(small_store: list[str]) -> None:
+    a, b = small_store
+    with Store.open() as store:
+        _, _, _, inf_a, _ = corrections.load_for_review(store, a)
+        seg_b = store.segmentation(b, "model")
+        before = store.counts()
+        with pytest.raises(StoreError, match=f"belongs to scan {b}"):
+            corrections.save_correction(store, a, inf_a, corrections.effort_between(inf_a, inf_a), "AB",
+                                        original_seg_id=seg_b.seg_id)
+        with pytest.raises(StoreError, match="belongs to scan"):  # the store's own check
+            store.add_correction("no-such-scan", "AB", 1.0, 0, 0, seg_b.infection_path, original_seg_id=seg_b.seg_id)
+        assert store.counts() == before
+
+
+@pytest.mark.parametrize("dtype,value", [(np.int16, 256), (np.int16, 257), (np.int16, -1), (np.float32, 0.9),
+                                         (np.float32, 2.6), (np.float32, np.nan)])
+def test_correction_labels_are_checked_before_any_cast(small_store: list[str], dtype: type, value: float) -> None:
+    a, _ = small_store
+    with Store.open() as store:
+        _, lungs, _, inf, _ = corrections.load_for_review(store, a)
+        bad = inf.astype(dtype)
+        bad[lungs > 0] = value
+        before = store.counts()
+        with pytest.raises(StoreError, match="other than 0, 1, 2"):
+            corrections.save_correction(store, a, bad, corrections.effort_between(inf, inf), "AB")
+        assert store.counts() == before
+        ok = inf.astype(np.float32)  # exact 0/1/2 in another dtype is fine
+        corrections.save_correction(store, a, ok, corrections.effort_between(inf, inf), "AB")
+
+
+def test_lesion_painted_beyond_the_lung_mask_extends_lungs_and_lobes(small_store: list[str]) -> None:
+    a, _ = small_store
+    with Store.open() as store:
+        _, lungs, lobes, inf, seg_id = corrections.load_for_review(store, a)
+        session = corrections.EditSession(inf)
+        z = int(np.nonzero(lungs.any(axis=(1, 2)))[0][len(np.nonzero(lungs.any(axis=(1, 2)))[0]) // 2])
+        dist = ndimage.distance_transform_edt(lungs[z] == 0)
+        ys, xs = np.nonzero((dist > 0) & (dist <= 2))  # just outside the lung border
+        session.edit(z, corrections.brush, (int(ys[0]), int(xs[0])), 2, CONSOLIDATION, allowed=None)
+        painted_out = (session.working > 0) & (lungs == 0)
+        assert painted_out.any()
+        corrections.save_correction(store, a, session.working, session.effort(), "AB", seg_id)
+        seg = store.load_segmentation(a, "corrected")
+        assert (seg.infection == session.working).all(), "the saved edit is what was painted"
+        assert (seg.lungs[painted_out] > 0).all() and (seg.lungs[lungs > 0] == lungs[lungs > 0]).all()
+        if lobes is not None:
+            assert (seg.lobes[seg.lungs > 0] > 0).all() and ((seg.lobes[seg.lungs == 1] <= 3)).all()
+        assert store.load_segmentation(a, "model").lungs.sum() == lungs.sum(), "the model output is unchanged"
+        # far from the lungs: refused, nothing stored
+        before = store.counts()
+        far = inf.copy()
+        dz = np.nonzero(dist > 12)
+        assert dz[0].size
+        far[z, dz[0][0], dz[1][0]] = GGO
+        with pytest.raises(StoreError, match="away from the lungs"):
+            corrections.save_correction(store, a, far, corrections.effort_between(inf, far), "AB", seg_id)
+        assert store.counts() == before
+
+
+def test_concurrent_promote_and_rollback_keep_a_serial_order(small_store: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    make_tiny_model(0)
+    v5 = make_tiny_model(1).version
+    v6 = make_tiny_model(2).version
+    modelstore.rollback("infection")  # active v5, with the two before it in the history
+    history = modelstore._read_pointer()["infection"]["history"]
+    real_write = modelstore._write_pointer
+    entered = threading.Event()
+
+    def slow_write(data: dict) -> None:  # the first writer waits long enough for the other to read
+        if not entered.is_set():
+            entered.set()
+            import time
+
+            time.sleep(0.5)
+        real_write(data)
+
+    monkeypatch.setattr(modelstore, "_write_pointer", slow_write)
+    with Store.open() as store:
+        ta = threading.Thread(target=lambda: retrain.promote(store, v6))
+        tb = threading.Thread(target=lambda: retrain.rollback(store))
+        ta.start()
+        entered.wait(5)
+        tb.start()
+        ta.join()
+        tb.join()
+        after = modelstore._read_pointer()["infection"]
+        assert after in ({"active": v5, "history": history}, {"active": history[-1], "history": history[:-1] + [v5]}), after
+        active_rows = store.models("infection").query("active")
+        assert active_rows.version.tolist() == [after["active"]]
+
+
+def test_failed_cli_finetune_leaves_no_patient_slices(small_store: list[str], fast_phantoms: None,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    import argparse
+
+    make_tiny_model()
+    with Store.open() as store:
+        _correct_one(store, small_store[0])
+    real_eval, calls = retrain.evaluate, []
+
+    def evaluate(model, items):  # Ctrl-C while the new model is scored (after training)
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_eval(model, items)
+
+    monkeypatch.setattr(retrain, "evaluate", evaluate)
+    with pytest.raises(KeyboardInterrupt):
+        retrain.run_cli(argparse.Namespace(finetune_iterations=2, version=None, seed=0, notes=""))
+    job = retrain.latest_job()
+    assert retrain.job_status(job.folder)["state"] == "failed"
+    assert not (job.folder / "samples.npz").exists() and not (job.folder / "staging").exists()
+
+
+def test_a_job_killed_before_it_could_clean_up_loses_its_copies(small_store: list[str]) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    make_tiny_model()
+    with Store.open() as store:
+        _correct_one(store, small_store[0])
+        job = retrain.prepare_job(store, retrain.RetrainConfig(iterations=2, batch_size=2, use_original=False))
+    assert (job.folder / "samples.npz").exists()
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # stands in for a starting job
+    retrain._update_status(job.folder, state="running", pid=proc.pid)
+    os.kill(proc.pid, signal.SIGKILL)  # no handler runs (a cancel during start-up, kill -9)
+    proc.wait()
+    assert retrain.job_status(job.folder)["state"] == "failed"
+    assert not (job.folder / "samples.npz").exists()
+
+
+def test_real_validation_slices_seen_by_the_base_are_said_so(shared_data: Path, tmp_path: Path) -> None:
+    import json
+
+    base = modelstore.active("infection")
+    names = retrain.real_validation_names()
+    images = retrain.default_original_data()
+    # the shipped model was trained on all MedSeg slices, these included
+    assert all((images / f"{n}.jpg").exists() for n in names) and not base.card()["training_data"]["held_out"]
+    assert retrain.real_validation_seen(base, names)
+
+    def ref(version: str, card: dict) -> modelstore.ModelRef:
+        folder = tmp_path / version
+        folder.mkdir()
+        (folder / "card.json").write_text(json.dumps(card))
+        return modelstore.ModelRef(task="infection", version=version, path=folder, shipped=False)
+
+    held = ref("h1", {"training_data": {"labelled_slices": 42, "held_out": names}})
+    assert not retrain.real_validation_seen(held, names)
+    assert retrain.real_validation_seen(ref("h2", {"training_data": {"labelled_slices": 42, "held_out": names[:-1]}}), names)
+    assert not retrain.real_validation_seen(ref("h3", {"training_data": {"labelled_slices": 0}}), names)
+    # a fine-tuned version inherits its base's answer (its lineage is followed through the card)
+    tuned = ref("t1", {"hitl": {"base_version": f"infection/{base.version}"}, "training_data": {"labelled_slices": 50, "held_out": names}})
+    assert retrain.real_validation_seen(tuned, names)

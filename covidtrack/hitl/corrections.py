@@ -290,9 +290,11 @@ def save_correction(
 ) -> tuple[str, str]:
     """Store a corrected infection mask of ``scan_id`` as a NEW record; returns ``(correction_id, seg_id)``.
 
-    The mask is clipped to the lungs of the original segmentation (the Segmentation contract:
-    infection only inside the lungs), written under a fresh file name, and its metrics are
-    computed so the dashboard shows the corrected numbers (``model_version = "corrected"``).
+    Labels must be exactly 0, 1 or 2. Infection painted beyond the original lung mask (next to
+    it) extends this correction's lungs and lobes (:func:`extend_lungs`), so the Segmentation
+    contract (infection only inside the lungs) holds without dropping the lesion. The mask is
+    written under a fresh file name, and its metrics are computed so the dashboard shows the
+    corrected numbers (``model_version = "corrected"``).
     ``original_seg_id`` defaults to the scan's latest model segmentation. ``author`` is the
     reviewer's name or initials (required: every correction is attributable).
     """
@@ -302,25 +304,88 @@ def save_correction(
 
     if not author.strip():
         raise StoreError(f"correction of {scan_id}: reviewer name is empty. Fix: enter your name or initials")
+    infection = _checked_labels(scan_id, np.asarray(infection))
     original = store.segmentation_by_id(original_seg_id) if original_seg_id else store.segmentation(scan_id, "model")
+    if original.scan_id != scan_id:
+        raise StoreError(f"correction of {scan_id}: segmentation {original.seg_id} belongs to scan {original.scan_id}. "
+                         "Fix: pass a segmentation of the corrected scan (or none: its latest model segmentation)")
     volume = store.load_volume(scan_id)
     if infection.shape != volume.shape:
         raise StoreError(f"correction of {scan_id}: mask shape {infection.shape} differs from the scan {volume.shape}. "
                          "Fix: correct the mask on the scan's canonical grid")
     lungs = read_canonical(original.lungs_path)[0].astype(np.uint8)
     lobes = read_canonical(original.lobes_path)[0].astype(np.uint8) if original.lobes_path else None
-    infection = np.where(lungs > 0, infection, 0).astype(np.uint8)
-    if int(infection.max(initial=0)) > CONSOLIDATION:
-        raise StoreError(f"correction of {scan_id}: labels above {CONSOLIDATION}. Fix: use 0 none, 1 GGO, 2 consolidation")
+    outside = (infection > 0) & (lungs == 0)
+    grown = bool(outside.any())
+    if grown:
+        # a lesion painted beyond the lung mask says the mask missed diseased lung (a subpleural
+        # consolidation, the usual reason to paint there): it joins this correction's lungs and lobes
+        lungs, lobes = extend_lungs(lungs, lobes, outside, scan_id)
     seg = Segmentation(lungs=lungs, infection=infection, lobes=lobes, model_versions=original.model_versions)
     table = metrics.scan_metrics(volume, seg)
     with FileStage() as stage:
-        # a fresh "seg-" name: never an existing file, and cleaned as an orphan if the insert fails
-        path = stage.put(store.mask_path_for(new_seg_id(), "corrected"), lambda p: write_canonical(p, volume, infection))
+        # fresh "seg-" names: never an existing file, and cleaned as orphans if the insert fails
+        name = new_seg_id()
+        path = stage.put(store.mask_path_for(name, "corrected"), lambda p: write_canonical(p, volume, infection))
+        lungs_path = lobes_path = None
+        if grown:
+            lungs_path = stage.put(store.mask_path_for(name, "corrected_lungs"), lambda p: write_canonical(p, volume, lungs))
+            if lobes is not None:
+                lobes_path = stage.put(store.mask_path_for(name, "corrected_lobes"), lambda p: write_canonical(p, volume, lobes))
         return store.add_correction(
             scan_id, author.strip(), effort.seconds, effort.voxels_changed, effort.slices_touched, path,
-            original_seg_id=original.seg_id, metrics=table,
+            original_seg_id=original.seg_id, metrics=table, lungs_path=lungs_path, lobes_path=lobes_path,
         )
+
+
+def _checked_labels(scan_id: str, infection: np.ndarray) -> np.ndarray:
+    """``infection`` as uint8 if every value is exactly 0, 1 or 2 (checked before any conversion:
+    a cast would wrap 257 to 1 or cut a probability of 0.9 to 0)."""
+    if infection.dtype == bool:
+        return infection.astype(np.uint8)
+    if not (np.issubdtype(infection.dtype, np.integer) or np.issubdtype(infection.dtype, np.floating)):
+        raise StoreError(f"correction of {scan_id}: mask of type {infection.dtype}. Fix: pass labels 0 none, 1 GGO, 2 consolidation")
+    bad = ~np.isin(infection, (0, GGO, CONSOLIDATION))
+    if bad.any():
+        values = np.unique(infection[bad])[:5]
+        raise StoreError(f"correction of {scan_id}: {int(bad.sum())} voxels hold values other than 0, 1, 2 "
+                         f"(e.g. {', '.join(str(v) for v in values)}; {infection.dtype}). Fix: pass labels 0 none, 1 GGO, "
+                         "2 consolidation (threshold a probability map first)")
+    return infection.astype(np.uint8)
+
+
+def extend_lungs(lungs: np.ndarray, lobes: np.ndarray | None, added: np.ndarray, scan_id: str = "",
+                 margin: int = 8) -> tuple[np.ndarray, np.ndarray | None]:
+    """Lungs (0/1/2) and lobes grown by ``added`` voxels (painted infection beyond the lung mask).
+
+    Each connected piece joins the side it touches most (else the nearest within ``margin``
+    voxels); each voxel joins the nearest lobe of that side. A piece far from both lungs is
+    refused: infection is only reported inside the lungs.
+    """
+    from covidtrack.segment.completion import assign_sides
+
+    grown = assign_sides(lungs, added, margin=margin)
+    far = added & (grown == 0)
+    if far.any():
+        raise StoreError(f"correction of {scan_id}: {int(far.sum())} painted voxels lie more than {margin} voxels away "
+                         "from the lungs. Fix: paint infection inside or next to the lungs only")
+    if lobes is None:
+        return grown, None
+    out = lobes.copy()
+    comp, _ = ndimage.label(added)
+    for k, sl in enumerate(ndimage.find_objects(comp), start=1):
+        if sl is None:
+            continue
+        box = tuple(slice(max(0, q.start - margin), min(n, q.stop + margin)) for q, n in zip(sl, lobes.shape))
+        mine = comp[box] == k
+        side = int(grown[box][mine][0])
+        sub = lobes[box]
+        same_side = (sub > 0) & (grown[box] == side)
+        if not same_side.any():
+            continue  # no lobe of that side nearby: left unassigned (its lobe metrics miss it)
+        _, idx = ndimage.distance_transform_edt(~same_side, return_indices=True)
+        out[box][mine] = sub[tuple(idx)][mine]
+    return grown, out
 
 
 def load_for_review(store: "Store", scan_id: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray, str]:

@@ -13,8 +13,11 @@ Flow (the Models page and ``python -m covidtrack train infection --from-correcti
    ``init_weights`` and ``extra`` samples) on the corrected slices plus the original training
    slices, writing progress to ``status.json`` (the UI polls :func:`job_status`).
 3. Both the old and the new model are scored on a fixed validation set (:func:`validation_set`:
-   real held-out MedSeg slices shipped in ``data/samples/hitl_validation`` plus deterministic
-   phantom slices); the result goes into the new card, and the version folder
+   real MedSeg slices shipped in ``data/samples/hitl_validation``, held out of every fine-tuning
+   run, plus deterministic phantom slices that no model trained on). The shipped model was
+   trained on the real ones, and a fine-tuned model starts from its weights, so for both they
+   measure retention, not generalisation (:func:`real_validation_seen`, recorded in the card);
+   the result goes into the new card, and the version folder
    ``$COVIDTRACK_HOME/models/infection/vN`` appears atomically, immutable from then on.
 4. Nothing changes for users until :func:`promote` (``modelstore.set_active`` + ``models`` row);
    :func:`rollback` restores the previous active version; :func:`resegment` re-runs the infection
@@ -32,6 +35,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 import uuid
@@ -223,7 +227,7 @@ def phantom_slices(seeds: Sequence[int] | None = None, per_phantom: int | None =
 
 
 def validation_set(real_dir: Path | None | str = "default", with_phantoms: bool = True) -> list[ValItem]:
-    """The fixed validation set: real held-out slices (canonical orientation, default
+    """The fixed validation set: real slices held out of fine-tuning (canonical orientation, default
     :data:`VALIDATION_DIR`; ``None`` = none) + phantom slices.
 
     Phantom slices are cached in ``$COVIDTRACK_HOME/hitl/validation_phantoms.npz`` (generating
@@ -261,8 +265,35 @@ def _phantom_key() -> str:
     return f"{_PHANTOM_CACHE_KEY}:{PHANTOM_SEEDS}:{PHANTOM_SHAPE}:{PHANTOM_SPACING}:{PHANTOM_SLICES}"
 
 
+def real_validation_seen(base: "ModelRef", names: Sequence[str] | None = None) -> bool:
+    """Whether the real validation slices were training data of ``base`` or of a version it was
+    fine-tuned from (then the fine-tuned model has seen them too, through its starting weights).
+
+    Follows ``hitl.base_version`` to the version trained from scratch and checks its card's
+    ``held_out`` list; a card that does not say counts as seen.
+    """
+    from covidtrack import modelstore
+
+    wanted = {str(n) for n in (real_validation_names() if names is None else names)}
+    ref, visited = base, set()
+    while ref.name not in visited:
+        visited.add(ref.name)
+        card = ref.card()
+        parent = (card.get("hitl") or {}).get("base_version")
+        if not parent:
+            data = card.get("training_data") or {}
+            if not data.get("labelled_slices"):
+                return False  # trained without real labelled slices
+            return not wanted <= {str(n) for n in data.get("held_out") or ()}
+        try:
+            ref = modelstore.get(TASK, str(parent).split("/")[-1])
+        except ModelError:
+            return True  # the lineage cannot be followed: assume the worst
+    return True
+
+
 def real_validation_names(real_dir: Path | None | str = "default") -> list[str]:
-    """File stems of the real validation slices (held out of every fine-tuning run)."""
+    """File stems of the real validation slices (held out of every fine-tuning run's own data)."""
     real_dir = VALIDATION_DIR if real_dir == "default" else real_dir
     if real_dir is None or not (Path(real_dir) / "Imgs").is_dir():
         return []
@@ -353,6 +384,12 @@ def _alive(pid: int | None) -> bool:
     return True
 
 
+def _discard_copies(folder: Path) -> None:
+    """Remove a job's copies of patient images (samples.npz) and its unpublished model (staging/)."""
+    shutil.rmtree(Path(folder) / "staging", ignore_errors=True)
+    (Path(folder) / "samples.npz").unlink(missing_ok=True)
+
+
 def job_status(folder: Path) -> dict[str, Any]:
     """The job's status: state (queued|running|done|failed), fraction 0..1, message, version,
     result (when done), error (when failed). A job whose process died without a result reads
@@ -368,6 +405,9 @@ def job_status(folder: Path) -> dict[str, Any]:
             log = (Path(folder) / "log.txt")
             tail = log.read_text()[-1500:] if log.exists() else ""
             data = _update_status(Path(folder), state="failed", error=f"the training process ended without a result. Log:\n{tail}")
+    if data.get("state") not in ("queued", "running") and not (data.get("pid") and _alive(int(data["pid"]))):
+        # a process killed before it could clean up (a cancel during start-up, kill -9, a crash)
+        _discard_copies(Path(folder))
     return data
 
 
@@ -396,6 +436,8 @@ def prepare_job(store: "Store", cfg: RetrainConfig) -> RetrainJob:
 
     if running_job() is not None:
         raise ModelError(f"{jobs_dir()}: a retraining run is still going. Fix: wait for it to finish (Models page)")
+    for old in sorted(jobs_dir().glob("*/status.json")):
+        job_status(old.parent)  # removes image copies that an ended run could not clean up
     base = modelstore.active(TASK)
     card = base.card()
     size = int(card["net"]["input_size"])
@@ -438,6 +480,8 @@ def cancel(job: RetrainJob) -> None:
     if st.get("state") in ("queued", "running") and pid and _alive(int(pid)):
         os.kill(int(pid), signal.SIGTERM)
     _update_status(job.folder, state="failed", error="cancelled by the user")
+    if not (pid and _alive(int(pid))):
+        _discard_copies(job.folder)  # else the process does it on SIGTERM, or job_status once it is gone
 
 
 # --- the job itself (background process or in-process for the CLI) -------------------------------
@@ -492,6 +536,7 @@ def run_job(folder: Path, echo: bool = True) -> dict[str, Any]:
         extra = extra + tuple((p.image, p.classes) for p in replay)
         replay_note = f"original training slices not found; replayed {len(replay)} phantom slices instead. "
     _update_status(folder, fraction=0.05, message=f"scoring the current model {base.name} on the validation set")
+    seen = real_validation_seen(base, held)
     val = validation_set()
     old_eval = evaluate(InfectionModel.load(base), val)
     version = cfg.version or modelstore.next_version(TASK)
@@ -515,17 +560,23 @@ def run_job(folder: Path, echo: bool = True) -> dict[str, Any]:
         "corrected_slices": meta["exported"]["slices"],
         "config": cfg.to_json(),
         "validation_set": {"real": [f"real-{n}" for n in held], "phantom_seeds": list(PHANTOM_SEEDS),
-                           "note": "real slices from data/samples/hitl_validation, held out of this run"},
+                           "real_seen_by_base": seen,
+                           "note": "real slices from data/samples/hitl_validation, held out of this run's own training data"
+                                   + (f"; but {base.name} (or a version it was fine-tuned from) was trained on them, and the new "
+                                      "model starts from its weights: both have seen them, so the real-slice Dice measures "
+                                      "whether fine-tuning keeps what the base model learned, not how it does on unseen "
+                                      "slices. The phantom slices are unseen by both." if seen else
+                                      "; unseen by the old and the new model")},
         "evaluation": {"old": old_eval, "new": new_eval, "old_headline": headline(old_eval), "new_headline": headline(new_eval)},
     }
     final = _publish(result.ref.path, card, version)
     wall = round(time.time() - t0, 1)
     out = {"version": final.name, "path": str(final), "base_version": base.name, "wall_s": wall,
-           "old": headline(old_eval), "new": headline(new_eval), "slices": meta["exported"]["slices"]}
+           "old": headline(old_eval), "new": headline(new_eval), "slices": meta["exported"]["slices"],
+           "real_seen_by_base": seen}
     _update_status(folder, state="done", fraction=1.0, message=f"wrote {TASK}/{final.name} in {wall:.0f} s", result=out,
                    finished_utc=_now())
-    (folder / "samples.npz").unlink(missing_ok=True)  # training copies of patient images: not kept
-    shutil.rmtree(staging, ignore_errors=True)
+    _discard_copies(folder)  # training copies of patient images: not kept
     return out
 
 
@@ -570,7 +621,8 @@ def hitl_card_markdown(card: dict[str, Any]) -> str:
         "",
         "## Human-in-the-loop fine-tuning",
         f"- started from {h['base_version']}; {len(h['corrected_scans'])} corrected scans, {h['corrected_slices']} axial slices",
-        f"- fixed validation set: {len(h['validation_set']['real'])} real held-out slices + phantom slices (seeds {h['validation_set']['phantom_seeds']})",
+        f"- fixed validation set: {len(h['validation_set']['real'])} real slices + phantom slices (seeds {h['validation_set']['phantom_seeds']})",
+        f"- {h['validation_set'].get('note', '')}",
         "",
         "| Dice (infection) | old | new |",
         "|---|---|---|",
@@ -647,12 +699,19 @@ def versions_frame() -> "pd.DataFrame":
     return frame
 
 
+# Dashboard sessions are threads of one process, and only one process can hold the store: a
+# promotion and a rollback at the same moment must not interleave their pointer and table writes
+# (DuckDB's snapshots would otherwise let both rows end up flagged active).
+_PROMOTE_LOCK = threading.Lock()
+
+
 def promote(store: "Store", version: str) -> "ModelRef":
     """Make ``version`` the active infection model (explicit; new scans use it from now on)."""
     from covidtrack import modelstore
 
-    ref = modelstore.set_active(TASK, version)
-    register_version(store, ref, active=True)
+    with _PROMOTE_LOCK:  # the pointer and the store's models rows change together
+        ref = modelstore.set_active(TASK, version)
+        register_version(store, ref, active=True)
     return ref
 
 
@@ -660,8 +719,9 @@ def rollback(store: "Store") -> "ModelRef":
     """Re-activate the infection version that was active before the last promotion."""
     from covidtrack import modelstore
 
-    ref = modelstore.rollback(TASK)
-    register_version(store, ref, active=True)
+    with _PROMOTE_LOCK:
+        ref = modelstore.rollback(TASK)
+        register_version(store, ref, active=True)
     return ref
 
 
@@ -746,6 +806,7 @@ def run_cli(args: argparse.Namespace) -> int:
         result = run_job(job.folder, echo=True)
     except BaseException as err:
         _update_status(job.folder, state="failed", error=f"{type(err).__name__}: {err}")
+        _discard_copies(job.folder)
         raise
     print(f"{TASK}/{result['version']} written to {result['path']} ({result['wall_s']:.0f} s)")
     try:
@@ -776,8 +837,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     except BaseException as err:  # noqa: BLE001 - the UI must learn why, whatever happened
         _update_status(folder, state="failed", error=f"{type(err).__name__}: {err}", traceback=traceback.format_exc()[-4000:])
-        shutil.rmtree(folder / "staging", ignore_errors=True)
-        (folder / "samples.npz").unlink(missing_ok=True)
+        _discard_copies(folder)
         return 1
 
 

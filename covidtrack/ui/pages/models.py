@@ -43,6 +43,10 @@ def _job_panel() -> None:
                    f"on {r.get('slices')} corrected slices. Validation Dice real {_fmt(r.get('old', {}).get('dice_real'))} → "
                    f"{_fmt(r.get('new', {}).get('dice_real'))}, phantom {_fmt(r.get('old', {}).get('dice_phantom'))} → "
                    f"{_fmt(r.get('new', {}).get('dice_phantom'))}. Not active until you promote it.")
+        if r.get("real_seen_by_base"):
+            st.caption(f"The real validation slices were training data of {r.get('base_version')}, whose weights the new "
+                       "version starts from: on them, both numbers show whether fine-tuning keeps what the model "
+                       "learned, not how it does on unseen scans. The phantom slices are unseen by both.")
     elif state == "failed":
         st.error(f"Last run {job.run_id} failed: {status.get('error', '')[:1500]}")
 

@@ -183,7 +183,10 @@ def _editor(state: dict[str, Any]) -> None:
         tool = TOOLS[st.radio("Tool", list(TOOLS), key="review_tool")]
         opts = {
             "radius": st.slider("Brush radius (px)", 1, 25, 4, key="review_radius"),
-            "lung_only": st.checkbox("Paint inside the lungs only", value=True, key="review_lung_only"),
+            "lung_only": st.checkbox("Paint inside the lungs only", value=True, key="review_lung_only",
+                                     help="Untick to paint a lesion the lung mask left out (e.g. a consolidation at "
+                                          "the pleura): on saving, it joins this correction's lung mask and the "
+                                          "nearest lobe. Painting far from the lungs is refused."),
             "hu_range": st.slider("Region grow HU range", -1000, 200, (-750, 100), step=10, key="review_hu"),
             "grow_label": GGO if st.radio("Grow as", ["GGO", "consolidation"], horizontal=True, key="review_grow_label") == "GGO" else CONSOLIDATION,
             "grow_radius": float(st.slider("Grow at most (px from the click)", 5, 200, 60, key="review_grow_radius")),
