@@ -25,17 +25,22 @@ from covidtrack.labels import (
 )
 
 METRIC_UNIT = "mL"
+NOT_IMAGED = 255  # label warped into baseline voxels the follow-up does not cover (see warped_followup)
 
 
 def change_map(
     baseline_infection: np.ndarray,
     warped_followup_infection: np.ndarray,
     lungs: np.ndarray | None = None,
+    imaged: np.ndarray | None = None,
 ) -> np.ndarray:
     """uint8 change labels (1 new, 2 resolved, 3 persistent) on the baseline grid.
 
     ``lungs`` (baseline lung labels) optionally restricts the map to the baseline lungs, which
     drops warped follow-up infection that lands outside them (registration error at the pleura).
+    ``imaged`` (bool, baseline grid) marks where the follow-up has data; elsewhere (a follow-up
+    that stops short of the apex or the bases) nothing is known, so nothing is called new,
+    resolved or persistent there (see ``not_imaged_*`` in :func:`change_metrics`).
     """
     if baseline_infection.shape != warped_followup_infection.shape:
         raise ValueError(
@@ -52,7 +57,17 @@ def change_map(
         if lungs.shape != out.shape:
             raise ValueError(f"lungs {lungs.shape} must share the baseline grid {out.shape}")
         out[lungs == 0] = 0
+    if imaged is not None:
+        if imaged.shape != out.shape:
+            raise ValueError(f"imaged mask {imaged.shape} must share the baseline grid {out.shape}")
+        out[~imaged] = 0
     return out
+
+
+def warped_followup(warped: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Split labels warped with ``outside=NOT_IMAGED`` into (infection, imaged mask)."""
+    imaged = warped != NOT_IMAGED
+    return np.where(imaged, warped, 0).astype(np.uint8), imaged
 
 
 def _region_masks(shape: tuple[int, ...], lobes: np.ndarray | None, lungs: np.ndarray | None) -> dict[str, np.ndarray | None]:
@@ -78,6 +93,9 @@ def change_metrics(
     lobes: np.ndarray | None,
     spacing: tuple[float, float, float],
     lungs: np.ndarray | None = None,
+    *,
+    imaged: np.ndarray | None = None,
+    baseline_infection: np.ndarray | None = None,
 ) -> pd.DataFrame:
     """Long rows (region, metric, value, unit) of infection change in mL.
 
@@ -86,6 +104,11 @@ def change_metrics(
     anatomy). Metrics per region: ``new_ml``, ``resolved_ml``, ``persistent_ml``,
     ``baseline_infection_ml`` (resolved + persistent), ``followup_infection_ml`` (new +
     persistent) and ``net_change_ml`` (new - resolved). ``spacing`` is (z, y, x) mm.
+
+    With ``imaged`` (where the follow-up has data) and ``lungs``, also ``not_imaged_lung_ml``
+    (baseline lung the follow-up did not cover) and, with ``baseline_infection``,
+    ``not_imaged_infection_ml`` (baseline infection there: neither resolved nor persistent,
+    unknown). The other metrics then cover the imaged part only.
     """
     voxel_ml = float(np.prod(spacing)) / 1000.0  # mm^3 -> mL
     # One bincount per region: counts of labels 0..3.
@@ -103,4 +126,12 @@ def change_metrics(
             ("net_change_ml", new - resolved),
         ):
             rows.append((region, metric, float(value), METRIC_UNIT))
+        if imaged is not None and lungs is not None:
+            unseen = ~imaged & (lungs > 0)
+            if mask is not None:
+                unseen &= mask
+            rows.append((region, "not_imaged_lung_ml", float(np.count_nonzero(unseen)) * voxel_ml, METRIC_UNIT))
+            if baseline_infection is not None:
+                n = np.count_nonzero(unseen & (baseline_infection > 0))
+                rows.append((region, "not_imaged_infection_ml", float(n) * voxel_ml, METRIC_UNIT))
     return pd.DataFrame(rows, columns=["region", "metric", "value", "unit"])

@@ -46,6 +46,9 @@ if TYPE_CHECKING:
     from covidtrack.store import Store
 
 CHANGE_MAP_FILE = "change_map.nii.gz"
+# How change is measured; pairs measured by an older version read as stale. 2: baseline lung the
+# follow-up did not image is left out of new / resolved / persistent (it used to count as resolved).
+CHANGE_VERSION = 2
 _ISOLATE: contextvars.ContextVar[bool] = contextvars.ContextVar("covidtrack_isolated_registration", default=False)
 _PATIENT_LOCKS: dict[str, threading.RLock] = {}
 _PATIENT_LOCKS_GUARD = threading.Lock()
@@ -125,6 +128,8 @@ def _reusable(row: dict[str, Any] | None, fixed_seg: str, moving_seg: str) -> "R
         return None
     if reg.params.get("reg_id", row["reg_id"]) != row["reg_id"]:
         return None  # the folder is newer than the row: interrupted before its rows were stored
+    if bool(row["ok"]) and reg.params.get("change_version", 1) != CHANGE_VERSION:
+        return None  # its change was measured the old way
     return reg
 
 
@@ -210,14 +215,16 @@ def _compute_pair(
 ) -> "pd.DataFrame":
     """Register, warp the follow-up's infection, compute the change map and the change per region;
     write everything into ``work`` (files only, no store) and return the change table."""
-    from covidtrack.change import change_map, change_metrics
+    from covidtrack.change import NOT_IMAGED, change_map, change_metrics, warped_followup
     from covidtrack.register import register
     from covidtrack.store import write_canonical
 
     reg = register(fixed, fixed_seg, moving, moving_seg, work)
-    warped_inf = reg.warp_labels(moving_seg.infection)
-    change = change_map(fixed_seg.infection, warped_inf, lungs=fixed_seg.lungs)
-    table = change_metrics(change, fixed_seg.lobes, fixed.spacing, lungs=fixed_seg.lungs)
+    # baseline lung the follow-up did not image is unknown, not "resolved"
+    warped_inf, imaged = warped_followup(reg.warp_labels(moving_seg.infection, outside=NOT_IMAGED))
+    change = change_map(fixed_seg.infection, warped_inf, lungs=fixed_seg.lungs, imaged=imaged)
+    table = change_metrics(change, fixed_seg.lobes, fixed.spacing, lungs=fixed_seg.lungs, imaged=imaged,
+                           baseline_infection=fixed_seg.infection)
     write_canonical(work / CHANGE_MAP_FILE, fixed, change)
     _with_inputs(reg, seg_ids[0], seg_ids[1], reg_id)
     return table
@@ -280,7 +287,8 @@ def _with_inputs(reg: "Registration", fixed_seg: str, moving_seg: str, reg_id: s
     idempotence) and save."""
     from dataclasses import replace
 
-    out = replace(reg, params={**reg.params, "fixed_seg": fixed_seg, "moving_seg": moving_seg, "reg_id": reg_id})
+    out = replace(reg, params={**reg.params, "fixed_seg": fixed_seg, "moving_seg": moving_seg, "reg_id": reg_id,
+                               "change_version": CHANGE_VERSION})
     out.save()
     return out
 
@@ -363,6 +371,7 @@ def pair_status(store: "Store", patient_key: str) -> dict[str, str]:
         # the folder must be the row's: a process killed between swapping in a new registration
         # and storing its rows leaves the old rows next to the new folder
         same = same and params.get("reg_id", row["reg_id"]) == row["reg_id"]
+        same = same and params.get("change_version", 1) == CHANGE_VERSION  # measured the current way
         out[sid] = CURRENT if same else STALE
     return out
 

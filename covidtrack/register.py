@@ -227,10 +227,12 @@ class Registration:
         )
         return np.ascontiguousarray(out.numpy().T)
 
-    def warp_labels(self, array: np.ndarray) -> np.ndarray:
+    def warp_labels(self, array: np.ndarray, outside: int = 0) -> np.ndarray:
         """A label map on the moving grid -> the fixed grid, uint8 (generic-label
-        interpolation: every output value is one of the input labels)."""
-        return np.rint(self._warp(array, "genericLabel", 0.0)).astype(np.uint8)
+        interpolation: every output value is one of the input labels). Fixed-grid voxels the
+        moving scan does not cover (a follow-up with a shorter field of view) get ``outside``;
+        pass a value no label uses (e.g. :data:`NOT_IMAGED`) to tell them from "no label"."""
+        return np.rint(self._warp(array, "genericLabel", float(outside))).astype(np.uint8)
 
     def warp_image(self, array: np.ndarray, default_hu: float = -1024.0) -> np.ndarray:
         """An HU image on the moving grid -> the fixed grid (linear interpolation), int16 HU.

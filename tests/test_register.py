@@ -374,6 +374,15 @@ def test_change_follows_corrections_and_hides_stale_pairs(series, covidtrack_hom
         monkeypatch.undo()
         assert not longitudinal.register_followup(store, s2).reused
 
+        # a pair measured by an older covidtrack (before the field-of-view rule) reads as stale
+        from dataclasses import replace
+
+        reg = Registration.load(store.registrations("P1").iloc[0]["transforms"]["registration"])
+        replace(reg, params={k: v for k, v in reg.params.items() if k != "change_version"}).save()
+        assert longitudinal.pair_status(store, "P1") == {s2: longitudinal.STALE}
+        assert "an older covidtrack" in change_notes(store, "P1")[0]
+        assert not longitudinal.register_followup(store, s2).reused
+
         # an earlier scan stored without registering: pairs of the former baseline are not shown
         s0 = _store_scan(store, "P1", d - dt.timedelta(days=4), _shifted(v0), _seg(t0))
         assert change_table(store, "P1").empty
@@ -431,3 +440,47 @@ def test_a_redone_registration_changes_the_dashboard_revision(covidtrack_home: P
         first = str(regs["moving_scan"].iloc[0])  # not the latest row: the latest time stays as it was
         assert not longitudinal.register_followup(store, first, force=True).reused
         assert load.store_revision(store) != before
+
+
+def test_change_leaves_out_what_the_follow_up_did_not_image() -> None:
+    from covidtrack.change import NOT_IMAGED, warped_followup
+
+    base = np.zeros((6, 4, 4), np.uint8)
+    lungs = np.ones_like(base)
+    lobes = np.ones_like(base)
+    lobes[:, :, 2:] = 4
+    base[0:3] = 1  # infection in the top half at baseline
+    warped = np.zeros_like(base)
+    warped[2] = 2  # persistent in slice 2, nothing else
+    warped[0:2] = NOT_IMAGED  # the follow-up stops short of slices 0-1
+    inf, imaged = warped_followup(warped)
+    assert imaged.sum() == 4 * 16 and inf.max() == 2
+    cm = change_map(base, inf, lungs=lungs, imaged=imaged)
+    assert (cm[0:2] == 0).all() and (cm[2] == CHANGE_PERSISTENT).all()
+    rows = change_metrics(cm, lobes, (1.0, 10.0, 10.0), lungs=lungs, imaged=imaged, baseline_infection=base)
+    v = rows.set_index(["region", "metric"])["value"]
+    assert v["whole", "resolved_ml"] == 0 and v["whole", "persistent_ml"] == pytest.approx(1.6)
+    assert v["whole", "not_imaged_lung_ml"] == pytest.approx(3.2) and v["whole", "not_imaged_infection_ml"] == pytest.approx(3.2)
+    assert v["RUL", "not_imaged_infection_ml"] + v["LUL", "not_imaged_infection_ml"] == pytest.approx(3.2)
+
+
+def test_short_follow_up_is_not_read_as_resolution(tmp_path: Path) -> None:
+    """The same scan as follow-up, cut 5 slices short of the apex: nothing changed, so nothing may
+    be called resolved (it used to report ~11 mL resolved, all in the slices not imaged)."""
+    from covidtrack.change import NOT_IMAGED, warped_followup
+    from covidtrack.phantom.series import make_phantom
+
+    v0, t0 = make_phantom(3, shape=(48, 56, 56), spacing=(4.0, 3.5, 3.5), severity=0.8)
+    k = 37
+    v1 = Volume(np.array(v0.array[:k]), v0.spacing, v0.origin, v0.direction, v0.meta)
+    s0 = Segmentation(t0.lungs, t0.infection, t0.lobes)
+    s1 = Segmentation(*(np.ascontiguousarray(a[:k]) for a in (t0.lungs, t0.infection, t0.lobes)))
+    reg = register(v0, s0, v1, s1, tmp_path / "pair", syn_iterations=(40, 20))
+    assert reg.ok
+    inf, imaged = warped_followup(reg.warp_labels(s1.infection, outside=NOT_IMAGED))
+    assert not imaged.all() and imaged[k // 2].all()
+    cm = change_map(s0.infection, inf, lungs=s0.lungs, imaged=imaged)
+    v = change_metrics(cm, s0.lobes, v0.spacing, lungs=s0.lungs, imaged=imaged,
+                       baseline_infection=s0.infection).set_index(["region", "metric"])["value"]
+    assert v["whole", "resolved_ml"] < 1.0 and v["whole", "new_ml"] < 1.0
+    assert v["whole", "not_imaged_infection_ml"] > 5.0

@@ -401,3 +401,11 @@ def test_patients_without_an_arm_can_be_chosen_and_are_not_compared_by_default(s
     monkeypatch.setattr(pdf, "write_cohort_pdf", lambda cohort, out, arms=None, engine="auto": seen.setdefault("arms", arms) and Path(out))
     assert cli(["report", "--cohort", "--out", str(tmp_path / "c.pdf")]) == 0
     assert data.NO_ARM not in seen["arms"] and seen["arms"]
+
+
+def test_poi_band_stays_within_0_and_100_percent() -> None:
+    s = pd.DataFrame({"patient_key": list("abc"), "label": list("abc"), "arm": "A", "day": 0,
+                      "study_date": pd.Timestamp("2020-03-01"), "value": [100.0, 100.0, 40.0]})
+    out = stats.mean_ci(s, floor=0.0, ceiling=100.0)
+    assert out["hi"].item() == 100.0 and 0.0 <= out["lo"].item() < out["mean"].item() == 80.0
+    assert stats.mean_ci(s)["hi"].item() > 100.0  # the plain t-interval, for contrast

@@ -14,6 +14,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from covidtrack import metrics
 from covidtrack.report.data import LOBES, M, metric_label, poi_text, select
 from covidtrack.report.stats import MIN_CI_N, mean_ci, per_patient_series
 from covidtrack.labels import CHANGE_LABELS
@@ -315,7 +316,9 @@ def cohort_trajectory_figure(
     series = per_patient_series(cohort, metric, region)
     # volumes and POI cannot be negative: the band stops at 0 (a mean HU series keeps its sign)
     floor = 0.0 if len(series) and float(series["value"].min()) >= 0 else None
-    summary = mean_ci(series, bin_days=bin_days, floor=floor)
+    # and a percentage (POI) cannot exceed 100 %
+    ceiling = 100.0 if metrics.UNITS.get(metric) == "%" else None
+    summary = mean_ci(series, bin_days=bin_days, floor=floor, ceiling=ceiling)
     fig = go.Figure()
     for i, arm in enumerate(sorted(series["arm"].dropna().unique())):
         colour = ARM_COLOURS[i % len(ARM_COLOURS)]

@@ -121,13 +121,39 @@ def change_notes(store: "Store", patient_key: str, status: dict[str, str] | None
 
     dates = {str(r.scan_id): str(pd.Timestamp(r.study_date).date()) for r in store.scans(patient_key).itertuples()}
     why = {
-        STALE: "its segmentation or the baseline's changed since it was registered (a correction or a new model)",
+        STALE: "its segmentation or the baseline's changed since it was registered (a correction or a new model), "
+               "or an older covidtrack measured it",
         FAILED: "its registration to the baseline failed the quality check",
         MISSING: "it has not been registered to the baseline",
     }
     fix = f"run `python -m covidtrack register --patient {patient_key}`"
-    return [f"{dates.get(sid, sid)}: change vs baseline not shown: {why[state]}" + ("" if state == FAILED or not with_fix else f"; {fix}")
-            for sid, state in (pair_status(store, patient_key) if status is None else status).items() if state != CURRENT]
+    status = pair_status(store, patient_key) if status is None else status
+    notes = [f"{dates.get(sid, sid)}: change vs baseline not shown: {why[state]}" + ("" if state == FAILED or not with_fix else f"; {fix}")
+             for sid, state in status.items() if state != CURRENT]
+    return notes + coverage_notes(store, patient_key, [sid for sid, state in status.items() if state == CURRENT], dates)
+
+
+NOT_IMAGED_NOTE_ML = 5.0  # a follow-up that leaves out this much baseline lung gets a note
+
+
+def coverage_notes(store: "Store", patient_key: str, current: list[str], dates: dict[str, str]) -> list[str]:
+    """One line per shown follow-up that does not cover part of the baseline lung (a shorter
+    field of view): there, infection is counted as neither resolved nor persistent."""
+    rows = store.change_metrics(patient_key)
+    if rows.empty or not current:
+        return []
+    rows = rows[(rows["fixed_scan"] == store.baseline_scan(patient_key)) & rows["moving_scan"].isin(current)
+                & (rows["region"] == "whole")]
+    out = []
+    for sid, group in rows.groupby("moving_scan", sort=False):
+        values = dict(zip(group["metric"], group["value"]))
+        lung = float(values.get("not_imaged_lung_ml", 0.0) or 0.0)
+        if lung < NOT_IMAGED_NOTE_ML:
+            continue
+        inf = float(values.get("not_imaged_infection_ml", 0.0) or 0.0)
+        out.append(f"{dates.get(str(sid), sid)}: this follow-up does not cover {lung:.0f} mL of the baseline lung; "
+                   f"the baseline infection there ({inf:.1f} mL) is counted as neither resolved nor persistent")
+    return sorted(out)
 
 
 def _resize_to(arr: np.ndarray, shape: tuple[int, ...], order: int) -> np.ndarray:

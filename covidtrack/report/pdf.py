@@ -349,10 +349,10 @@ def write_cohort_pdf(cohort: pd.DataFrame, out: str | Path, arms: list[str] | No
                                     "Last POI %": show["last"], "Day": show["last_day"], "Ratio": show["relative"]}))
         if len(resp) > 40:
             pdf.para(f"... and {len(resp) - 40} more (see the dashboard's Cohort page for the full list).", 7.5)
-    summary = mean_ci(per_patient_series(frame, M.POI), floor=0.0)
+    summary = mean_ci(per_patient_series(frame, M.POI), floor=0.0, ceiling=100.0)
     if len(summary):
         pdf.h2("Mean POI (%) by day bin and arm")
         pdf.para(f"t-based 95 % CI per 4-day bin; none (–) where a bin holds fewer than {MIN_CI_N} patients of the arm. "
-                 "The low end is cut at 0, since POI cannot be negative, so intervals near 0 look one-sided.", 7.5)
+                 "The ends are cut at 0 and 100 %, the values POI can take, so intervals near them look one-sided.", 7.5)
         pdf.dataframe(summary.rename(columns={"arm": "Arm", "day": "Day", "n": "n", "mean": "Mean", "lo": "95 % CI low", "hi": "95 % CI high"}))
     return _atomic_output(pdf, Path(out))

@@ -27,15 +27,17 @@ def per_patient_series(cohort: pd.DataFrame, metric: str, region: str = "whole")
 MIN_CI_N = 3  # patients in a day bin below which no confidence interval is given
 
 
-def mean_ci(series: pd.DataFrame, bin_days: int = 4, confidence: float = 0.95, floor: float | None = None) -> pd.DataFrame:
+def mean_ci(series: pd.DataFrame, bin_days: int = 4, confidence: float = 0.95, floor: float | None = None,
+            ceiling: float | None = None) -> pd.DataFrame:
     """Mean and t-based confidence interval per arm and day bin.
 
     Follow-up dates differ between patients (every 3-5 days), so days are grouped into bins of
     ``bin_days`` (bin centre reported as ``day``); a patient counts once per bin (its mean there).
     Columns: ``arm``, ``day``, ``n``, ``mean``, ``lo``, ``hi`` (``lo``/``hi`` NaN when n <
     ``MIN_CI_N``: with 2 patients the t-interval spans ~13 standard deviations and says nothing).
-    ``floor``: the smallest value the quantity can take (0 for POI and volumes); the symmetric
-    t-interval is cut there so a band never shows impossible values.
+    ``floor`` / ``ceiling``: the smallest / largest value the quantity can take (0 for POI and
+    volumes; 100 for POI and other percentages); the symmetric t-interval is cut there so a band
+    never shows impossible values.
     """
     if series.empty:
         return pd.DataFrame(columns=["arm", "day", "n", "mean", "lo", "hi"])
@@ -51,6 +53,8 @@ def mean_ci(series: pd.DataFrame, bin_days: int = 4, confidence: float = 0.95, f
     if floor is not None:
         out["lo"] = np.where(enough, np.maximum(out["lo"], floor), np.nan)
     out["hi"] = np.where(enough, out["mean"] + half, np.nan)
+    if ceiling is not None:
+        out["hi"] = np.where(enough, np.minimum(out["hi"], ceiling), np.nan)
     return out.drop(columns="sd")
 
 
