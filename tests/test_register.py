@@ -484,3 +484,26 @@ def test_short_follow_up_is_not_read_as_resolution(tmp_path: Path) -> None:
                        baseline_infection=s0.infection).set_index(["region", "metric"])["value"]
     assert v["whole", "resolved_ml"] < 1.0 and v["whole", "new_ml"] < 1.0
     assert v["whole", "not_imaged_infection_ml"] > 5.0
+
+
+def test_coverage_note_names_the_follow_up_and_the_unknown_infection(series, covidtrack_home) -> None:
+    import pandas as pd
+
+    from covidtrack.report.load import coverage_notes
+    from covidtrack.store import Store
+
+    (v0, t0), (v1, t1) = series
+    d = dt.date(2026, 3, 10)
+    with Store.open() as store:
+        s1 = _store_scan(store, "P1", d, v0, _seg(t0))
+        s2 = _store_scan(store, "P1", d + dt.timedelta(days=5), v1, _seg(t1))
+        s3 = _store_scan(store, "P1", d + dt.timedelta(days=9), _shifted(v1), _seg(t1))
+        for sid, lung in ((s2, 42.0), (s3, 4.0)):  # s3: below the 5 mL note threshold
+            store.add_change_metrics(s1, sid, pd.DataFrame({
+                "region": ["whole"] * 3, "metric": ["resolved_ml", "not_imaged_lung_ml", "not_imaged_infection_ml"],
+                "value": [1.0, lung, 3.25], "unit": ["mL"] * 3}))
+        dates = {s2: str(d + dt.timedelta(days=5)), s3: str(d + dt.timedelta(days=9))}
+        notes = coverage_notes(store, "P1", [s2, s3], dates)
+        assert notes == [f"{d + dt.timedelta(days=5)}: this follow-up does not cover 42 mL of the baseline lung; "
+                         "the baseline infection there (3.2 mL) is counted as neither resolved nor persistent"]
+        assert coverage_notes(store, "P1", [s3], dates) == []  # only pairs that are shown

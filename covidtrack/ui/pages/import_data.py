@@ -189,7 +189,7 @@ def main() -> None:
     from covidtrack.config import DEFAULT_SALT_WARNING, settings
 
     if settings().salt_is_default:
-        st.warning(DEFAULT_SALT_WARNING + " Restart the dashboard with it set.", icon="🔑")
+        st.warning(DEFAULT_SALT_WARNING + " Restart the dashboard with it set.", icon=":material/key:")
     up, srv = st.tabs(["Upload", "Server folder or manifest"])
     with up:
         _upload_tab()
