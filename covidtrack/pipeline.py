@@ -541,17 +541,39 @@ def export_metrics(out_dir: str | Path, fmt: str = "csv", all_versions: bool = F
     index = ["patient_key", "alias", "arm", "scan_id", "study_date", "day", "model_version", "seg_id", "kind"]
     if long.empty:
         wide = pd.DataFrame(columns=index)
+        units = pd.DataFrame(columns=["column", "region", "metric", "unit"])
     else:
-        keyed = long.assign(column=long["region"] + "_" + long["metric"], alias=long["alias"].fillna(""), arm=long["arm"].fillna(""))
+        # groupby drops missing keys: group on "" and give the missing alias / arm back afterwards,
+        # so both tables mark "none" the same way
+        keyed = long.assign(column=long["region"] + "_" + long["metric"], alias=long["alias"].fillna(_NONE),
+                            arm=long["arm"].fillna(_NONE))
         wide = keyed.groupby([*index, "column"], sort=False)["value"].first().unstack("column").reset_index()
         wide.columns.name = None
+        wide[["alias", "arm"]] = wide[["alias", "arm"]].replace(_NONE, None)
+        # the wide table's column names carry no unit: this small table says which is which
+        units = keyed[["column", "region", "metric", "unit"]].drop_duplicates("column").reset_index(drop=True)
     written = []
-    for name, df in (("metrics_long", long), ("metrics_wide", wide)):
+    for name, df in (("metrics_long", long), ("metrics_wide", wide), ("metrics_units", units)):
         path = out / f"{name}.{fmt}"
         if fmt == "csv":
-            df.to_csv(path, index=False)
+            _spreadsheet_safe(df).to_csv(path, index=False)
         else:
             df.to_parquet(path, index=False)
         written.append(path)
     return written
+
+
+_NONE = "\x00none"  # stands for a missing alias / arm while grouping (no typed text contains NUL)
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _spreadsheet_safe(df: pd.DataFrame) -> pd.DataFrame:
+    """Text cells that a spreadsheet would evaluate as a formula (an alias ``=HYPERLINK(...)``,
+    an arm ``+cmd|...``) get a leading apostrophe, which spreadsheets show as plain text (the
+    OWASP advice against CSV injection). Only text columns are touched; numbers stay numbers."""
+    out = df.copy()
+    for col in out.columns:
+        if pd.api.types.is_object_dtype(out[col]) or pd.api.types.is_string_dtype(out[col]):
+            out[col] = out[col].map(lambda v: "'" + v if isinstance(v, str) and v.startswith(_FORMULA_START) else v)
+    return out
 

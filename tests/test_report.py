@@ -409,3 +409,43 @@ def test_poi_band_stays_within_0_and_100_percent() -> None:
     out = stats.mean_ci(s, floor=0.0, ceiling=100.0)
     assert out["hi"].item() == 100.0 and 0.0 <= out["lo"].item() < out["mean"].item() == 80.0
     assert stats.mean_ci(s)["hi"].item() > 100.0  # the plain t-interval, for contrast
+
+
+def test_matplotlib_heatmap_prints_the_shared_poi_text() -> None:
+    from unittest import mock
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.axes
+
+    from covidtrack.report.export import matplotlib_png
+
+    frame = synthetic.patient_frame(n_scans=2, seed=0)
+    idx = frame[(frame.metric == M.POI) & (frame.region == "RUL")].index
+    frame.loc[idx[0], "value"], frame.loc[idx[1], "value"] = 4.96, 0.03
+    texts, orig = [], matplotlib.axes.Axes.text
+
+    def spy(self, x, y, s, *a, **k):
+        texts.append(str(s))
+        return orig(self, x, y, s, *a, **k)
+
+    with mock.patch.object(matplotlib.axes.Axes, "text", spy):
+        matplotlib_png(figures.lobe_heatmap(frame), 1000, 300, scale=0.5)
+    assert "4.96" in texts and "<0.1" in texts, texts  # not "5.0" (reads as score 2) and "0.0" (reads as clear)
+
+
+def test_patient_pdf_change_summary_shows_a_trace_as_a_trace(tmp_path: Path) -> None:
+    if shutil.which("pdftotext") is None:
+        pytest.skip("pdftotext (poppler-utils) not installed")
+    from covidtrack.report.data import header_from_frame
+    from covidtrack.report.pdf import PatientReportData, write_patient_pdf
+
+    frame = synthetic.patient_frame(n_scans=2, seed=0)
+    change = pd.DataFrame({"date": ["2020-03-05"], "scan_id": ["SYN0000-s1"], "region": ["whole"],
+                           "new_ml": [0.003], "resolved_ml": [0.0], "persistent_ml": [12.0]})
+    data = PatientReportData(header=header_from_frame("SYN0000", "SYN0000", "arm A", frame), frame=frame, change=change)
+    pdf = write_patient_pdf(data, tmp_path / "p.pdf", engine="matplotlib")
+    text = subprocess.run(["pdftotext", "-layout", str(pdf), "-"], capture_output=True, text=True, check=True).stdout
+    row = next(line for line in text.splitlines() if line.strip().startswith("2020-03-05") and "whole" in line)
+    assert row.split()[2:] == ["<0.01", "0.00", "12.0", "+<0.01"], row

@@ -194,9 +194,13 @@ def matplotlib_png(fig: go.Figure, width: int, height: int, scale: float = 2.0) 
             im = ax.imshow(z, aspect="auto", cmap="YlOrRd", vmin=tr.zmin, vmax=tr.zmax)
             ax.set_xticks(range(len(tr.x)), [str(v) for v in tr.x], fontsize=7, rotation=30)
             ax.set_yticks(range(len(tr.y)), [str(v) for v in tr.y], fontsize=7)
+            # the trace's own cell text when it has one (the shared POI wording: "4.96" for a score
+            # of 1, "<0.1" for a trace), so the two engines print the same numbers
+            text = np.asarray(tr.text, dtype=object) if tr.text is not None and np.shape(tr.text) == z.shape else None
             for (i, j), v in np.ndenumerate(z):
                 if np.isfinite(v):
-                    ax.text(j, i, f"{v:.1f}", ha="center", va="center", fontsize=7)
+                    label = str(text[i, j]) if text is not None else f"{v:.1f}"
+                    ax.text(j, i, label, ha="center", va="center", fontsize=7)
             mfig.colorbar(im, ax=ax, fraction=0.04)
         elif kind == "box":
             y = np.asarray(tr.y, dtype=float)

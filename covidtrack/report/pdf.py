@@ -163,6 +163,13 @@ def _ml_text(ml: float | None) -> str:
     return "<0.01" if 0 < ml < 0.005 else _fmt(float(ml))
 
 
+def _signed_ml_text(ml: float | None) -> str:
+    """A change (mL) that may be negative: a trace reads "+<0.01" / "-<0.01", not "0.00"."""
+    if ml is not None and np.isfinite(ml) and 0 < abs(ml) < 0.005:
+        return ("+" if ml > 0 else "-") + "<0.01"
+    return _ml_text(ml)
+
+
 def _lobe_table_for_pdf(frame: pd.DataFrame) -> pd.DataFrame:
     """Per date: POI % (score 0-5) for each lobe, total score 0-25, infection volume (mL)."""
     table = lobe_table(frame)
@@ -210,10 +217,10 @@ def _change_summary(change: pd.DataFrame) -> pd.DataFrame:
         {
             "Follow-up": c["date"].astype(str),
             "Region": c["region"],
-            "New mL": c["new_ml"].astype(float),
-            "Resolved mL": c["resolved_ml"].astype(float),
-            "Persistent mL": c["persistent_ml"].astype(float),
-            "Net mL": (c["new_ml"] - c["resolved_ml"]).astype(float),
+            "New mL": [_ml_text(v) for v in c["new_ml"].astype(float)],
+            "Resolved mL": [_ml_text(v) for v in c["resolved_ml"].astype(float)],
+            "Persistent mL": [_ml_text(v) for v in c["persistent_ml"].astype(float)],
+            "Net mL": [_signed_ml_text(v) for v in (c["new_ml"] - c["resolved_ml"]).astype(float)],
         }
     )
 
