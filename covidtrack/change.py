@@ -113,6 +113,10 @@ def change_metrics(
     voxel_ml = float(np.prod(spacing)) / 1000.0  # mm^3 -> mL
     # One bincount per region: counts of labels 0..3.
     rows: list[tuple[str, str, float, str]] = []
+    unseen = unseen_inf = None
+    if imaged is not None and lungs is not None:
+        unseen = ~imaged & (lungs > 0)  # baseline lung the follow-up did not cover
+        unseen_inf = unseen & (baseline_infection > 0) if baseline_infection is not None else None
     for region, mask in _region_masks(change.shape, lobes, lungs).items():
         values = change if mask is None else change[mask]
         counts = np.bincount(values.ravel(), minlength=len(CHANGE_LABELS) + 1).astype(np.float64) * voxel_ml
@@ -126,12 +130,10 @@ def change_metrics(
             ("net_change_ml", new - resolved),
         ):
             rows.append((region, metric, float(value), METRIC_UNIT))
-        if imaged is not None and lungs is not None:
-            unseen = ~imaged & (lungs > 0)
-            if mask is not None:
-                unseen &= mask
-            rows.append((region, "not_imaged_lung_ml", float(np.count_nonzero(unseen)) * voxel_ml, METRIC_UNIT))
-            if baseline_infection is not None:
-                n = np.count_nonzero(unseen & (baseline_infection > 0))
+        if unseen is not None:
+            n = np.count_nonzero(unseen if mask is None else unseen[mask])
+            rows.append((region, "not_imaged_lung_ml", float(n) * voxel_ml, METRIC_UNIT))
+            if unseen_inf is not None:
+                n = np.count_nonzero(unseen_inf if mask is None else unseen_inf[mask])
                 rows.append((region, "not_imaged_infection_ml", float(n) * voxel_ml, METRIC_UNIT))
     return pd.DataFrame(rows, columns=["region", "metric", "value", "unit"])
