@@ -9,7 +9,7 @@ weights):
 - scoring the review queue (one forward pass per scan, entropy inside the lungs);
 - export of the corrected slices + a full fine-tuning job (covidtrack.hitl.retrain.run_job: the
   original training slices + corrected slices, evaluation of old and new on the fixed validation
-  set, version folder written);
+  set and the held-out corrected scans, version folder written);
 - promotion and re-segmentation of the N stored scans with the new version.
 
     COVIDTRACK_THREADS=2 nice -n 5 python bench/hitl_retrain.py --scans 10
@@ -118,6 +118,9 @@ def main() -> int:
                     "corrections = phantom truth; original training slices = MedSeg (../shared) when present",
             "model": {"base": base.name, "base_kind": base_kind, "net": base.card()["net"], "new": result["version"]},
             "finetune": {"steps": args.steps, "batch_size": retrain.RetrainConfig.batch_size, "corrected_slices": exported["slices"],
+                         "held_out_scans": len(exported["held_out_scans"]), "held_out_slices": exported["held_out_slices"],
+                         "held_out_note": "reviewed hold-out (retrain.holdout_patients, one patient in five by a fixed hash "
+                                          "of the patient key): never trained on, scored as 'dice_reviewed'",
                          "original_data": "MedSeg slices (../shared)" if retrain.default_original_data() else "phantom replay"},
             "validation_dice": {"old": result["old"], "new": result["new"]},
             "resegmented_scans": len(added),

@@ -721,3 +721,77 @@ def test_real_validation_slices_seen_by_the_base_are_said_so(shared_data: Path, 
     # a fine-tuned version inherits its base's answer (its lineage is followed through the card)
     tuned = ref("t1", {"hitl": {"base_version": f"infection/{base.version}"}, "training_data": {"labelled_slices": 50, "held_out": names}})
     assert retrain.real_validation_seen(tuned, names)
+
+
+# --- reviewed hold-out: corrected scans that no fine-tuning run trains on --------------------------
+def test_holdout_patients_are_a_fixed_share_that_never_takes_every_patient() -> None:
+    keys = [f"patient-{i}" for i in range(2000)]
+    held = retrain.holdout_patients(keys)
+    assert 0.19 < len(held) / len(keys) < 0.24  # about one in five
+    below = {k for k in keys if retrain._holdout_bucket(k) < retrain.REVIEWED_HOLDOUT}
+    assert below <= held
+    # a patient below the threshold is held out whoever else was corrected
+    for i, k in enumerate(sorted(below)[:60]):
+        subset = [k] + keys[1000 + 3 * i: 1003 + 3 * i]
+        if not set(subset) <= below:  # (when all would be held out, none is: checked below)
+            assert k in retrain.holdout_patients(subset)
+    # chance cannot leave a store of ten corrected patients without any held out
+    for start in range(0, 1000, 10):
+        assert len(retrain.holdout_patients(keys[start:start + 10])) >= 2
+    assert retrain.holdout_patients(keys, fraction=0.0) == set()
+    assert retrain.holdout_patients(sorted(below)[:3]) == set(), "a run needs at least one corrected patient to learn from"
+
+
+def _bucket_fraction_holding_out(keys: list[str], n_held: int) -> float:
+    """A hold-out fraction under which exactly the ``n_held`` lowest-hash patients are held out."""
+    buckets = sorted(retrain._holdout_bucket(k) for k in keys)
+    return (buckets[n_held - 1] + buckets[n_held]) / 2
+
+
+def test_held_out_corrected_scans_score_the_run_and_are_never_trained_on(covidtrack_home: Path, fast_phantoms: None) -> None:
+    from covidtrack.report import synthetic
+
+    make_tiny_model()
+    with Store.open() as store:
+        synthetic.populate_store(store, n_patients=3, n_scans=1, shape=(16, 40, 40))
+        scans = store.scans()
+        for scan in scans["scan_id"]:
+            _correct_one(store, scan)
+        keys = list(scans["patient_key"])
+        fraction = _bucket_fraction_holding_out(keys, 1)
+        held_key = min(keys, key=retrain._holdout_bucket)
+        held_scan = scans.loc[scans["patient_key"] == held_key, "scan_id"].item()
+        train_rows, held_rows = retrain.split_corrections(store, fraction)
+        assert [r["scan_id"] for r in held_rows] == [held_scan] and len(train_rows) == 2
+
+        job = retrain.prepare_job(store, retrain.RetrainConfig(iterations=2, batch_size=4, use_original=False, holdout_fraction=fraction))
+        trained_on = set(np.load(job.folder / "samples.npz")["scan"])
+        assert held_scan not in trained_on and len(trained_on) == 2
+        assert set(np.load(job.folder / "validation.npz")["scan"]) == {held_scan}
+        result = retrain.run_job(job.folder, echo=False)
+        assert not (job.folder / "validation.npz").exists(), "validation copies of patient images must not stay"
+        card = modelstore.get("infection", result["version"]).card()
+        h = card["hitl"]
+        assert held_scan not in h["corrected_scans"] and len(h["corrected_scans"]) == 2
+        assert h["reviewed_validation"]["scans"] == [held_scan] and h["reviewed_validation"]["slices"] == result["reviewed_slices"] > 0
+        new_eval = h["evaluation"]["new"]
+        assert new_eval["reviewed"]["dice"]["n"] >= 1
+        assert any(name.startswith("reviewed-") for name in new_eval["per_item"])
+        assert h["evaluation"]["new_headline"]["dice_reviewed"] is not None
+        assert "reviewed hold-out slices" in (modelstore.get("infection", result["version"]).path / "MODEL_CARD.md").read_text()
+        row = retrain.versions_frame().set_index("version").loc[result["version"]]
+        assert row["Dice reviewed (held-out scans)"] == pytest.approx(h["evaluation"]["new_headline"]["dice_reviewed"])
+
+        # a later run from that version holds out a patient the version trained on: that scan is
+        # neither trained on again nor counted as unseen validation
+        retrain.promote(store, result["version"])
+        second_key = sorted(keys, key=retrain._holdout_bucket)[1]
+        second_scan = scans.loc[scans["patient_key"] == second_key, "scan_id"].item()
+        wider = _bucket_fraction_holding_out(keys, 2)
+        job2 = retrain.prepare_job(store, retrain.RetrainConfig(iterations=2, batch_size=4, use_original=False, holdout_fraction=wider))
+        result2 = retrain.run_job(job2.folder, echo=False)
+        h2 = modelstore.get("infection", result2["version"]).card()["hitl"]
+        assert h2["reviewed_validation"]["left_out_seen_by_base"] == [second_scan]
+        assert h2["reviewed_validation"]["scans"] == [held_scan]
+        assert not any(second_scan[:12] in name for name in h2["evaluation"]["new"]["per_item"])
+        assert retrain.scans_seen_by(modelstore.get("infection", result2["version"])) >= set(h["corrected_scans"])

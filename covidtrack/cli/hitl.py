@@ -117,7 +117,7 @@ def _promote(args: argparse.Namespace) -> int:
     print(f"{ref.name} is now the active infection model; `python -m covidtrack hitl resegment` adds its numbers to stored scans")
     evaluation = ref.card().get("hitl", {}).get("evaluation", {})
     old, new = evaluation.get("old_headline", {}), evaluation.get("new_headline", {})
-    worse = [f"{k.replace('dice_', '')} {old[k]:.3f} -> {new[k]:.3f}" for k in ("dice_real", "dice_phantom")
+    worse = [f"{k.replace('dice_', '')} {old[k]:.3f} -> {new[k]:.3f}" for k in ("dice_reviewed", "dice_real", "dice_phantom")
              if isinstance(old.get(k), (int, float)) and isinstance(new.get(k), (int, float)) and new[k] < old[k]]
     if worse:
         print(f"warning: {ref.name} scored lower than the model it was tuned from on its validation set ({'; '.join(worse)}); "

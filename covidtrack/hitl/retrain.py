@@ -6,7 +6,9 @@ Flow (the Models page and ``python -m covidtrack train infection --from-correcti
    corrected scan becomes axial training slices -- the CT in HU through the shared lung window
    (:func:`covidtrack.segment.intensity.window_hu`), cropped to the square around the lungs
    exactly as :meth:`InfectionModel.predict` sees a volume -- written to ``samples.npz`` in a job
-   folder ``$COVIDTRACK_HOME/hitl/jobs/<run_id>/``.
+   folder ``$COVIDTRACK_HOME/hitl/jobs/<run_id>/``. About one corrected patient in five
+   (:func:`holdout_patients`, by a fixed hash of the patient key) is never trained on: those scans'
+   slices go to ``validation.npz`` instead and score every run on the reviewers' own data.
 2. :func:`start_retrain` launches ``python -m covidtrack.hitl.retrain JOB`` in the background
    (DuckDB allows one writer per file, so the job never opens the store). :func:`run_job`
    fine-tunes the active model (:func:`covidtrack.segment.train_infection.train` with
@@ -16,7 +18,9 @@ Flow (the Models page and ``python -m covidtrack train infection --from-correcti
    real MedSeg slices shipped in ``data/samples/hitl_validation``, held out of every fine-tuning
    run, plus deterministic phantom slices that no model trained on). The shipped model was
    trained on the real ones, and a fine-tuned model starts from its weights, so for both they
-   measure retention, not generalisation (:func:`real_validation_seen`, recorded in the card);
+   measure retention, not generalisation (:func:`real_validation_seen`, recorded in the card).
+   The held-out corrected scans are the unseen real part (minus any scan that a version in the
+   base's lineage trained on before it was held out, :func:`scans_seen_by`);
    the result goes into the new card, and the version folder
    ``$COVIDTRACK_HOME/models/infection/vN`` appears atomically, immutable from then on.
 4. Nothing changes for users until :func:`promote` (``modelstore.set_active`` + ``models`` row);
@@ -28,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import hashlib
 import json
 import os
 import shutil
@@ -39,7 +44,7 @@ import threading
 import time
 import traceback
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -68,6 +73,10 @@ _PHANTOM_CACHE_KEY = "v1"  # bump when the phantom recipe above changes
 #: Phantoms replayed during fine-tuning when the original training slices are not available.
 REPLAY_SEEDS: tuple[int, ...] = (9201, 9202, 9203, 9204)
 REPLAY_SLICES = 6
+#: Share of corrected patients held out of every fine-tuning run; their corrected scans score
+#: each run instead (the only real validation no model trained on). A fixed hash of the patient
+#: key decides (:func:`holdout_patients`).
+REVIEWED_HOLDOUT = 0.2
 
 
 @dataclass(frozen=True)
@@ -76,7 +85,8 @@ class RetrainConfig:
     ``lr`` is lower than for training from scratch (the start is already good).
     ``max_slices_per_scan`` caps how many axial slices one corrected scan contributes (slices the
     reviewer changed first, then infected ones, then the rest evenly). ``original_images`` is a
-    MedSeg-layout ``Imgs/`` folder of the original training slices (``None``: :func:`default_original_data`)."""
+    MedSeg-layout ``Imgs/`` folder of the original training slices (``None``: :func:`default_original_data`).
+    ``holdout_fraction`` is the share of corrected patients kept for validation (:func:`holdout_patients`)."""
 
     iterations: int = 150
     batch_size: int = 8
@@ -87,6 +97,7 @@ class RetrainConfig:
     use_original: bool = True
     version: str | None = None
     notes: str = ""
+    holdout_fraction: float = REVIEWED_HOLDOUT
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -170,39 +181,125 @@ def latest_corrections(store: "Store") -> list[dict[str, Any]]:
     return df.to_dict("records")
 
 
-def export_corrections(store: "Store", out: Path, size: int, max_slices_per_scan: int = 24) -> dict[str, Any]:
-    """Write the training slices of every corrected scan to ``out`` (npz: images, labels, scan).
+def holdout_patients(patient_keys: Sequence[str], fraction: float = REVIEWED_HOLDOUT) -> set[str]:
+    """The corrected patients whose scans are kept out of fine-tuning and used to score it.
 
-    Returns ``{"scans": [...], "slices": n, "correction_ids": [...]}``. Raises StoreError when
-    nothing was corrected yet.
+    Each patient key is hashed to a number in [0, 1). A patient below ``fraction`` (about one in
+    five by default) is always held out, whoever else was corrected, so it stays on its side from
+    one run to the next. Chance alone would leave some stores without any (10 corrected patients:
+    none below 0.2 one time in nine), so the patients with the lowest numbers are added up to
+    ``floor(n * fraction)``. When every corrected patient would be held out (few patients), none
+    is: a run needs corrections to learn from.
     """
+    keys = sorted({str(k) for k in patient_keys}, key=lambda k: (_holdout_bucket(k), k))
+    held = {k for k in keys if _holdout_bucket(k) < fraction}
+    held |= set(keys[: int(len(keys) * fraction)])
+    return set() if held == set(keys) else held
+
+
+def _holdout_bucket(key: str) -> float:
+    digest = hashlib.sha256(f"covidtrack-hitl-holdout:{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64
+
+
+def split_corrections(store: "Store", fraction: float = REVIEWED_HOLDOUT) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The latest correction of each corrected scan, split into (to train on, held out for validation)."""
+    rows = latest_corrections(store)
+    held = holdout_patients([r["patient_key"] for r in rows], fraction)
+    return [r for r in rows if r["patient_key"] not in held], [r for r in rows if r["patient_key"] in held]
+
+
+def _correction_slices(store: "Store", row: dict[str, Any], size: int, limit: int) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """Training (or validation) slices of one corrected scan: images, corrected labels, slice indices."""
     from covidtrack.store import read_canonical
 
-    rows = latest_corrections(store)
-    if not rows:
-        raise StoreError(f"{store.path}: no corrected scans yet. Fix: correct scans on the Review page first")
-    images, labels, owners = [], [], []
-    for row in rows:
-        scan_id = row["scan_id"]
-        volume = store.load_volume(scan_id)
-        corrected = read_canonical(Path(row["mask_path"]))[0].astype(np.uint8)
-        original = store.segmentation_by_id(row["original_seg_id"]) if row.get("original_seg_id") else store.segmentation(scan_id, "model")
-        lungs = read_canonical(original.lungs_path)[0].astype(np.uint8)
-        model_inf = read_canonical(original.infection_path)[0].astype(np.uint8)
-        zs = pick_slices(lungs, corrected, corrected != model_inf, max_slices_per_scan)
-        im, lab = volume_slices(volume.array, lungs, corrected, volume.spacing, size, zs)
-        images.append(im)
-        labels.append(lab)
-        owners += [scan_id] * len(zs)
+    scan_id = row["scan_id"]
+    volume = store.load_volume(scan_id)
+    corrected = read_canonical(Path(row["mask_path"]))[0].astype(np.uint8)
+    original = store.segmentation_by_id(row["original_seg_id"]) if row.get("original_seg_id") else store.segmentation(scan_id, "model")
+    lungs = read_canonical(original.lungs_path)[0].astype(np.uint8)
+    model_inf = read_canonical(original.infection_path)[0].astype(np.uint8)
+    zs = pick_slices(lungs, corrected, corrected != model_inf, limit)
+    im, lab = volume_slices(volume.array, lungs, corrected, volume.spacing, size, zs)
+    return im, lab, zs
+
+
+def _write_slices(out: Path, parts: list[tuple[str, np.ndarray, np.ndarray, list[int]]]) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(out, images=np.concatenate(images), labels=np.concatenate(labels), scan=np.asarray(owners))
-    return {"scans": [r["scan_id"] for r in rows], "slices": len(owners), "correction_ids": [r["correction_id"] for r in rows]}
+    np.savez_compressed(
+        out, images=np.concatenate([p[1] for p in parts]), labels=np.concatenate([p[2] for p in parts]),
+        scan=np.asarray([p[0] for p in parts for _ in p[3]]), z=np.asarray([z for p in parts for z in p[3]], dtype=np.int64),
+    )
+
+
+def export_corrections(
+    store: "Store", out: Path, size: int, max_slices_per_scan: int = 24, holdout_fraction: float = REVIEWED_HOLDOUT,
+    validation_out: Path | None = None,
+) -> dict[str, Any]:
+    """Write the training slices of every corrected scan to ``out`` (npz: images, labels, scan, z);
+    the scans of held-out patients (:func:`holdout_patients`) go to ``validation_out`` instead
+    (default ``validation.npz`` beside ``out``).
+
+    Returns ``{"scans", "slices", "correction_ids", "held_out_scans", "held_out_slices",
+    "held_out_patients"}``. Raises StoreError when nothing was corrected yet.
+    """
+    train_rows, held_rows = split_corrections(store, holdout_fraction)
+    if not train_rows:
+        raise StoreError(f"{store.path}: no corrected scans yet. Fix: correct scans on the Review page first")
+    train = [(r["scan_id"], *_correction_slices(store, r, size, max_slices_per_scan)) for r in train_rows]
+    _write_slices(out, train)
+    held = [(r["scan_id"], *_correction_slices(store, r, size, max_slices_per_scan)) for r in held_rows]
+    if held:
+        _write_slices(validation_out or out.with_name("validation.npz"), held)
+    return {
+        "scans": [r["scan_id"] for r in train_rows], "slices": sum(len(p[3]) for p in train),
+        "correction_ids": [r["correction_id"] for r in train_rows],
+        "held_out_scans": [r["scan_id"] for r in held_rows], "held_out_slices": sum(len(p[3]) for p in held),
+        "held_out_correction_ids": [r["correction_id"] for r in held_rows],
+        "held_out_patients": len({r["patient_key"] for r in held_rows}), "holdout_fraction": holdout_fraction,
+    }
+
+
+def scans_seen_by(base: "ModelRef") -> set[str]:
+    """Corrected scans that ``base`` or a version it was fine-tuned from trained on (from the cards'
+    ``hitl.corrected_scans``). A lineage that cannot be followed counts what it could read."""
+    from covidtrack import modelstore
+
+    seen: set[str] = set()
+    ref, visited = base, set()
+    while ref.name not in visited:
+        visited.add(ref.name)
+        h = ref.card().get("hitl") or {}
+        seen |= {str(s) for s in h.get("corrected_scans") or ()}
+        parent = h.get("base_version")
+        if not parent:
+            break
+        try:
+            ref = modelstore.get(TASK, str(parent).split("/")[-1])
+        except ModelError:
+            break
+    return seen
+
+
+def reviewed_items(path: Path, exclude_scans: Collection[str] = ()) -> list["ValItem"]:
+    """Validation items (source "reviewed") from a job's ``validation.npz`` (held-out corrected
+    scans, unit images as the network sees them), minus the scans in ``exclude_scans``."""
+    exclude_scans = {str(s) for s in exclude_scans}
+    if not Path(path).exists():
+        return []
+    data = np.load(path, allow_pickle=False)
+    return [
+        ValItem(f"reviewed-{str(s)[:12]}-z{int(z)}", im.astype(np.float32), lab.astype(np.uint8), "reviewed")
+        for im, lab, s, z in zip(data["images"], data["labels"], data["scan"], data["z"])
+        if str(s) not in exclude_scans
+    ]
 
 
 # --- the fixed validation set ----------------------------------------------------------------------
 @dataclass(frozen=True, eq=False)
 class ValItem:
-    """One validation slice: unit image in [0, 1], labels 0/1/2, source "real" or "phantom"."""
+    """One validation slice: unit image in [0, 1], labels 0/1/2, source "real" (shipped MedSeg
+    slices), "phantom" or "reviewed" (a held-out corrected scan of this site)."""
 
     name: str
     image: np.ndarray
@@ -309,7 +406,7 @@ def evaluate(model: "InfectionModel", items: Sequence[ValItem]) -> dict[str, Any
     preds = model.predict_slices([it.image for it in items])
     scores = [score_slice(it.name, lab, it.classes > 0, it.classes) for it, (lab, _) in zip(items, preds)]
     out: dict[str, Any] = {"model": model.version, "n": len(items)}
-    for source in ("real", "phantom"):
+    for source in ("real", "phantom", "reviewed"):
         sel = [s for s, it in zip(scores, items) if it.source == source]
         if sel:
             out[source] = summarize(sel)
@@ -319,12 +416,13 @@ def evaluate(model: "InfectionModel", items: Sequence[ValItem]) -> dict[str, Any
 
 
 def headline(evaluation: dict[str, Any]) -> dict[str, float | None]:
-    """The few numbers the Models page shows: mean Dice on real, phantom and all slices."""
+    """The few numbers the Models page shows: mean Dice on real, phantom, reviewed (held-out
+    corrected scans; None when there are none) and all slices."""
     def mean(part: str) -> float | None:
         m = evaluation.get(part, {}).get("dice", {}).get("mean")
         return None if m is None else round(float(m), 4)
 
-    return {"dice_real": mean("real"), "dice_phantom": mean("phantom"), "dice_all": mean("all")}
+    return {"dice_real": mean("real"), "dice_phantom": mean("phantom"), "dice_reviewed": mean("reviewed"), "dice_all": mean("all")}
 
 
 # --- original training data --------------------------------------------------------------------
@@ -385,9 +483,10 @@ def _alive(pid: int | None) -> bool:
 
 
 def _discard_copies(folder: Path) -> None:
-    """Remove a job's copies of patient images (samples.npz) and its unpublished model (staging/)."""
+    """Remove a job's copies of patient images (samples.npz, validation.npz) and its unpublished model (staging/)."""
     shutil.rmtree(Path(folder) / "staging", ignore_errors=True)
-    (Path(folder) / "samples.npz").unlink(missing_ok=True)
+    for name in ("samples.npz", "validation.npz"):
+        (Path(folder) / name).unlink(missing_ok=True)
 
 
 def job_status(folder: Path) -> dict[str, Any]:
@@ -445,13 +544,15 @@ def prepare_job(store: "Store", cfg: RetrainConfig) -> RetrainJob:
     folder = jobs_dir() / run_id
     folder.mkdir(parents=True)
     try:
-        exported = export_corrections(store, folder / "samples.npz", size, cfg.max_slices_per_scan)
+        exported = export_corrections(store, folder / "samples.npz", size, cfg.max_slices_per_scan, cfg.holdout_fraction)
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
         raise
     _write_json(folder / "config.json", {"config": cfg.to_json(), "base": {"version": base.version, "path": str(base.path),
                                           "shipped": base.shipped}, "exported": exported})
-    _update_status(folder, state="queued", fraction=0.0, message=f"{exported['slices']} slices from {len(exported['scans'])} corrected scans",
+    held = (f"; {len(exported['held_out_scans'])} scan(s) of {exported['held_out_patients']} patient(s) held out for validation"
+            if exported["held_out_scans"] else "")
+    _update_status(folder, state="queued", fraction=0.0, message=f"{exported['slices']} slices from {len(exported['scans'])} corrected scans{held}",
                    base_version=base.name, started_utc=_now())
     return RetrainJob(run_id=run_id, folder=folder, pid=None)
 
@@ -537,7 +638,10 @@ def run_job(folder: Path, echo: bool = True) -> dict[str, Any]:
         replay_note = f"original training slices not found; replayed {len(replay)} phantom slices instead. "
     _update_status(folder, fraction=0.05, message=f"scoring the current model {base.name} on the validation set")
     seen = real_validation_seen(base, held)
-    val = validation_set()
+    held_scans = [str(x) for x in meta["exported"].get("held_out_scans", [])]
+    reviewed_seen = sorted(set(held_scans) & scans_seen_by(base))  # trained on before they were held out
+    reviewed = reviewed_items(folder / "validation.npz", exclude_scans=reviewed_seen)
+    val = validation_set() + reviewed
     old_eval = evaluate(InfectionModel.load(base), val)
     version = cfg.version or modelstore.next_version(TASK)
     staging = folder / "staging"
@@ -567,13 +671,25 @@ def run_job(folder: Path, echo: bool = True) -> dict[str, Any]:
                                       "whether fine-tuning keeps what the base model learned, not how it does on unseen "
                                       "slices. The phantom slices are unseen by both." if seen else
                                       "; unseen by the old and the new model")},
+        "reviewed_validation": {
+            "scans": [x for x in held_scans if x not in reviewed_seen], "slices": len(reviewed),
+            "patients": meta["exported"].get("held_out_patients", 0),
+            "left_out_seen_by_base": reviewed_seen,
+            "holdout_fraction": meta["exported"].get("holdout_fraction", cfg.holdout_fraction),
+            "note": ("corrected scans of held-out patients (a fixed hash of the patient key), never trained on by this "
+                     "run; the reviewers' own scans, unseen by the old and the new model"
+                     + (f"; {len(reviewed_seen)} held-out scan(s) left out because {base.name}'s lineage trained on them"
+                        if reviewed_seen else "")) if held_scans else
+                    "no held-out corrected scans yet (about one corrected patient in five is held out, once at least "
+                    "one other corrected patient remains to train on)",
+        },
         "evaluation": {"old": old_eval, "new": new_eval, "old_headline": headline(old_eval), "new_headline": headline(new_eval)},
     }
     final = _publish(result.ref.path, card, version)
     wall = round(time.time() - t0, 1)
     out = {"version": final.name, "path": str(final), "base_version": base.name, "wall_s": wall,
            "old": headline(old_eval), "new": headline(new_eval), "slices": meta["exported"]["slices"],
-           "real_seen_by_base": seen}
+           "real_seen_by_base": seen, "reviewed_slices": len(reviewed), "reviewed_scans": len(held_scans) - len(reviewed_seen)}
     _update_status(folder, state="done", fraction=1.0, message=f"wrote {TASK}/{final.name} in {wall:.0f} s", result=out,
                    finished_utc=_now())
     _discard_copies(folder)  # training copies of patient images: not kept
@@ -623,11 +739,13 @@ def hitl_card_markdown(card: dict[str, Any]) -> str:
         f"- started from {h['base_version']}; {len(h['corrected_scans'])} corrected scans, {h['corrected_slices']} axial slices",
         f"- fixed validation set: {len(h['validation_set']['real'])} real slices + phantom slices (seeds {h['validation_set']['phantom_seeds']})",
         f"- {h['validation_set'].get('note', '')}",
+        f"- reviewed hold-out: {(h.get('reviewed_validation') or {}).get('note', 'not recorded (run before hold-outs existed)')}",
         "",
         "| Dice (infection) | old | new |",
         "|---|---|---|",
         f"| real slices | {f(old['dice_real'])} | {f(new['dice_real'])} |",
         f"| phantom slices | {f(old['dice_phantom'])} | {f(new['dice_phantom'])} |",
+        f"| reviewed hold-out slices | {f(old.get('dice_reviewed'))} | {f(new.get('dice_reviewed'))} |",
         f"| all | {f(old['dice_all'])} | {f(new['dice_all'])} |",
         "",
     ])
@@ -686,6 +804,8 @@ def versions_frame() -> "pd.DataFrame":
             "created": card.get("created_utc", ""),
             "from": h.get("base_version", ""),
             "corrected scans": len(h.get("corrected_scans", [])) if h else None,
+            "Dice reviewed (held-out scans)": new.get("dice_reviewed"),
+            "Dice reviewed before": h.get("evaluation", {}).get("old_headline", {}).get("dice_reviewed") if h else None,
             "Dice real (HITL set)": new.get("dice_real"),
             "Dice phantom (HITL set)": new.get("dice_phantom"),
             "Dice before (same set)": h.get("evaluation", {}).get("old_headline", {}).get("dice_real") if h else None,
@@ -693,7 +813,8 @@ def versions_frame() -> "pd.DataFrame":
         })
     frame = pd.DataFrame(rows)
     # numbers a version does not have (a shipped model has no HITL set) are blank, not "None"
-    for col in ("corrected scans", "Dice real (HITL set)", "Dice phantom (HITL set)", "Dice before (same set)", "Dice held-out / CV"):
+    for col in ("corrected scans", "Dice reviewed (held-out scans)", "Dice reviewed before", "Dice real (HITL set)",
+                "Dice phantom (HITL set)", "Dice before (same set)", "Dice held-out / CV"):
         if col in frame:
             frame[col] = pd.to_numeric(frame[col], errors="coerce")
     return frame
@@ -816,6 +937,8 @@ def run_cli(args: argparse.Namespace) -> int:
         print(f"note: the version is written but not yet in the store's models table ({err}); the dashboard's "
               "Models page records it, and `hitl promote` works as usual", file=sys.stderr)
     print(f"validation Dice old {result['old']} -> new {result['new']}")
+    if not result.get("reviewed_slices"):
+        print("no held-out corrected scans yet: the real-slice Dice measures retention, not the reviewers' own scans")
     print(f"not active yet: promote it on the Models page or with `python -m covidtrack hitl promote {result['version']}`")
     return 0
 

@@ -39,10 +39,13 @@ def _job_panel() -> None:
             st.session_state["models_synced_job"] = job.run_id
             st.rerun(scope="app")
         r = status.get("result", {})
+        old, new = r.get("old", {}), r.get("new", {})
+        reviewed = (f"reviewed hold-out ({r.get('reviewed_scans')} scan(s), {r.get('reviewed_slices')} slices) "
+                    f"{_fmt(old.get('dice_reviewed'))} → {_fmt(new.get('dice_reviewed'))}, " if r.get("reviewed_slices") else "")
         st.success(f"Last run {job.run_id}: wrote {TASK}/{r.get('version')} from {r.get('base_version')} in {r.get('wall_s', 0):.0f} s "
-                   f"on {r.get('slices')} corrected slices. Validation Dice real {_fmt(r.get('old', {}).get('dice_real'))} → "
-                   f"{_fmt(r.get('new', {}).get('dice_real'))}, phantom {_fmt(r.get('old', {}).get('dice_phantom'))} → "
-                   f"{_fmt(r.get('new', {}).get('dice_phantom'))}. Not active until you promote it.")
+                   f"on {r.get('slices')} corrected slices. Validation Dice {reviewed}real {_fmt(old.get('dice_real'))} → "
+                   f"{_fmt(new.get('dice_real'))}, phantom {_fmt(old.get('dice_phantom'))} → "
+                   f"{_fmt(new.get('dice_phantom'))}. Not active until you promote it.")
         if r.get("real_seen_by_base"):
             st.caption(f"The real validation slices were training data of {r.get('base_version')}, whose weights the new "
                        "version starts from: on them, both numbers show whether fine-tuning keeps what the model "
@@ -54,13 +57,18 @@ def _job_panel() -> None:
 def _train_section() -> None:
     st.subheader("Fine-tune on the corrections")
     store = resources.store()
-    n = len(retrain.latest_corrections(store))
+    train_rows, held_rows = retrain.split_corrections(store)
+    n = len(train_rows)
     running = retrain.running_job() is not None
     c1, c2 = st.columns([1, 2])
     steps = c1.number_input("Optimiser steps", 20, 2000, retrain.RetrainConfig.iterations, step=10, key="models_steps")
-    c2.caption(f"{n} corrected scan(s) available. The active model is fine-tuned on their axial slices plus the original "
-               "training slices, on the CPU in a background process; the result is a new version that is NOT active "
-               "until you promote it.")
+    held = (f"{len(held_rows)} more, of {len({r['patient_key'] for r in held_rows})} held-out patient(s), are never trained on: "
+            "they score each run on your own scans. " if held_rows else
+            "No corrected scan is held out yet: about one corrected patient in five is kept for validation once another "
+            "corrected patient remains to train on, so the first runs are scored on the shipped and phantom slices only. ")
+    c2.caption(f"{n} corrected scan(s) to train on. {held}The active model is fine-tuned on their axial slices plus the "
+               "original training slices, on the CPU in a background process; the result is a new version that is NOT "
+               "active until you promote it.")
     if st.button("Start fine-tuning", type="primary", key="models_train", disabled=running or n == 0):
         try:
             job = retrain.start_retrain(store, retrain.RetrainConfig(iterations=int(steps)))
