@@ -26,7 +26,9 @@ Conventions (documented once, tested in ``tests/test_metrics.py``):
   :data:`MIN_LESION_ML` (0.1 mL, roughly a 6 mm sphere: smaller specks are usually noise of the
   voxel classifier). Reported as ``lesion_count`` and ``largest_lesion_volume`` (mL).
 - Quality flags (value 1.0 = raised, 0.0 = not), region ``whole`` unless stated:
-  ``flag_incomplete_coverage`` lung voxels on the first or last axial slice (lungs cut off);
+  ``flag_incomplete_coverage`` lung voxels on the first or last axial slice, or more than
+  :data:`EDGE_LUNG_ML` of lung on the in-plane border of the image (a reconstruction field of
+  view that cuts the lateral lung, where COVID-19 opacities concentrate);
   ``flag_thick_slices`` slice spacing or recorded slice thickness above 5 mm;
   ``flag_coarse_pixels`` in-plane pixels above 3 mm (the infection model calls blur ground glass:
   a healthy phantom gets ~0 % POI at 1.4 mm, 0.3 % at 2.7 mm, ~4.5 % at 4.3 mm);
@@ -122,6 +124,7 @@ MAX_SLICE_MM = 5.0  # thicker slices blur GGO into the lung (partial volume)
 MAX_PIXEL_MM = 3.0  # coarser in-plane pixels: blur looks like GGO to the infection model
 LUNG_RANGE_ML = (1500.0, 9000.0)  # plausible adult total lung volume (mL)
 HIGH_POI_PCT = 50.0  # "very high infection" for the small-lung flag (%)
+EDGE_LUNG_ML = 0.1  # lung on the in-plane image border beyond this: the field of view cuts the lungs
 SMALL_REGION_ML = {"side": 500.0, "lobe": 150.0}  # implausibly small lung / lobe masks (mL)
 
 # Pan et al. thresholds as exact fractions of the lobe (integer arithmetic, no float boundary slop)
@@ -251,7 +254,8 @@ def quality_flags(volume: Volume, segmentation: Segmentation) -> dict[str, float
     """Scan-level flags (1.0 raised, 0.0 not): coverage, slice thickness, in-plane pixel size,
     lung volume range, identity (the scan was accepted although its DICOM identity differs)."""
     lungs = segmentation.lungs > 0
-    cut = bool(lungs[0].any() or lungs[-1].any())
+    border = sum(int(np.count_nonzero(edge)) for edge in (lungs[:, 0], lungs[:, -1], lungs[:, :, 0], lungs[:, :, -1]))
+    cut = bool(lungs[0].any() or lungs[-1].any()) or border * volume.voxel_volume_ml > EDGE_LUNG_ML
     thickness = max(volume.spacing[0], volume.meta.slice_thickness_mm or 0.0)
     lung_ml = int(np.count_nonzero(lungs)) * volume.voxel_volume_ml
     low, high = LUNG_RANGE_ML

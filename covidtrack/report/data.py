@@ -74,7 +74,7 @@ COHORT_COLUMNS = ("patient_key", "label", "arm", *PATIENT_COLUMNS)
 # What a raised quality flag means for the reader (covidtrack.metrics.quality_flags and the
 # small-lung flag), worded as what to check.
 FLAG_MESSAGES: dict[str, str] = {
-    metrics.FLAG_COVERAGE: "lungs touch the first or last slice: the scan may not cover the whole lung",
+    metrics.FLAG_COVERAGE: "lungs touch the edge of the scan (first or last slice, or the side of the field of view): it may not cover the whole lung",
     metrics.FLAG_THICK: f"slices thicker than {metrics.MAX_SLICE_MM:g} mm: faint ground glass is blurred away or over-called",
     metrics.FLAG_COARSE: f"in-plane pixels coarser than {metrics.MAX_PIXEL_MM:g} mm: infection tends to be over-called",
     metrics.FLAG_LUNG_RANGE: "total lung volume outside 1.5-9 L: check the lung mask",

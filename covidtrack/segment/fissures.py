@@ -426,11 +426,16 @@ class PlaneFit:
     support: float
     prior_support: float
 
+    at_rise_edge: bool = False
+
     @property
     def clear(self) -> bool:
-        """A fissure stands out along the plane, and the plane meets more of it than the prior's
-        shape can (a curved fissure is better reached from the curved prior)."""
-        return self.contrast >= PLANE_MIN_CONTRAST and self.support > self.prior_support
+        """A fissure stands out along the plane, the plane meets more of it than the prior's
+        shape can (a curved fissure is better reached from the curved prior), and its rise is not
+        the steepest or flattest searched: a plane pinned there follows something else (on thin
+        slices the flattest right "oblique" plane locked onto the horizontal fissure and the
+        middle lobe vanished)."""
+        return self.contrast >= PLANE_MIN_CONTRAST and self.support > self.prior_support and not self.at_rise_edge
 
 
 def _capped(evidence: np.ndarray, scale: float) -> np.ndarray:
@@ -500,7 +505,8 @@ def plane_start(
     rise, lat = float(rises[i[1]]), float(laterals[i[2]])
     out = np.full(h0.shape, np.nan)
     out[cols] = (heights[i[0]] + np.tan(np.radians(rise)) * ym + np.tan(np.radians(lat)) * xm) / sz
-    return PlaneFit(out, rise, lat, contrast, float(objective[i]), float(prior_objective.max()))
+    at_edge = rises.size > 1 and i[1] in (0, rises.size - 1)
+    return PlaneFit(out, rise, lat, contrast, float(objective[i]), float(prior_objective.max()), at_rise_edge=bool(at_edge))
 
 
 @dataclass(frozen=True, eq=False)
@@ -572,6 +578,8 @@ def refine_passes(
         return h
 
     h = search(h0, SEARCH_PASSES)
+    if not seen:  # no column to search (a lung only a few slices thick): the prior stands
+        return h
     # restart from the smooth surface that the *seen* part of the fissure implies: columns the
     # first search left on the prior's shape (or on a vessel) start again near it
     anchor = np.isfinite(h) & (seen[-1] >= SEEN_LEVEL)

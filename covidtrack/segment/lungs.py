@@ -101,7 +101,8 @@ def resample(x: "torch.Tensor", size: tuple[int, int, int], spacing: tuple[float
     (anti-aliasing for 1 mm -> 3 mm), then trilinear. Works both ways (upsampling skips the box)."""
     import torch.nn.functional as F
 
-    kernel = tuple(max(1, int(t // s)) for s, t in zip(spacing, target_mm))
+    # (capped at the input's own size: a slab of a few thin slices is pooled to one model voxel)
+    kernel = tuple(max(1, min(int(t // s), n)) for s, t, n in zip(spacing, target_mm, x.shape[2:]))
     if any(k > 1 for k in kernel):
         x = F.avg_pool3d(x, kernel_size=kernel, stride=kernel, ceil_mode=True, count_include_pad=False)
     return F.interpolate(x, size=size, mode="trilinear", align_corners=False)
@@ -155,8 +156,9 @@ def body_midline(volume: Volume) -> tuple[float | None, float | None]:
 
     ``midline`` comes from the body (everything denser than -500 HU, largest piece, on a coarse
     subsample) when the field of view holds the whole body width; when the field of view cuts
-    through the body (a small reconstruction centred on one lung), from world x = 0, where scanners
-    centre the patient, if the grid is axis-aligned and spans it; else None. ``cut_hint``: for a
+    through the body (a small reconstruction centred on one lung), from the spine
+    (:func:`_spine_midline`), else from world x = 0, where scanners centre the patient, if the
+    grid is axis-aligned and spans it; else None. ``cut_hint``: for a
     body cut at one side of the field of view only, where the midline must lie (beyond that side:
     0 or 1); only good enough to place a single lung, not to judge two.
     """
@@ -173,12 +175,46 @@ def body_midline(volume: Volume) -> tuple[float | None, float | None]:
             return float((xs.mean() + 0.5) / body.shape[2]), None
         if low != high:
             cut_hint = 0.0 if low else 1.0
+        spine = _spine_midline(arr, body, float(volume.spacing[2]) * 4)
+        if spine is not None:
+            return spine, cut_hint
     d = np.asarray(volume.direction, dtype=float).reshape(3, 3)
     if np.allclose(d, np.eye(3), atol=1e-3):
         x0, sx, nx = float(volume.origin[0]), float(volume.spacing[2]), volume.shape[2]
         if x0 < 0 < x0 + (nx - 1) * sx:
             return float((-x0 / sx + 0.5) / nx), cut_hint
     return None, cut_hint
+
+
+SPINE_MIN_HU = 180.0  # vertebral bone (cancellous bone ~200-400 HU, cortex far more)
+
+
+def _spine_midline(arr: np.ndarray, body: np.ndarray, sx_mm: float) -> float | None:
+    """The midline from the spine (fraction of the x axis), for a field of view that cuts the body.
+
+    Bone in the posterior half of the body, counted per x column over all slices and smoothed
+    over 30 mm: the vertebral column, present at the same x on every slice and deep along y
+    (body, pedicles, spinous process), stands out against ribs and scapulae, which sit laterally
+    and move from slice to slice. Accepted only when bone lies within 15 mm of that x on at least
+    60 % of the slices that hold body; else None.
+    """
+    ys = np.nonzero(body.any(axis=(0, 2)))[0]
+    if ys.size < 2:
+        return None
+    back = np.zeros(body.shape, bool)
+    back[:, int(np.median(np.nonzero(body)[1])):, :] = True
+    bone = (arr > SPINE_MIN_HU) & back & ndi.binary_fill_holes(body, structure=np.ones((1, 3, 3), bool))
+    if not bone.any():
+        return None
+    width = max(1, int(round(30.0 / sx_mm)))
+    counts = ndi.uniform_filter1d(bone.sum(axis=(0, 1)).astype(float), width, mode="constant")
+    xi = int(np.argmax(counts))
+    reach = max(1, int(round(15.0 / sx_mm)))
+    near = bone[:, :, max(0, xi - reach): xi + reach + 1].any(axis=(1, 2))
+    slices = body.any(axis=(1, 2))
+    if near[slices].mean() < 0.6:
+        return None
+    return float((xi + 0.5) / body.shape[2])
 
 
 def split_sides(mask: np.ndarray, max_erosions: int = 8, midline: float | None = None,
