@@ -795,3 +795,89 @@ def test_held_out_corrected_scans_score_the_run_and_are_never_trained_on(covidtr
         assert h2["reviewed_validation"]["scans"] == [held_scan]
         assert not any(second_scan[:12] in name for name in h2["evaluation"]["new"]["per_item"])
         assert retrain.scans_seen_by(modelstore.get("infection", result2["version"])) >= set(h["corrected_scans"])
+
+
+# --- local validation: the model against what the reviewers accepted ------------------------------
+def test_agreement_compares_the_model_output_with_the_accepted_correction(small_store: list[str], capsys: pytest.CaptureFixture,
+                                                                           tmp_path: Path) -> None:
+    from covidtrack.__main__ import main as cli_main
+    from covidtrack.hitl import agreement
+
+    with Store.open() as store:
+        assert agreement.agreement_table(store).empty
+        _, lungs, _, model_inf, model_seg = corrections.load_for_review(store, small_store[0])
+        added = np.zeros_like(model_inf)
+        z = int(np.nonzero(lungs.any(axis=(1, 2)))[0].mean())
+        added[z][(lungs[z] > 0) & (model_inf[z] == 0)] = CONSOLIDATION  # the reviewer adds a whole slice of consolidation
+        first = np.where(added > 0, added, model_inf).astype(np.uint8)
+        corrections.save_correction(store, small_store[0], first, Effort(60.0, 0, 0, 0, 0), author="AB", original_seg_id=model_seg)
+        # a second reviewer corrects the correction: agreement still starts from the model's output
+        first_seg = store.corrections(small_store[0])["seg_id"].iloc[-1]
+        second = first.copy()
+        second[z - 1][lungs[z - 1] > 0] = GGO
+        corrections.save_correction(store, small_store[0], second, Effort(120.0, 0, 0, 0, 0), author="CD", original_seg_id=first_seg)
+        _correct_one(store, small_store[1])
+        table = agreement.agreement_table(store).set_index("scan_id")
+        summary = agreement.agreement_summary(table.reset_index())
+        metric_rows = store.metrics(model_version=None)
+
+    row = table.loc[small_store[0]]
+    m, c = model_inf > 0, second > 0
+    assert row["dice"] == pytest.approx(2 * (m & c).sum() / (m.sum() + c.sum()))
+    assert row["dice_consolidation"] == pytest.approx(
+        2 * ((model_inf == 2) & (second == 2)).sum() / ((model_inf == 2).sum() + (second == 2).sum()))
+    assert row["voxels_changed"] == int((model_inf != second).sum())
+    assert row["minutes"] == pytest.approx(3.0)  # both reviewers' time on the scan
+    poi = metric_rows[(metric_rows["region"] == "whole") & (metric_rows["metric"] == "poi")].set_index("seg_id")["value"]
+    assert row["poi_model"] == pytest.approx(poi[model_seg])
+    assert row["poi_model"] < row["poi_reviewer"] and row["poi_difference"] == pytest.approx(row["poi_model"] - row["poi_reviewer"])
+    assert row["model_version"] != "corrected" and not row["held_out"]  # one patient: nothing held out
+
+    diffs = table["poi_difference"].to_numpy(float)
+    s = summary.set_index("model_version").iloc[0]
+    assert s["scans"] == 2 and s["poi_bias"] == pytest.approx(diffs.mean())
+    assert s["poi_loa_high"] - s["poi_bias"] == pytest.approx(1.96 * diffs.std(ddof=1))
+
+    out = tmp_path / "agreement.json"
+    assert cli_main(["hitl", "agreement", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "limits of agreement" in printed and small_store[0][:12] in printed
+    payload = __import__("json").loads(out.read_text())
+    assert len(payload["scans"]) == 2 and payload["summary"][0]["scans"] == 2
+
+
+def test_models_page_shows_agreement_with_the_reviewers(ui_store: list[str]) -> None:
+    make_tiny_model()
+    at = _page("models")
+    assert any("No corrected scans yet" in c.value for c in at.caption)
+    with Store.open() as store:
+        for scan in ui_store:
+            _correct_one(store, scan)
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    summary = next(d.value for d in at.dataframe if "poi_bias" in d.value.columns)
+    assert summary["scans"].sum() == 2
+    assert any("model − reviewer" in c.value for c in at.caption)
+
+
+def test_agreement_summary_per_version_and_its_bland_altman_plot() -> None:
+    from covidtrack.hitl import agreement
+
+    rows = []
+    for version, diffs in (("infection/v3", [-2.0, -1.0, 0.0]), ("infection/v4", [0.5])):
+        for i, d in enumerate(diffs):
+            rows.append({"scan_id": f"s{version[-1]}{i}", "patient_key": f"p{i}", "alias": None, "study_date": "2020-03-01",
+                         "model_version": version, "author": "AB", "held_out": False, "dice": 0.5 + 0.1 * i, "dice_ggo": np.nan,
+                         "dice_consolidation": np.nan, "poi_model": 10.0 + d, "poi_reviewer": 10.0, "poi_difference": d,
+                         "severity_model": 3.0, "severity_reviewer": 3.0 if i else 4.0, "voxels_changed": 10, "minutes": 2.0})
+    table = pd.DataFrame(rows, columns=list(agreement.COLUMNS))
+    summary = agreement.agreement_summary(table).set_index("model_version")
+    v3 = summary.loc["infection/v3"]
+    assert v3["scans"] == 3 and v3["poi_bias"] == pytest.approx(-1.0) and v3["poi_abs_difference_mean"] == pytest.approx(1.0)
+    assert v3["poi_loa_low"] == pytest.approx(-1.0 - 1.96) and v3["poi_loa_high"] == pytest.approx(-1.0 + 1.96)
+    assert v3["severity_same_share"] == pytest.approx(2 / 3) and v3["dice_median"] == pytest.approx(0.6)
+    v4 = summary.loc["infection/v4"]
+    assert v4["poi_bias"] == pytest.approx(0.5) and np.isnan(v4["poi_loa_low"])  # one scan: no spread
+    fig = agreement.bland_altman_figure(table)
+    assert [t.name for t in fig.data] == ["infection/v3", "infection/v4"]
+    assert len(fig.layout.shapes) == 3 + 1 + 1  # v3 bias and two limits, v4 bias, the zero line

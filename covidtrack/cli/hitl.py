@@ -4,7 +4,9 @@
 - ``import SCAN_ID MASK.nii.gz --table itksnap --author AB [--minutes 12]``: store a mask corrected
   in 3D Slicer / ITK-SNAP as a new correction;
 - ``versions``: infection versions with validation Dice; ``promote VERSION``; ``rollback``;
-- ``resegment``: re-run the active infection model on stored scans (new metric rows).
+- ``resegment``: re-run the active infection model on stored scans (new metric rows);
+- ``agreement [--csv OUT] [--json OUT]``: how far the model's output was from what the reviewers
+  accepted, per corrected scan and per model version (local validation, no inference).
 
 Fine-tuning itself is ``python -m covidtrack train infection --from-corrections``.
 """
@@ -42,6 +44,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_promote)
     group.add_parser("rollback", help="re-activate the previously active version").set_defaults(func=_rollback)
     group.add_parser("resegment", help="re-run the active infection model on stored scans").set_defaults(func=_resegment)
+    a = group.add_parser("agreement", help="model vs reviewers on the corrected scans (Dice, POI bias and limits of agreement)")
+    a.add_argument("--csv", type=Path, help="write the per-scan table here")
+    a.add_argument("--json", type=Path, help="write per-scan rows and the per-version summary here")
+    a.set_defaults(func=_agreement)
 
 
 def _queue(args: argparse.Namespace) -> int:
@@ -145,4 +151,35 @@ def _resegment(args: argparse.Namespace) -> int:
     if added:
         print("the change vs baseline of these scans is now out of date: `python -m covidtrack register --all` "
               "recomputes it (only the pairs that changed)")
+    return 0
+
+
+def _agreement(args: argparse.Namespace) -> int:
+    import json
+
+    from covidtrack.hitl import agreement
+    from covidtrack.store import Store
+
+    with Store.open(read_only=True) as store:
+        table = agreement.agreement_table(store)
+    if table.empty:
+        print("no corrected scans yet: correct scans on the Review page or with `hitl import`")
+        return 0
+    summary = agreement.agreement_summary(table)
+    shown = table.drop(columns=["patient_key"]).assign(scan_id=table["scan_id"].str[:12], alias=[a if isinstance(a, str) else "" for a in table["alias"]])
+    print(shown.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    print()
+    print(summary.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    print("\nPOI difference = model - reviewer (percentage points); limits of agreement = bias +- 1.96 SD. "
+          "Corrected scans are the ones reviewers chose: expect them harder than average.")
+    if args.csv:
+        args.csv.parent.mkdir(parents=True, exist_ok=True)
+        table.to_csv(args.csv, index=False)
+        print(f"wrote {args.csv}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        payload = {"scans": json.loads(table.to_json(orient="records", date_format="iso")),
+                   "summary": json.loads(summary.to_json(orient="records"))}
+        args.json.write_text(json.dumps(payload, indent=2) + "\n")
+        print(f"wrote {args.json}")
     return 0

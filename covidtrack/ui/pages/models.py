@@ -1,4 +1,5 @@
-"""Models: infection model versions with their validation metrics; fine-tune on the corrections in
+"""Models: infection model versions with their validation metrics; agreement of the model with the
+reviewers on the corrected scans; fine-tune on the corrections in
 a background process (progress polled from its status file); explicit promotion, rollback, and an
 offer to re-segment stored scans with the newly active version."""
 
@@ -11,7 +12,7 @@ import streamlit as st
 
 from covidtrack import modelstore
 from covidtrack.errors import CovidtrackError
-from covidtrack.hitl import retrain
+from covidtrack.hitl import agreement, retrain
 from covidtrack.ui import resources, widgets
 
 TASK = retrain.TASK
@@ -52,6 +53,39 @@ def _job_panel() -> None:
                        "learned, not how it does on unseen scans. The phantom slices are unseen by both.")
     elif state == "failed":
         st.error(f"Last run {job.run_id} failed: {status.get('error', '')[:1500]}")
+
+
+def _agreement_section() -> None:
+    """Local validation: the model's output against what the reviewers accepted (no inference)."""
+    st.subheader("Agreement with your reviewers")
+    table = agreement.agreement_table(resources.store())
+    if table.empty:
+        st.caption("No corrected scans yet. Once reviewers correct scans (Review page), this shows how far each "
+                   "model version's output was from what they accepted: Dice, and the POI bias with its 95 % limits of agreement.")
+        return
+    summary = agreement.agreement_summary(table)
+    st.dataframe(
+        summary, hide_index=True, width="stretch", key="models_agreement_summary",
+        column_config={
+            "model_version": "model", "scans": "scans", "dice_mean": st.column_config.NumberColumn("Dice mean", format="%.3f"),
+            "dice_median": st.column_config.NumberColumn("Dice median", format="%.3f"),
+            "poi_abs_difference_mean": st.column_config.NumberColumn("mean |ΔPOI| (pp)", format="%.2f"),
+            "poi_bias": st.column_config.NumberColumn("POI bias (pp)", format="%+.2f"),
+            "poi_loa_low": st.column_config.NumberColumn("limit low (pp)", format="%+.2f"),
+            "poi_loa_high": st.column_config.NumberColumn("limit high (pp)", format="%+.2f"),
+            "severity_same_share": st.column_config.NumberColumn("same severity score", format="percent"),
+            "minutes_median": st.column_config.NumberColumn("review minutes (median)", format="%.1f"),
+        },
+    )
+    if table["poi_difference"].notna().sum() >= 2:
+        st.plotly_chart(agreement.bland_altman_figure(table), key="models_agreement_plot")
+    st.caption("Per corrected scan, the model segmentation the reviewer started from against the accepted correction. "
+               "ΔPOI = model − reviewer (percentage points; negative: the model under-called). Corrected scans are the "
+               "ones reviewers chose to fix, so expect them harder than average; scans of patients that trained a "
+               "fine-tuned version are not unseen for it (held-out patients are marked).")
+    with st.expander(f"Per scan ({len(table)})"):
+        st.dataframe(table.drop(columns=["patient_key"]).assign(scan_id=table["scan_id"].str[:12]), hide_index=True,
+                     width="stretch", key="models_agreement_table")
 
 
 def _train_section() -> None:
@@ -142,6 +176,7 @@ def main() -> None:
         ref = modelstore.get(TASK, version)
         md = ref.path / "MODEL_CARD.md"
         st.markdown(md.read_text() if md.exists() else f"```json\n{json.dumps(ref.card(), indent=2)[:6000]}\n```")
+    _agreement_section()
     _train_section()
     _promote_section(table)
     widgets.disclaimer()
