@@ -91,6 +91,16 @@ def summary(rev: Revision) -> pd.DataFrame:
     return table
 
 
+@st.cache_data(show_spinner="Comparing the model with the reviewers' corrections ...", max_entries=4)
+def agreement(rev: Revision) -> pd.DataFrame:
+    """Model vs reviewers per corrected scan (:func:`covidtrack.hitl.agreement.agreement_table`:
+    reads two masks per corrected scan, so it is cached per store revision)."""
+    from covidtrack.hitl.agreement import agreement_table
+
+    del rev
+    return agreement_table(store())
+
+
 @st.cache_data(show_spinner=False, max_entries=32)
 def patient(patient_key: str, rev: Revision) -> pd.DataFrame:
     del rev

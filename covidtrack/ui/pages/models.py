@@ -58,7 +58,7 @@ def _job_panel() -> None:
 def _agreement_section() -> None:
     """Local validation: the model's output against what the reviewers accepted (no inference)."""
     st.subheader("Agreement with your reviewers")
-    table = agreement.agreement_table(resources.store())
+    table = resources.agreement(resources.revision())
     if table.empty:
         st.caption("No corrected scans yet. Once reviewers correct scans (Review page), this shows how far each "
                    "model version's output was from what they accepted: Dice, and the POI bias with its 95 % limits of agreement.")
