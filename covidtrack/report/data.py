@@ -131,6 +131,13 @@ def metric_label(metric: str) -> str:
     return METRIC_LABELS.get(metric, metric.replace("_", " "))
 
 
+def change_label(metric: str) -> str:
+    """The label of a CHANGE in ``metric``: a difference of percentages is in percentage points
+    ("POI (percentage points)"; "+5 %" would read as a relative change, 10 % -> 10.5 %)."""
+    label = metric_label(metric)
+    return label.replace("(%)", "(percentage points)") if metrics.UNITS.get(metric) == "%" or label.endswith("(%)") else label
+
+
 def add_days(frame: pd.DataFrame, by: str | None = None) -> pd.DataFrame:
     """Add ``day`` = whole days since the first ``study_date`` (per ``by`` group when given)."""
     out = frame.copy()

@@ -154,16 +154,18 @@ def matplotlib_png(fig: go.Figure, width: int, height: int, scale: float = 2.0) 
                 ax.set_axis_off()
             else:
                 if xa in layout and layout[xa].title.text:
-                    ax.set_xlabel(layout[xa].title.text, fontsize=8)
+                    ax.set_xlabel(_plain(layout[xa].title.text), fontsize=8)
                 if ya in layout and layout[ya].title.text:
-                    ax.set_ylabel(layout[ya].title.text, fontsize=8)
+                    ax.set_ylabel(_plain(layout[ya].title.text), fontsize=8)
+                if ya in layout and layout[ya].range is not None:
+                    ax.set_ylim(*layout[ya].range)  # e.g. the severity score's fixed 0-25
                 if ya in layout and layout[ya].autorange == "reversed":
                     ax.invert_yaxis()
                 ax.tick_params(labelsize=7)
                 ax.grid(alpha=0.3)
         return axes[(xa, ya)]
 
-    box_pos = 0
+    box_pos, box_names = 0, []
     for tr in fig.data:
         ax = axis_for(tr)
         kind = tr.type
@@ -173,13 +175,22 @@ def matplotlib_png(fig: go.Figure, width: int, height: int, scale: float = 2.0) 
             x = _xvalues(tr.x)
             y = np.asarray(tr.y, dtype=float)
             col = _colour(tr.line.color if tr.line else None)
-            if tr.fill == "toself":
-                ax.fill(x, y, color=col, alpha=float(tr.opacity or 0.2), lw=0)
+            if tr.fill == "toself":  # a band (e.g. an arm's 95 % CI) in its own fill colour
+                ax.fill(x, y, color=_colour(tr.fillcolor or (tr.line.color if tr.line else None)), alpha=float(tr.opacity or 0.2),
+                        lw=0, label=tr.name if tr.showlegend is not False else None)
                 continue
             mode = tr.mode or "lines"
-            style = ("-" if "lines" in mode else "") + ("o" if "markers" in mode else "")
-            ax.plot(x, y, style, color=col, lw=float(tr.line.width or 1.5) if tr.line else 1.5, ms=3,
-                    alpha=float(tr.opacity) if tr.opacity is not None else 1.0, label=tr.name if (tr.opacity or 1) > 0.5 else None)
+            symbols = tr.marker.symbol if tr.marker is not None else None
+            hollow = (np.array([str(s).endswith("-open") for s in symbols]) if isinstance(symbols, (list, tuple)) and len(symbols) == len(y)
+                      else np.zeros(len(y), bool))
+            style = ("-" if "lines" in mode else "") + ("o" if "markers" in mode and not hollow.any() else "")
+            alpha = float(tr.opacity) if tr.opacity is not None else 1.0
+            label = tr.name if (tr.opacity or 1) > 0.5 else None
+            if style:
+                ax.plot(x, y, style, color=col, lw=float(tr.line.width or 1.5) if tr.line else 1.5, ms=3, alpha=alpha, label=label)
+            if "markers" in mode and hollow.any():  # hollow markers keep their meaning (e.g. a mean of fewer than 3)
+                ax.scatter(x[~hollow], y[~hollow], s=12, color=col, alpha=alpha, label=None if style else label)
+                ax.scatter(x[hollow], y[hollow], s=12, facecolors="none", edgecolors=col, alpha=alpha)
         elif kind == "bar":
             x = _xvalues(tr.x)
             if np.issubdtype(x.dtype, np.datetime64):
@@ -206,11 +217,14 @@ def matplotlib_png(fig: go.Figure, width: int, height: int, scale: float = 2.0) 
             y = np.asarray(tr.y, dtype=float)
             ax.boxplot([y], positions=[box_pos], widths=0.5)
             ax.scatter(np.full(len(y), box_pos) + np.random.default_rng(0).uniform(-0.15, 0.15, len(y)), y, s=8, color=_colour(tr.marker.color))
-            ax.set_xticks(list(range(box_pos + 1)), [*([t.get_text() for t in ax.get_xticklabels()][:box_pos]), str(tr.name)])
+            box_names.append(str(tr.name))
             box_pos += 1
         elif kind == "image" and tr.source:
             ax.imshow(_decode_image(tr.source))
             ax.set_axis_off()
+    if box_names:  # after every box: boxplot() resets the ticks it is given
+        ax = axis_for(next(tr for tr in fig.data if tr.type == "box"))
+        ax.set_xticks(range(len(box_names)), box_names)
     for ax in axes.values():
         if ax.xaxis.get_major_formatter().__class__.__name__.endswith("DateFormatter") or _is_date_axis(ax):
             import matplotlib.dates as mdates
@@ -219,14 +233,41 @@ def matplotlib_png(fig: go.Figure, width: int, height: int, scale: float = 2.0) 
     for ann in layout.annotations or ():
         # subplot titles are paper-positioned annotations
         if ann.xref == "paper" and ann.text:
-            mfig.text(ann.x * 0.8 + 0.02 if ann.x > 0 else ann.x, ann.y - 0.07, ann.text, ha="center", va="bottom", fontsize=9)
+            mfig.text(ann.x * 0.8 + 0.02 if ann.x > 0 else ann.x, ann.y - 0.07, _plain(ann.text), ha="center", va="bottom", fontsize=9)
     if layout.title and layout.title.text:
-        mfig.suptitle(layout.title.text, fontsize=10)
+        mfig.suptitle(_plain(layout.title.text), fontsize=10)
     handles = [h for ax in axes.values() for h in ax.get_legend_handles_labels()[0]]
     if handles:
         labels = [lab for ax in axes.values() for lab in ax.get_legend_handles_labels()[1]]
         mfig.legend(handles, labels, loc="upper right", fontsize=7, frameon=False)
+    _keep_tick_labels_inside(mfig)
     buf = io.BytesIO()
     mfig.savefig(buf, format="png")
     plt.close(mfig)
     return buf.getvalue()
+
+
+def _plain(text: str) -> str:
+    """Plotly's HTML line breaks and tags as matplotlib text."""
+    import re
+
+    return re.sub(r"<[^>]+>", "", str(text).replace("<br>", "\n"))
+
+
+def _keep_tick_labels_inside(mfig: object) -> None:
+    """Raise every axes whose x tick labels (e.g. dates rotated 30 degrees under a short
+    heatmap) would run off the bottom of the picture, shrinking it from the top; the picture keeps
+    its size, so the PDF layout does not change."""
+    renderer = mfig.canvas.get_renderer()  # type: ignore[attr-defined]
+    height = mfig.bbox.height  # type: ignore[attr-defined]
+    for ax in mfig.axes:  # type: ignore[attr-defined]
+        labels = [t for t in ax.get_xticklabels() if t.get_text()]
+        if not labels:
+            continue
+        low = min(t.get_window_extent(renderer).y0 for t in labels)
+        title = ax.xaxis.label.get_window_extent(renderer).y0 if ax.xaxis.label.get_text() else low
+        lowest = min(low, title)
+        if lowest < 2:
+            need = (2 - lowest) / height
+            pos = ax.get_position()
+            ax.set_position((pos.x0, pos.y0 + need, pos.width, max(0.05, pos.height - need)))

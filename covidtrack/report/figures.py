@@ -15,10 +15,11 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from covidtrack import metrics
-from covidtrack.report.data import LOBES, M, metric_label, poi_text, select
+from covidtrack.report.data import LOBES, M, change_label, metric_label, poi_text, select
 from covidtrack.report.stats import MIN_CI_N, mean_ci, per_patient_series
 from covidtrack.labels import CHANGE_LABELS
 from covidtrack.report.viewer import (
+    BASELINE_COLOUR,
     CHANGE_COLOURS,
     INFECTION_COLOURS,
     LOBE_COLOURS,
@@ -191,7 +192,7 @@ def lobe_heatmap(frame: pd.DataFrame, x: XAxis = "date", height: int = 300) -> g
 
 def _legend_items(overlay: Overlay) -> list[tuple[str, tuple[int, int, int]]]:
     if overlay == "change":
-        return [(CHANGE_LABELS[k], CHANGE_COLOURS[k]) for k in CHANGE_LABELS]
+        return [(CHANGE_LABELS[k], CHANGE_COLOURS[k]) for k in CHANGE_LABELS] + [("baseline infection (reference)", BASELINE_COLOUR)]
     if overlay == "none":
         return []
     return [("GGO", INFECTION_COLOURS[1]), ("consolidation", INFECTION_COLOURS[2])]
@@ -387,7 +388,7 @@ def change_box_figure(changes: pd.DataFrame, metric: str = M.POI, height: int = 
             )
         )
     fig.add_hline(y=0, line=dict(color="#888", dash="dot"))
-    fig.update_yaxes(title_text=f"Change in {metric_label(metric)}<br>(last - baseline)")
+    fig.update_yaxes(title_text=f"Change in {change_label(metric)}<br>(last - baseline)")
     _layout(fig, None, height)  # pages and the PDF put their own heading above it
     fig.update_layout(hovermode="closest", showlegend=False)
     return fig

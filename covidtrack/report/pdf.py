@@ -265,8 +265,12 @@ def write_patient_pdf(data: PatientReportData, out: str | Path, engine: Engine =
         a = data.aligned
         k = a.key_slice("axial")
         pdf.h2(f"Aligned images: axial slice {k} of the baseline at every date", need_mm=70)
-        pdf.para(f"Infection overlay: GGO amber, consolidation red; {LOBE_LEGEND}. "
-                 "Follow-ups are registered to the baseline (same anatomy).", 8)
+        if all(a.registered[1:]):
+            aligned_note = "Follow-ups are registered to the baseline (same anatomy)."
+        else:
+            aligned_note = ("Follow-ups marked (not aligned) could not be registered to the baseline: they are only resized "
+                            "to its grid, so their slice does not show the same anatomy; the others are registered.")
+        pdf.para(f"Infection overlay: GGO amber, consolidation red; {LOBE_LEGEND}. {aligned_note}", 8)
         _image_grid(pdf, [render(a, t, "axial", k, "lobes", 360) for t in range(len(a.dates))], _captions(a))
         follow = [t for t in range(1, len(a.dates)) if a.change[t] is not None]
         if follow:

@@ -29,6 +29,10 @@ WINDOW_LO_HU, WINDOW_HI_HU = -1350.0, 150.0
 INFECTION_COLOURS = {1: (255, 200, 0), 2: (230, 30, 30)}  # GGO amber, consolidation red
 # change map labels (covidtrack.labels.CHANGE_LABELS): 1 new red, 2 resolved green, 3 persistent amber
 CHANGE_COLOURS = {1: (230, 30, 30), 2: (40, 180, 70), 3: (255, 200, 0)}
+#: the baseline panel of the change view: its infection is the reference, neither new, resolved
+#: nor persistent (label 4 of the fill)
+BASELINE_REFERENCE = 4
+BASELINE_COLOUR = (200, 90, 220)
 LOBE_COLOURS = {
     1: (31, 119, 180),  # RUL
     2: (148, 103, 189),  # RML
@@ -175,7 +179,7 @@ def render(
         change = series.change[t]
         fill = take_slice(change, plane, index) if change is not None else np.zeros_like(inf)
         if change is None and t == 0:
-            fill = np.where(inf > 0, 3, 0).astype(np.uint8)  # baseline: all its infection is the reference
+            fill = np.where(inf > 0, BASELINE_REFERENCE, 0).astype(np.uint8)  # baseline: all its infection is the reference
         outline = dict(outline2d=lobes if lobes is not None else lungs,
                        outline_colours=LOBE_COLOURS if lobes is not None else LUNG_COLOURS)
         if change is None and t > 0:
@@ -183,7 +187,7 @@ def render(
             # infection, never an empty panel that would read as "nothing new, nothing persistent"
             img = compose(ct, infection2d=inf, **outline)
         else:
-            img = compose(ct, fill2d=fill, fill_colours=CHANGE_COLOURS, **outline)
+            img = compose(ct, fill2d=fill, fill_colours={**CHANGE_COLOURS, BASELINE_REFERENCE: BASELINE_COLOUR}, **outline)
     else:
         img = compose(ct)
     zr, zc = _square_zoom(plane, series.spacing)

@@ -76,7 +76,7 @@ def main() -> None:
                     [
                         {
                             "arms": f"{t.arm_a} vs {t.arm_b}", "n": f"{t.n_a} / {t.n_b}",
-                            "median Δ": f"{t.median_a:+.2f} / {t.median_b:+.2f}",
+                            "median Δ (pp)": f"{t.median_a:+.2f} / {t.median_b:+.2f}",
                             "p": f"{t.p_value:.3g}" if t.p_value == t.p_value else "– (needs ≥ 2 per arm)",
                             "r": f"{t.rank_biserial:+.2f}" if t.rank_biserial == t.rank_biserial else "–",
                         }

@@ -10,7 +10,7 @@ import streamlit as st
 
 from covidtrack.report import figures
 from covidtrack.report.viewer import LOBE_LEGEND
-from covidtrack.report.data import LOBES, M, flag_lines, metric_label, select, wide_by_date
+from covidtrack.report.data import LOBES, M, flag_lines, metric_label, poi_text, select, wide_by_date
 from covidtrack.ui import jobs, resources, widgets
 
 # Columns of the on-screen table (the CSV download has every metric).
@@ -88,7 +88,8 @@ def _viewer(patient_key: str, rev: resources.Revision, lobe_view: bool) -> None:
     if not all(series.registered):
         st.warning("Some follow-ups have no usable registration yet; they are shown resized, not anatomically aligned.")
     legend = {"lobes": f"GGO amber, consolidation red; {LOBE_LEGEND}.", "regions": "GGO amber, consolidation red; right lung blue, left lung green.",
-              "change": "New infection red, resolved green, persistent amber (vs the baseline).", "none": ""}[overlay]
+              "change": "New infection red, resolved green, persistent amber (vs the baseline); the baseline panel shows "
+                        "its own infection, the reference, in violet.", "none": ""}[overlay]
     st.plotly_chart(_viewer_fig(patient_key, rev, plane, index, overlay), key="viewer", config=PLOTLY_CONFIG, width="stretch")
     if legend:
         st.caption(legend)
@@ -161,10 +162,16 @@ def main() -> None:
     if not lobe_view:
         table = table[~table["region"].isin(LOBES)]
     shown = [c for c in ("study_date", "day", "region", *TABLE_METRICS) if c in table.columns]
+    view = table[shown].copy()
+    if M.POI in view:  # the shared POI wording: never reads as the next severity band (4.96, not 5.00)
+        view[M.POI] = [poi_text(v, unit=False) for v in view[M.POI]]
+    whole = {M.SEVERITY, M.LESIONS}
     st.dataframe(
-        table[shown].rename(columns={"study_date": "Study date", "day": "Day", **{m: metric_label(m) for m in TABLE_METRICS}}),
-        hide_index=True, width="stretch",
-        key="metrics_table", column_config={metric_label(m): st.column_config.NumberColumn(format="%.2f") for m in TABLE_METRICS},
+        view.rename(columns={"study_date": "Study date", "day": "Day", **{m: metric_label(m) for m in TABLE_METRICS}}),
+        hide_index=True, width="stretch", key="metrics_table",
+        column_config={metric_label(m): (st.column_config.TextColumn() if m == M.POI else
+                                         st.column_config.NumberColumn(format="%d" if m in whole else "%.2f"))
+                       for m in TABLE_METRICS},
     )
     st.download_button(
         "Download CSV (all metrics)", table.to_csv(index=False).encode("utf-8"), file_name=f"covidtrack-{row['label']}-metrics.csv",
