@@ -359,9 +359,6 @@ def pair_status(store: "Store", patient_key: str) -> dict[str, str]:
             out[sid] = MISSING
             continue
         row = rows.iloc[0]
-        if not bool(row["ok"]):
-            out[sid] = FAILED
-            continue
         path = row["transforms"].get("registration") if isinstance(row["transforms"], dict) else None
         try:
             params = Registration.load(path).params if path is not None else {}
@@ -371,8 +368,14 @@ def pair_status(store: "Store", patient_key: str) -> dict[str, str]:
         # the folder must be the row's: a process killed between swapping in a new registration
         # and storing its rows leaves the old rows next to the new folder
         same = same and params.get("reg_id", row["reg_id"]) == row["reg_id"]
-        same = same and params.get("change_version", 1) == CHANGE_VERSION  # measured the current way
-        out[sid] = CURRENT if same else STALE
+        # a failed QA is a verdict on the masks it was made from: once those changed, the pair is
+        # out of date (and can be redone from the dashboard), not "failed"
+        if not same:
+            out[sid] = STALE
+        elif not bool(row["ok"]):
+            out[sid] = FAILED  # (a failed pair has no change to have been measured the old way)
+        else:
+            out[sid] = CURRENT if params.get("change_version", 1) == CHANGE_VERSION else STALE  # measured the current way
     return out
 
 

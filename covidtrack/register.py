@@ -375,12 +375,17 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
     return 1.0 if denom == 0 else 2.0 * float(np.logical_and(a, b).sum()) / denom
 
 
-def _mean_surface_mm(a: np.ndarray, b: np.ndarray, spacing_zyx: Vec3) -> float:
-    """Mean symmetric distance (mm) between the outlines of two binary masks."""
+def _mean_surface_mm(a: np.ndarray, b: np.ndarray, spacing_zyx: Vec3, ignore: np.ndarray | None = None) -> float:
+    """Mean symmetric distance (mm) between the outlines of two binary masks; outline voxels in
+    ``ignore`` (e.g. where a follow-up's field of view ends: a cut, not an organ surface) do not count."""
     if not a.any() or not b.any():
         return float("inf")
     sa = a & ~ndimage.binary_erosion(a)
     sb = b & ~ndimage.binary_erosion(b)
+    if ignore is not None:
+        sa, sb = sa & ~ignore, sb & ~ignore
+        if not sa.any() or not sb.any():
+            return float("inf")
     da = ndimage.distance_transform_edt(~sa, sampling=spacing_zyx)
     db = ndimage.distance_transform_edt(~sb, sampling=spacing_zyx)
     return float((db[sa].sum() + da[sb].sum()) / (sa.sum() + sb.sum()))
@@ -403,12 +408,19 @@ def _qa(fixed: _Prepared, moving: _Prepared, fwd: list[str]) -> RegistrationQA:
     warped = ants.apply_transforms(fixed=fixed.lungs, moving=moving.lungs, transformlist=fwd,
                                    interpolator="genericLabel")
     warped_lab = np.rint(warped.numpy()).astype(np.uint8)
+    # Where the follow-up has data at all: baseline lung it never imaged (a field of view short of
+    # the apex or the bases) is not misregistration, and the plane where it ends is not a surface.
+    ones = moving.lungs.new_image_like(np.ones(moving.lungs.shape, dtype=np.float32))
+    seen = ants.apply_transforms(fixed=fixed.lungs, moving=ones, transformlist=fwd, interpolator="nearestNeighbor",
+                                 defaultvalue=0.0).numpy() > 0.5
+    cut = ndimage.binary_dilation(~seen, iterations=2)  # the border of what was seen, and beyond
+    fixed_seen = np.where(seen, fixed_lab, 0).astype(np.uint8)
     before = ants.resample_image_to_target(moving.lungs, fixed.lungs, interp_type="genericLabel")
     before_lab = np.rint(before.numpy()).astype(np.uint8)
-    right, left = _sides_dice(fixed_lab, warped_lab)
+    right, left = _sides_dice(fixed_seen, warped_lab)
     b_right, b_left = _sides_dice(fixed_lab, before_lab)
     spacing_xyz = tuple(float(s) for s in fixed.lungs.spacing)
-    msd = _mean_surface_mm(fixed_lab > 0, warped_lab > 0, spacing_xyz)  # arrays are (x, y, z) here
+    msd = _mean_surface_mm(fixed_seen > 0, warped_lab > 0, spacing_xyz, ignore=cut)  # arrays are (x, y, z) here
     # Folding: det of the whole chain = det(affine) * det(Jacobian of the SyN field).
     det = np.ones_like(fixed_lab, dtype=np.float64)
     for path in fwd:

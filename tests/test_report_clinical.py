@@ -11,7 +11,6 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from covidtrack import metrics
 from covidtrack.report import export, figures, stats, synthetic
 from covidtrack.report.data import M
 
