@@ -881,3 +881,70 @@ def test_agreement_summary_per_version_and_its_bland_altman_plot() -> None:
     fig = agreement.bland_altman_figure(table)
     assert [t.name for t in fig.data] == ["infection/v3", "infection/v4"]
     assert len(fig.layout.shapes) == 3 + 1 + 1  # v3 bias and two limits, v4 bias, the zero line
+
+
+# --- round trip with 3D Slicer / ITK-SNAP ---------------------------------------------------------
+def test_export_for_slicer_and_import_back_is_a_round_trip(small_store: list[str], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    import zipfile
+
+    from covidtrack.__main__ import main
+    from covidtrack.hitl import exporting
+    from covidtrack.io import load_mask
+
+    scan = small_store[0]
+    out = tmp_path / "for_slicer"
+    assert main(["hitl", "export", scan, str(out)]) == 0
+    names = {p.name for p in out.iterdir()}
+    assert {"ct.nii.gz", "infection.nii.gz", "lungs.nii.gz", "lobes.nii.gz", "infection.ctbl", "infection.itksnap.txt",
+            "lobes.ctbl", "README.txt"} <= names
+    with Store.open() as store:
+        volume = store.load_volume(scan)
+        model = store.load_segmentation(scan, "model")
+        patient = store.scans().set_index("scan_id").loc[scan]
+    # the files overlay the scan exactly (same grid, same values)
+    assert np.array_equal(load_mask(out / "infection.nii.gz", volume), model.infection)
+    assert np.array_equal(load_mask(out / "lobes.nii.gz", volume), model.lobes)
+    assert "1 GGO 255 200 0 255" in (out / "infection.ctbl").read_text()
+    assert '"consolidation"' in (out / "infection.itksnap.txt").read_text()
+    readme = (out / "README.txt").read_text()
+    assert f"hitl import {scan} infection.nii.gz --table covidtrack" in readme
+    # nothing that names the patient or the date
+    blob = b"".join(p.read_bytes() for p in out.iterdir())
+    assert str(patient["patient_key"]).encode() not in blob and str(patient["study_date"])[:10].encode() not in blob
+
+    # the reviewer adds consolidation in the other tool and brings it back
+    edited = model.infection.copy()
+    z = int(np.nonzero(model.lungs.any(axis=(1, 2)))[0].mean())
+    edited[z][(model.lungs[z] > 0) & (edited[z] == 0)] = CONSOLIDATION
+    from covidtrack.io import save_mask
+
+    save_mask(edited, volume, out / "infection.nii.gz")
+    assert main(["hitl", "import", scan, str(out / "infection.nii.gz"), "--table", "covidtrack", "--author", "AB"]) == 0
+    with Store.open() as store:
+        assert np.array_equal(store.load_segmentation(scan, "active").infection, edited)
+        # the next export is of the correction; --model still gives the model output
+        exporting.export_scan(store, scan, tmp_path / "again")
+        exporting.export_scan(store, scan, tmp_path / "model", kind="model")
+        with zipfile.ZipFile(__import__("io").BytesIO(exporting.export_zip(store, scan))) as zf:
+            assert f"{scan}/infection.nii.gz" in zf.namelist()
+    assert np.array_equal(load_mask(tmp_path / "again" / "infection.nii.gz", volume), edited)
+    assert np.array_equal(load_mask(tmp_path / "model" / "infection.nii.gz", volume), model.infection)
+    assert "corrected segmentation" in (tmp_path / "again" / "README.txt").read_text()
+    with pytest.raises(StoreError, match="no scan"):
+        with Store.open() as store:
+            exporting.export_scan(store, "scan-unknown", tmp_path / "x")
+
+
+def test_review_page_offers_the_scan_for_slicer(ui_store: list[str]) -> None:
+    import io
+    import zipfile
+
+    make_tiny_model()
+    at = _page("review")
+    scan = at.session_state["hitl_review"]["scan_id"]
+    at.button(key="review_export").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    ready_scan, data = at.session_state["review_export_zip"]
+    assert ready_scan == scan
+    with zipfile.ZipFile(io.BytesIO(data)) as zf:
+        assert {f"{scan}/ct.nii.gz", f"{scan}/infection.nii.gz", f"{scan}/README.txt"} <= set(zf.namelist())

@@ -1,6 +1,8 @@
 """``python -m covidtrack hitl ...``: the review loop from the command line.
 
 - ``queue [--order score|date] [--score]``: scans to review, most uncertain first;
+- ``export SCAN_ID OUT [--model]``: the scan's CT and masks as NIfTI with colour tables, to correct
+  in 3D Slicer / ITK-SNAP;
 - ``import SCAN_ID MASK.nii.gz --table itksnap --author AB [--minutes 12]``: store a mask corrected
   in 3D Slicer / ITK-SNAP as a new correction;
 - ``versions``: infection versions with validation Dice; ``promote VERSION``; ``rollback``;
@@ -37,6 +39,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     i.add_argument("--no-register", action="store_true",
                    help="do not recompute the change vs baseline now (it is shown as out of date until `register` runs)")
     i.set_defaults(func=_import)
+
+    e = group.add_parser("export", help="a scan's CT and masks as NIfTI with 3D Slicer / ITK-SNAP colour tables (to edit there)")
+    e.add_argument("scan_id")
+    e.add_argument("out", type=Path, help="output folder")
+    e.add_argument("--model", action="store_true", help="the model's output, not the latest correction")
+    e.set_defaults(func=_export)
 
     group.add_parser("versions", help="infection model versions").set_defaults(func=_versions)
     p = group.add_parser("promote", help="make a version the active infection model")
@@ -87,6 +95,19 @@ def _import(args: argparse.Namespace) -> int:
         print(f"stored correction {cid} (segmentation {seg_id}): {effort.voxels_changed} voxels changed on {effort.slices_touched} slices")
         if not args.no_register:
             _refresh_change(store, args.scan_id)
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from covidtrack.hitl import exporting
+    from covidtrack.store import Store
+
+    with Store.open(read_only=True) as store:
+        files = exporting.export_scan(store, args.scan_id, args.out, kind="model" if args.model else "active")
+    for f in files:
+        print(f)
+    print(f"edit infection.nii.gz in 3D Slicer or ITK-SNAP, then: python -m covidtrack hitl import {args.scan_id} "
+          "infection.nii.gz --table covidtrack --author YOUR_INITIALS (see README.txt there)")
     return 0
 
 

@@ -19,7 +19,7 @@ import streamlit as st
 
 from covidtrack.config import settings
 from covidtrack.errors import CovidtrackError
-from covidtrack.hitl import active, corrections, importing
+from covidtrack.hitl import active, corrections, exporting, importing
 from covidtrack.labels import CONSOLIDATION, GGO
 from covidtrack.report.viewer import INFECTION_COLOURS, LOBE_COLOURS, LOBE_LEGEND
 from covidtrack.segment.intensity import window_hu
@@ -268,6 +268,21 @@ def _save_bar(state: dict[str, Any]) -> None:
         st.rerun()
 
 
+def _export(state: dict[str, Any]) -> None:
+    with st.expander("Open this scan in 3D Slicer / ITK-SNAP"):
+        st.caption("The CT and the masks shown here as NIfTI on the scan's grid, with colour tables for both tools and a "
+                   "README; no patient name, ID or date is in the files. Correct infection.nii.gz there and import it below.")
+        if st.button("Prepare the download", key="review_export"):
+            try:
+                st.session_state["review_export_zip"] = (state["scan_id"], exporting.export_zip(resources.store(), state["scan_id"]))
+            except CovidtrackError as err:
+                st.error(str(err))
+        ready = st.session_state.get("review_export_zip")
+        if ready and ready[0] == state["scan_id"]:
+            st.download_button(f"Download {state['scan_id']}.zip", ready[1], file_name=f"{state['scan_id']}.zip",
+                               mime="application/zip", key="review_export_download")
+
+
 def _import(state: dict[str, Any]) -> None:
     with st.expander("Import a mask corrected in 3D Slicer / ITK-SNAP (NIfTI)"):
         file = st.file_uploader("Label map on this scan (.nii / .nii.gz)", type=["nii", "gz"], key="review_upload")
@@ -313,6 +328,7 @@ def main() -> None:
         return
     _editor(state)
     _save_bar(state)
+    _export(state)
     _import(state)
     widgets.disclaimer()
 
