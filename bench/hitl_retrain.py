@@ -6,6 +6,7 @@ reviewer's correction, then times, with the ACTIVE infection model (the shipped 
 else a freshly initialised network of the shipped architecture -- timings do not depend on the
 weights):
 
+- the agreement table of model vs reviewers (covidtrack.hitl.agreement: two masks read per scan);
 - scoring the review queue (one forward pass per scan, entropy inside the lungs);
 - export of the corrected slices + a full fine-tuning job (covidtrack.hitl.retrain.run_job: the
   original training slices + corrected slices, evaluation of old and new on the fixed validation
@@ -96,7 +97,12 @@ def main() -> int:
                 corrections.save_correction(store, res.scan_id, truth.infection.astype(np.uint8), eff, author="bench")
             timings["build_store_s"] = round(time.time() - t0, 1)
             scans = list(store.scans()["scan_id"])
+            from covidtrack.hitl import agreement
             from covidtrack.segment.infection import InfectionModel
+
+            t0 = time.time()
+            agree = agreement.agreement_summary(agreement.agreement_table(store))
+            timings["agreement_s"] = round(time.time() - t0, 2)
 
             t0 = time.time()
             active.score_scans(store, scans, model=InfectionModel.load(base))
@@ -123,6 +129,9 @@ def main() -> int:
                                           "of the patient key): never trained on, scored as 'dice_reviewed'",
                          "original_data": "MedSeg slices (../shared)" if retrain.default_original_data() else "phantom replay"},
             "validation_dice": {"old": result["old"], "new": result["new"]},
+            "agreement": {"what": "hitl.agreement on the stored corrections: the simulated model output (truth with lesions "
+                                  "dropped and the rest dilated) against the truth; checks the sums, not a real model",
+                          "summary": json.loads(agree.to_json(orient="records"))},
             "resegmented_scans": len(added),
             "timings_s": timings,
             "hardware": {"processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
