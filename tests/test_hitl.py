@@ -944,7 +944,52 @@ def test_review_page_offers_the_scan_for_slicer(ui_store: list[str]) -> None:
     scan = at.session_state["hitl_review"]["scan_id"]
     at.button(key="review_export").click().run()
     assert not at.exception, [e.value for e in at.exception]
-    ready_scan, data = at.session_state["review_export_zip"]
+    (ready_scan, _seg), data = at.session_state["review_export_zip"]
     assert ready_scan == scan
     with zipfile.ZipFile(io.BytesIO(data)) as zf:
         assert {f"{scan}/ct.nii.gz", f"{scan}/infection.nii.gz", f"{scan}/README.txt"} <= set(zf.namelist())
+
+
+def test_review_download_is_not_the_pre_correction_masks_after_saving(ui_store: list[str]) -> None:
+    """Prepare the Slicer download, then edit and save a correction of the same scan: the page
+    used to keep offering the zip prepared before the save (keyed by scan id only), i.e. the
+    masks the reviewer had just replaced. The zip is now keyed by the active segmentation too."""
+    import io
+    import tempfile
+    import zipfile
+
+    from covidtrack.io import load_mask
+    from covidtrack.ui import resources
+
+    make_tiny_model()
+    at = _page("review")
+    scan = at.session_state["hitl_review"]["scan_id"]
+    at.button(key="review_export").click().run()
+    assert at.session_state["review_export_zip"][0][0] == scan
+    session = at.session_state["hitl_review"]["session"]
+    z = at.session_state["review_z"]
+    ys, xs = np.nonzero(session.working[z])
+    at.radio(key="review_tool").set_value("Delete lesion (click)")
+    at.number_input(key="review_y").set_value(int(ys[0]))
+    at.number_input(key="review_x").set_value(int(xs[0]))
+    at.button(key="review_apply").click().run()
+    at.text_input(key="review_author").set_value("AB")
+    at.button(key="review_save").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert resources.jobs().wait(timeout=300)
+    at.run()
+    # the reviewer reopens the scan just corrected (reviewed scans included in the queue)
+    at.checkbox(key="review_include").check().run()
+    at.selectbox(key="review_scan").set_value(scan).run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert at.session_state["hitl_review"]["scan_id"] == scan
+    assert "review_export_zip" not in at.session_state, "the zip of the masks before the save is still offered"
+    at.button(key="review_export").click().run()  # prepared again: the correction's masks
+    (ready_scan, _seg), data = at.session_state["review_export_zip"]
+    with Store.open() as store:
+        volume = store.load_volume(scan)
+        active_inf = store.load_segmentation(scan, "active").infection
+    tmp = Path(tempfile.mkdtemp())
+    with zipfile.ZipFile(io.BytesIO(data)) as zf:
+        zf.extract(f"{scan}/infection.nii.gz", tmp)
+    assert ready_scan == scan and np.array_equal(load_mask(tmp / scan / "infection.nii.gz", volume), active_inf)

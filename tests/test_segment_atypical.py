@@ -90,6 +90,25 @@ def test_midline_from_the_spine_on_real_ct_cut_by_the_field_of_view(shared_data)
         mid, _ = body_midline(sub)
         assert mid is not None
         assert abs(mid * (hi - lo) + lo - whole) * vol.spacing[2] < 5.0
+    # a field of view of one hemithorax holds no spine: ribs and scapula are not taken for it
+    for lo, hi in ((0, 220), (300, 512)):
+        sub = Volume(array=np.ascontiguousarray(vol.array[:, :, lo:hi]), spacing=vol.spacing, origin=(0.0, 0.0, 0.0))
+        mid, _ = body_midline(sub)
+        assert mid is None or abs(mid * (hi - lo) + lo - whole) * vol.spacing[2] < 15.0, (lo, hi, mid)
+
+
+def test_one_hemithorax_field_of_view_keeps_its_side(shared_data) -> None:
+    """Real 512 series cropped to the right hemithorax (a reconstruction centred on one lung, the
+    spine out of view, header origin useless): the ribs must not be taken for the spine, which
+    put the midline inside the lung and labelled all of it left (a review of session 9's diff)."""
+    from covidtrack.io import load_ct
+    from covidtrack.segment import segment
+
+    _need_models()
+    vol = load_ct(shared_data / "ct" / "chest4dct_phase00" / "dicom")
+    sub = Volume(array=np.ascontiguousarray(vol.array[:, :, 0:220]), spacing=vol.spacing, origin=(0.0, 0.0, 0.0))
+    counts = np.bincount(segment(sub, lobes=False).lungs.ravel(), minlength=3)[1:]
+    assert counts[0] > 0.9 * counts.sum(), counts.tolist()
 
 
 def _slab(nz: int) -> tuple[np.ndarray, np.ndarray]:

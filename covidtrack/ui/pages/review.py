@@ -272,13 +272,22 @@ def _export(state: dict[str, Any]) -> None:
     with st.expander("Open this scan in 3D Slicer / ITK-SNAP"):
         st.caption("The CT and the masks shown here as NIfTI on the scan's grid, with colour tables for both tools and a "
                    "README; no patient name, ID or date is in the files. Correct infection.nii.gz there and import it below.")
+        store = resources.store()
+        try:  # the zip belongs to the masks it was made from: a saved correction makes it outdated
+            current = (state["scan_id"], store.segmentation(state["scan_id"], "active").seg_id)
+        except CovidtrackError as err:
+            st.error(str(err))
+            return
         if st.button("Prepare the download", key="review_export"):
             try:
-                st.session_state["review_export_zip"] = (state["scan_id"], exporting.export_zip(resources.store(), state["scan_id"]))
+                st.session_state["review_export_zip"] = (current, exporting.export_zip(store, state["scan_id"]))
             except CovidtrackError as err:
                 st.error(str(err))
         ready = st.session_state.get("review_export_zip")
-        if ready and ready[0] == state["scan_id"]:
+        if ready and ready[0] != current:
+            st.session_state.pop("review_export_zip", None)  # another scan, or masks saved since: prepare it again
+            ready = None
+        if ready:
             st.download_button(f"Download {state['scan_id']}.zip", ready[1], file_name=f"{state['scan_id']}.zip",
                                mime="application/zip", key="review_export_download")
 
