@@ -287,12 +287,12 @@ def reviewed_items(path: Path, exclude_scans: Collection[str] = ()) -> list["Val
     exclude_scans = {str(s) for s in exclude_scans}
     if not Path(path).exists():
         return []
-    data = np.load(path, allow_pickle=False)
-    return [
-        ValItem(f"reviewed-{str(s)[:12]}-z{int(z)}", im.astype(np.float32), lab.astype(np.uint8), "reviewed")
-        for im, lab, s, z in zip(data["images"], data["labels"], data["scan"], data["z"])
-        if str(s) not in exclude_scans
-    ]
+    with np.load(path, allow_pickle=False) as data:
+        return [
+            ValItem(f"reviewed-{str(s)[:12]}-z{int(z)}", im.astype(np.float32), lab.astype(np.uint8), "reviewed")
+            for im, lab, s, z in zip(data["images"], data["labels"], data["scan"], data["z"])
+            if str(s) not in exclude_scans
+        ]
 
 
 # --- the fixed validation set ----------------------------------------------------------------------
