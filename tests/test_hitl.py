@@ -392,19 +392,24 @@ def _page(name: str):
     return at
 
 
-def test_review_page_edits_and_saves_a_correction(ui_store: list[str]) -> None:
-    make_tiny_model()
-    at = _page("review")
-    assert any("Review" in t.value for t in at.title)
-    assert len(at.dataframe[0].value) == 2  # both scans are in the queue
-    state = at.session_state["hitl_review"]
-    scan, session = state["scan_id"], state["session"]
+def _delete_a_lesion(at) -> None:  # noqa: ANN001 - a streamlit AppTest on the Review page
+    """Click 'delete lesion' on the first infected pixel of the slice shown."""
+    session = at.session_state["hitl_review"]["session"]
     z = at.session_state["review_z"]
     ys, xs = np.nonzero(session.working[z])
     at.radio(key="review_tool").set_value("Delete lesion (click)")
     at.number_input(key="review_y").set_value(int(ys[0]))
     at.number_input(key="review_x").set_value(int(xs[0]))
     at.button(key="review_apply").click().run()
+
+
+def test_review_page_edits_and_saves_a_correction(ui_store: list[str]) -> None:
+    make_tiny_model()
+    at = _page("review")
+    assert any("Review" in t.value for t in at.title)
+    assert len(at.dataframe[0].value) == 2  # both scans are in the queue
+    scan = at.session_state["hitl_review"]["scan_id"]
+    _delete_a_lesion(at)
     assert not at.exception, [e.value for e in at.exception]
     assert at.session_state["hitl_review"]["session"].effort().voxels_changed > 0
     at.button(key="review_undo").click().run()
@@ -966,13 +971,7 @@ def test_review_download_is_not_the_pre_correction_masks_after_saving(ui_store: 
     scan = at.session_state["hitl_review"]["scan_id"]
     at.button(key="review_export").click().run()
     assert at.session_state["review_export_zip"][0][0] == scan
-    session = at.session_state["hitl_review"]["session"]
-    z = at.session_state["review_z"]
-    ys, xs = np.nonzero(session.working[z])
-    at.radio(key="review_tool").set_value("Delete lesion (click)")
-    at.number_input(key="review_y").set_value(int(ys[0]))
-    at.number_input(key="review_x").set_value(int(xs[0]))
-    at.button(key="review_apply").click().run()
+    _delete_a_lesion(at)
     at.text_input(key="review_author").set_value("AB")
     at.button(key="review_save").click().run()
     assert not at.exception, [e.value for e in at.exception]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -53,26 +52,6 @@ def test_follow_up_short_of_the_apex_passes_qa_when_aligned(tmp_path: Path) -> N
     assert reg.ok, f"valid short follow-up refused by QA: {reg.qa.problems}"
 
 
-def _store_scan(store, key: str, date: dt.date, vol: Volume, seg: Segmentation) -> str:  # noqa: ANN001
-    from covidtrack.metrics import scan_metrics
-    from covidtrack.store import FileStage, ScanRecord, SegRecord, new_scan_id, new_seg_id, write_canonical
-
-    content = hashlib.sha256(vol.array.tobytes() + str(date).encode()).hexdigest()
-    scan_id, seg_id = new_scan_id(content), new_seg_id()
-    versions = {"lungs": "test/v0", "infection": "test/v0", "lobes": "test/v0"}
-    with FileStage() as stage:
-        vpath = stage.put(store.volume_path_for(scan_id), lambda p: write_canonical(p, vol))
-        paths = {part: stage.put(store.mask_path_for(seg_id, part), lambda p, a=getattr(seg, part): write_canonical(p, vol, a))
-                 for part in ("lungs", "infection", "lobes")}
-        store.add_scan(
-            ScanRecord(scan_id=scan_id, patient_key=key, study_date=date, content_hash=content, volume_path=vpath),
-            SegRecord(seg_id=seg_id, scan_id=scan_id, kind="model", model_versions=versions,
-                      lungs_path=paths["lungs"], infection_path=paths["infection"], lobes_path=paths["lobes"]),
-            scan_metrics(vol, seg),
-        )
-    return scan_id
-
-
 def test_a_failed_pair_whose_masks_were_corrected_since_is_stale_not_failed(covidtrack_home: Path, monkeypatch) -> None:  # noqa: ANN001
     """A pair failed QA; then the follow-up's segmentation was corrected without re-registering
     (`hitl import --no-register`, or a new model + `hitl resegment`). The stored QA verdict is
@@ -85,6 +64,7 @@ def test_a_failed_pair_whose_masks_were_corrected_since_is_stale_not_failed(covi
     from covidtrack.phantom import make_series
     from covidtrack.report.load import change_notes
     from covidtrack.store import Store
+    from test_register import _store_scan  # the store-flow tests' helper (tests/ is on the path)
 
     (v0, t0), (v1, t1) = make_series(3, n_timepoints=2, shape=SHAPE, spacing=SPACING)
     with Store.open() as store:
