@@ -137,3 +137,93 @@ def change_metrics(
                 n = np.count_nonzero(unseen_inf if mask is None else unseen_inf[mask])
                 rows.append((region, "not_imaged_infection_ml", float(n) * voxel_ml, METRIC_UNIT))
     return pd.DataFrame(rows, columns=["region", "metric", "value", "unit"])
+
+
+#: a persistent lesion whose volume changed by more than this share (and by at least
+#: :data:`LESION_CHANGE_MIN_ML`) is "larger" / "smaller"; otherwise "stable"
+LESION_CHANGE_SHARE = 0.25
+LESION_CHANGE_MIN_ML = 0.5
+LESION_COLUMNS = ("lesion", "status", "lobe", "baseline_ml", "followup_ml", "change_ml", "baseline_pieces",
+                  "followup_pieces", "slice")
+
+
+def lesion_tracks(
+    change: np.ndarray, lobes: np.ndarray | None, spacing: tuple[float, float, float], min_ml: float | None = None
+) -> pd.DataFrame:
+    """Lesions matched between the baseline and a registered follow-up, from a change map.
+
+    Baseline lesions are the 3D components (26-connectivity, at least ``min_ml``, default
+    :data:`covidtrack.metrics.MIN_LESION_ML`, as the lesion count) of baseline infection
+    (resolved + persistent), follow-up lesions those of the warped follow-up infection (new +
+    persistent), both inside the imaged baseline lung. Lesions that overlap are one track (a
+    lesion that split or merged stays one track, its pieces counted). Per track: ``status`` new
+    (no baseline lesion), resolved (no follow-up lesion), or for a persistent one larger / smaller
+    / stable (volume change beyond :data:`LESION_CHANGE_SHARE` and :data:`LESION_CHANGE_MIN_ML`);
+    ``lobe`` where most of it lies (baseline lobes); volumes in mL on the baseline grid;
+    ``slice``: the baseline axial slice through its centre (where the aligned viewer shows it).
+    Sorted by lobe, then size.
+    """
+    from scipy import ndimage
+
+    from covidtrack.metrics import MIN_LESION_ML
+
+    min_ml = MIN_LESION_ML if min_ml is None else min_ml
+    voxel_ml = float(np.prod(spacing)) / 1000.0
+    structure = np.ones((3, 3, 3), dtype=bool)
+    before = (change == CHANGE_RESOLVED) | (change == CHANGE_PERSISTENT)
+    after = (change == CHANGE_NEW) | (change == CHANGE_PERSISTENT)
+    lab_b, n_b = ndimage.label(before, structure=structure)
+    lab_a, n_a = ndimage.label(after, structure=structure)
+    size_b = np.bincount(lab_b.ravel(), minlength=n_b + 1) * voxel_ml
+    size_a = np.bincount(lab_a.ravel(), minlength=n_a + 1) * voxel_ml
+    keep_b = {i for i in range(1, n_b + 1) if size_b[i] >= min_ml}
+    keep_a = {i for i in range(1, n_a + 1) if size_a[i] >= min_ml}
+    # union-find over baseline (b) and follow-up (a) lesions that share persistent voxels
+    parent: dict[tuple[str, int], tuple[str, int]] = {("b", i): ("b", i) for i in keep_b} | {("a", i): ("a", i) for i in keep_a}
+
+    def find(x: tuple[str, int]) -> tuple[str, int]:
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    both = before & after
+    pairs = np.unique(np.stack([lab_b[both], lab_a[both]], axis=1), axis=0) if both.any() else np.zeros((0, 2), int)
+    for i, j in pairs:
+        if int(i) in keep_b and int(j) in keep_a:
+            parent[find(("b", int(i)))] = find(("a", int(j)))
+    groups: dict[tuple[str, int], list[tuple[str, int]]] = {}
+    for node in parent:
+        groups.setdefault(find(node), []).append(node)
+    rows = []
+    for members in groups.values():
+        bs = [i for s, i in members if s == "b"]
+        as_ = [i for s, i in members if s == "a"]
+        b_ml, a_ml = float(sum(size_b[i] for i in bs)), float(sum(size_a[i] for i in as_))
+        if not bs:
+            status = "new"
+        elif not as_:
+            status = "resolved"
+        elif abs(a_ml - b_ml) >= max(LESION_CHANGE_MIN_ML, LESION_CHANGE_SHARE * b_ml):
+            status = "larger" if a_ml > b_ml else "smaller"
+        else:
+            status = "stable"
+        mask = np.isin(lab_b, bs) | np.isin(lab_a, as_)
+        idx = np.argwhere(mask)
+        lobe = None
+        if lobes is not None:
+            counts = np.bincount(lobes[mask].ravel(), minlength=max(LOBE_LABELS) + 1)[1:]
+            lobe = LOBE_LABELS.get(int(np.argmax(counts)) + 1) if counts.sum() else None
+        rows.append({"status": status, "lobe": lobe, "baseline_ml": round(b_ml, 2), "followup_ml": round(a_ml, 2),
+                     "change_ml": round(a_ml - b_ml, 2), "baseline_pieces": len(bs), "followup_pieces": len(as_),
+                     "slice": int(round(float(idx[:, 0].mean())))})
+    lobe_order = {name: k for k, name in LOBE_LABELS.items()}
+    rows.sort(key=lambda r: (lobe_order.get(r["lobe"], 99), -max(r["baseline_ml"], r["followup_ml"])))
+    for k, r in enumerate(rows, start=1):
+        r["lesion"] = k
+    return pd.DataFrame(rows, columns=list(LESION_COLUMNS))
+
+
+def lesion_counts(tracks: pd.DataFrame) -> dict[str, int]:
+    """How many tracks of each status (new, resolved, larger, smaller, stable)."""
+    return {s: int((tracks["status"] == s).sum()) for s in ("new", "resolved", "larger", "smaller", "stable")}

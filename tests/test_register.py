@@ -507,3 +507,35 @@ def test_coverage_note_names_the_follow_up_and_the_unknown_infection(series, cov
         assert notes == [f"{d + dt.timedelta(days=5)}: this follow-up does not cover 42 mL of the baseline lung; "
                          "the baseline infection there (3.2 mL) is counted as neither resolved nor persistent"]
         assert coverage_notes(store, "P1", [s3], dates) == []  # only pairs that are shown
+
+
+# --- lesions followed from the baseline -----------------------------------------------------------
+def test_lesion_tracks_from_a_change_map() -> None:
+    from covidtrack.change import lesion_counts, lesion_tracks
+
+    cm = np.zeros((20, 40, 40), np.uint8)
+    cm[2:6, 2:8, 2:8] = CHANGE_RESOLVED                     # gone: 144 voxels = 1.15 mL at 2 mm
+    cm[10:14, 10:16, 10:16] = CHANGE_PERSISTENT             # still there ...
+    cm[10:14, 16:22, 10:16] = CHANGE_NEW                    # ... and twice as large
+    cm[2:5, 30:35, 30:35] = CHANGE_NEW                      # appeared, in the left upper lobe
+    cm[15:18, 30:34, 2:6] = CHANGE_PERSISTENT               # unchanged
+    cm[15:18, 30:34, 7:10] = CHANGE_RESOLVED                # a separate lesion one voxel away: resolved
+    cm[0, 39, 39] = CHANGE_NEW                              # a speck under 0.1 mL: not a lesion
+    # one baseline lesion that split in two at the follow-up (its middle resolved)
+    cm[10:13, 30:33, 2:4] = CHANGE_PERSISTENT
+    cm[10:13, 30:33, 4:6] = CHANGE_RESOLVED
+    cm[10:13, 30:33, 6:8] = CHANGE_PERSISTENT
+    lobes = np.ones_like(cm)
+    lobes[:, :, 20:] = 4
+    t = lesion_tracks(cm, lobes, (2.0, 2.0, 2.0))
+    assert lesion_counts(t) == {"new": 1, "resolved": 2, "larger": 1, "smaller": 0, "stable": 2}
+    grown = t[t["status"] == "larger"].iloc[0]
+    assert grown["baseline_ml"] == pytest.approx(144 * 0.008, abs=0.01) and grown["followup_ml"] == pytest.approx(288 * 0.008, abs=0.01)
+    assert grown["lobe"] == "RUL" and grown["slice"] == 12
+    assert t[t["status"] == "new"].iloc[0]["lobe"] == "LUL"
+    split = t[(t["baseline_pieces"] == 1) & (t["followup_pieces"] == 2)]
+    assert len(split) == 1 and split.iloc[0]["status"] == "stable"  # 0.22 -> 0.14 mL: under 0.5 mL of change
+    assert list(t["lesion"]) == list(range(1, len(t) + 1))
+    # the same map without lobes: no lobe names, the same tracks
+    assert lesion_tracks(cm, None, (2.0, 2.0, 2.0))["lobe"].isna().all()
+    assert lesion_tracks(np.zeros_like(cm), lobes, (2.0, 2.0, 2.0)).empty

@@ -198,6 +198,7 @@ def test_patient_pdf_via_cli(store_with_patients: list[str], tmp_path: Path) -> 
         longitudinal.register_followup(store, follow)
         aligned = load.aligned_series(store, key)
         change = load.change_table(store, key)
+        lesions = load.lesion_table(store, key)
         cached = list((store.home / load.VIEWER_CACHE).glob("*.npz"))
         again = load.aligned_series(store, key)  # read back from the viewer cache, not re-warped
     assert len(cached) == 1
@@ -205,11 +206,17 @@ def test_patient_pdf_via_cli(store_with_patients: list[str], tmp_path: Path) -> 
     assert aligned.registered == (True, True, False)  # the unregistered one is flagged, not hidden
     assert aligned.change[1] is not None and aligned.change[1].shape == aligned.shape
     assert set(change["region"]) >= {"whole", "RLL"} and (change["new_ml"] >= 0).all()
+    # lesions followed from the baseline: only the registered follow-up, volumes consistent with the change
+    assert len(lesions) and set(lesions["scan_id"]) == {follow}
+    whole = change[change["region"] == "whole"].iloc[0]
+    tracked = lesions[lesions["status"] != "new"]["baseline_ml"].sum()
+    assert tracked <= whole["resolved_ml"] + whole["persistent_ml"] + 0.05  # lesions are part of the baseline infection
     out = tmp_path / "patient.pdf"
     assert cli(["report", "--patient", "Zoë bed 7", "--out", str(out)]) == 0
     text = _pdf_text(out, tmp_path)
     assert "Zoë bed 7" in text and key in text
     assert "Change summary" in text and "No registered follow-up" not in text
+    assert "Lesions vs baseline" in text
     with Store.open() as store:
         frame = load.patient_frame(store, key)
     poi0 = frame[(frame.region == "whole") & (frame.metric == M.POI)].sort_values("study_date")["value"].iloc[0]

@@ -113,6 +113,38 @@ def change_table(store: "Store", patient_key: str, status: dict[str, str] | None
     return wide[cols].sort_values(["date", "scan_id"], kind="stable").reset_index(drop=True)
 
 
+def lesion_table(store: "Store", patient_key: str, status: dict[str, str] | None = None) -> pd.DataFrame:
+    """Lesions tracked from the baseline to each current follow-up (:func:`covidtrack.change.lesion_tracks`
+    on the stored change map and the baseline's lobes): columns ``date``, ``scan_id`` and
+    :data:`covidtrack.change.LESION_COLUMNS`. Only pairs shown as current (as :func:`change_table`)."""
+    from covidtrack.change import LESION_COLUMNS, lesion_tracks
+    from covidtrack.longitudinal import CURRENT, pair_status
+    from covidtrack.store import read_canonical
+
+    cols = ["date", "scan_id", *LESION_COLUMNS]
+    status = pair_status(store, patient_key) if status is None else status
+    current = [sid for sid, state in status.items() if state == CURRENT]
+    if not current:
+        return pd.DataFrame(columns=cols)
+    base = store.baseline_scan(patient_key)
+    regs = store.registrations(patient_key)
+    regs = regs[(regs["fixed_scan"] == base) & regs["moving_scan"].isin(current) & regs["ok"].astype(bool)]
+    base_seg = store.segmentation(base, "active")
+    lobes = read_canonical(base_seg.lobes_path)[0] if base_seg.lobes_path else None
+    dates = store.scans(patient_key).set_index("scan_id")["study_date"]
+    parts = []
+    for _, row in regs.iterrows():
+        path = row.get("change_map_path")
+        if path is None or not Path(path).exists():
+            continue
+        change, spacing, _, _ = read_canonical(Path(path))
+        tracks = lesion_tracks(change, lobes if lobes is not None and lobes.shape == change.shape else None, spacing)
+        parts.append(tracks.assign(date=str(pd.to_datetime(dates[row["moving_scan"]]).date()), scan_id=row["moving_scan"]))
+    if not parts:
+        return pd.DataFrame(columns=cols)
+    return pd.concat(parts, ignore_index=True)[cols].sort_values(["date", "scan_id", "lesion"], kind="stable").reset_index(drop=True)
+
+
 def change_notes(store: "Store", patient_key: str, status: dict[str, str] | None = None, with_fix: bool = True) -> list[str]:
     """One line per follow-up whose change vs the baseline is not shown, saying why and (with
     ``with_fix``) the command that updates it; ``status``: :func:`pair_status` when the caller
@@ -316,7 +348,8 @@ def patient_report_data(store: "Store", patient_key: str, with_images: bool = Tr
     status = pair_status(store, patient_key)  # once: images, table and notes agree on it
     aligned = aligned_series(store, patient_key, status) if with_images else None
     return PatientReportData(header=header, frame=frame, aligned=aligned, change=change_table(store, patient_key, status),
-                             change_notes=tuple(change_notes(store, patient_key, status)))
+                             change_notes=tuple(change_notes(store, patient_key, status)),
+                             lesions=lesion_table(store, patient_key, status))
 
 
 def store_revision(store: "Store") -> tuple[int, ...]:

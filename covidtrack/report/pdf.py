@@ -39,13 +39,15 @@ CONTENT_W_MM = PAGE_W_MM - 2 * MARGIN_MM
 class PatientReportData:
     """Everything a patient report shows. ``change`` columns: ``date``, ``region``, ``new_ml``,
     ``resolved_ml``, ``persistent_ml`` (mL, follow-up vs baseline in baseline space);
-    ``change_notes``: follow-ups whose change is not shown, and why."""
+    ``change_notes``: follow-ups whose change is not shown, and why; ``lesions``: lesions tracked
+    from the baseline per follow-up (:func:`covidtrack.report.load.lesion_table`)."""
 
     header: PatientHeader
     frame: pd.DataFrame
     aligned: AlignedSeries | None = None
     change: pd.DataFrame = field(default_factory=pd.DataFrame)
     change_notes: tuple[str, ...] = ()
+    lesions: pd.DataFrame = field(default_factory=pd.DataFrame)  # covidtrack.report.load.lesion_table
 
 
 def _font_dir() -> Path:
@@ -293,7 +295,28 @@ def write_patient_pdf(data: PatientReportData, out: str | Path, engine: Engine =
              "per-date volumes in mL from each scan's own voxel spacing.", 7)
     if not summary.empty:
         pdf.dataframe(summary, col_widths=(24, 18, 22, 22, 24, 20))
+    counts = _lesion_counts_for_pdf(data.lesions)
+    if not counts.empty:
+        pdf.h2("Lesions vs baseline", need_mm=min(30 + 6.5 * (len(counts) + 1), 120))
+        pdf.para("Each lesion (a connected piece of infection of at least 0.1 mL) followed from the baseline to the "
+                 "registered follow-up: new, resolved, or still there and larger / smaller (by more than 25 % and "
+                 "0.5 mL) / stable; lesions that merged or split count as one.", 8)
+        pdf.dataframe(counts, col_widths=(30, 20, 24, 20, 22, 20))
     return _atomic_output(pdf, Path(out))
+
+
+def _lesion_counts_for_pdf(lesions: pd.DataFrame) -> pd.DataFrame:
+    """One row per follow-up: how many lesions are new / resolved / larger / smaller / stable."""
+    from covidtrack.change import lesion_counts
+
+    if lesions is None or lesions.empty:
+        return pd.DataFrame()
+    rows = []
+    for (date, _scan), g in lesions.groupby(["date", "scan_id"], sort=False):
+        c = lesion_counts(g)
+        rows.append({"Follow-up": date, "New": c["new"], "Resolved": c["resolved"], "Larger": c["larger"],
+                     "Smaller": c["smaller"], "Stable": c["stable"]})
+    return pd.DataFrame(rows).astype({k: str for k in ("New", "Resolved", "Larger", "Smaller", "Stable")})
 
 
 def _captions(a: AlignedSeries) -> list[str]:

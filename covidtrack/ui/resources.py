@@ -113,6 +113,12 @@ def change(patient_key: str, rev: Revision) -> pd.DataFrame:
 
 
 @st.cache_data(show_spinner=False, max_entries=32)
+def lesions(patient_key: str, rev: Revision) -> pd.DataFrame:
+    """Lesions tracked from the baseline to each current follow-up (:func:`covidtrack.report.load.lesion_table`)."""
+    return load.lesion_table(store(), patient_key, pair_status(patient_key, rev))
+
+
+@st.cache_data(show_spinner=False, max_entries=32)
 def pair_status(patient_key: str, rev: Revision) -> dict[str, str]:
     """Each follow-up's change status (:func:`covidtrack.longitudinal.pair_status`)."""
     del rev

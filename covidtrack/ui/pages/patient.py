@@ -19,6 +19,31 @@ TABLE_METRICS = (M.POI, M.POI_GGO, M.POI_CONS, M.INFECTION_ML, M.GGO_ML, M.CONS_
 PLOTLY_CONFIG = {"displaylogo": False, "modeBarButtonsToRemove": ["lasso2d", "select2d"]}
 
 
+def _lesions(key: str, rev: object) -> None:
+    """Lesions vs baseline per follow-up: counts by status, and every lesion in an expander."""
+    from covidtrack.change import lesion_counts
+
+    table = resources.lesions(key, rev)
+    if table.empty:
+        return
+    st.subheader("Lesions vs baseline")
+    rows = []
+    for (date, _scan), g in table.groupby(["date", "scan_id"], sort=False):
+        c = lesion_counts(g)
+        rows.append({"follow-up": date, "new": c["new"], "resolved": c["resolved"], "larger": c["larger"],
+                     "smaller": c["smaller"], "stable": c["stable"]})
+    st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch", key="lesion_counts")
+    st.caption("Each lesion (a connected piece of infection of at least 0.1 mL) followed from the baseline to the "
+               "follow-up registered onto it: new, resolved, or still there and larger / smaller (by more than 25 % "
+               "and 0.5 mL) / stable. Lesions that merged or split are one track. 'slice' is the baseline axial slice "
+               "through the lesion, as in the aligned viewer.")
+    with st.expander(f"Every lesion ({len(table)})"):
+        st.dataframe(table.drop(columns=["scan_id"]), hide_index=True, width="stretch", key="lesion_table",
+                     column_config={"baseline_ml": st.column_config.NumberColumn("baseline mL", format="%.2f"),
+                                    "followup_ml": st.column_config.NumberColumn("follow-up mL", format="%.2f"),
+                                    "change_ml": st.column_config.NumberColumn("change mL", format="%+.2f")})
+
+
 def _delta(value: float, unit: str, fmt: str = "+.1f") -> str | None:
     text = f"{value:{fmt}}"
     # "-0.0" or "+0" is no change: show no arrow rather than a misleading direction
@@ -157,6 +182,7 @@ def main() -> None:
     change = resources.change(key, rev)
     if len(change):
         st.plotly_chart(figures.change_bar_figure(change), key="change_bars", config=PLOTLY_CONFIG, width="stretch")
+    _lesions(key, rev)
     st.subheader("Metrics per date")
     table = wide_by_date(frame)
     if not lobe_view:
