@@ -60,6 +60,11 @@ def test_matplotlib_ci_bands_have_their_arms_colour(monkeypatch: pytest.MonkeyPa
     got = [tuple(np.round(p.get_facecolor()[:3], 3)) for p in ax.patches]
     # every band is drawn in '#333333' (grey): a reader cannot tell whose CI is whose
     assert [tuple(np.round(w, 3)) for w in want] == got, (want, got)
+    # a bin mean from fewer than 3 patients stays hollow, as in the dashboard
+    small_n = [t for t in fig.data if isinstance(t.marker.symbol, tuple) and "circle-open" in t.marker.symbol]
+    assert small_n, "the synthetic cohort should have a bin with fewer than 3 patients"
+    hollow = [c for c in ax.collections if len(c.get_facecolor()) == 0 or float(np.max(c.get_facecolor()[:, 3])) == 0.0]
+    assert hollow, "no hollow markers drawn"
 
 
 def test_matplotlib_heatmap_prints_whole_dates(monkeypatch: pytest.MonkeyPatch) -> None:

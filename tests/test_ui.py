@@ -105,6 +105,8 @@ def test_cohort_page_has_test_and_responders(small_store: list[str]) -> None:
     text = _texts(at)
     assert "Mann-Whitney" in text
     assert "Responders" in text
+    tests = next(d.value for d in at.dataframe if "arms" in d.value.columns)
+    assert "median Δ (pp)" in tests.columns  # a change of POI is in percentage points
     at.sidebar.multiselect(key="cohort_arms").set_value(["arm A"]).run()
     assert not at.exception
 
