@@ -224,6 +224,21 @@ def lesion_tracks(
     return pd.DataFrame(rows, columns=list(LESION_COLUMNS))
 
 
-def lesion_counts(tracks: pd.DataFrame) -> dict[str, int]:
-    """How many tracks of each status (new, resolved, larger, smaller, stable)."""
-    return {s: int((tracks["status"] == s).sum()) for s in ("new", "resolved", "larger", "smaller", "stable")}
+LESION_STATUSES = ("new", "resolved", "larger", "smaller", "stable")
+#: tracks at least this large (mL, at either date) are counted apart: the smallest new lesions
+#: are often specks of the infection model's noise at one date
+LESION_NOTABLE_ML = 1.0
+
+
+def lesion_counts(tracks: pd.DataFrame, min_ml: float = 0.0) -> dict[str, int]:
+    """How many tracks of each status (new, resolved, larger, smaller, stable), counting only
+    tracks of at least ``min_ml`` mL at the baseline or the follow-up."""
+    big = tracks[tracks[["baseline_ml", "followup_ml"]].max(axis=1) >= min_ml] if min_ml > 0 else tracks
+    return {s: int((big["status"] == s).sum()) for s in LESION_STATUSES}
+
+
+def lesion_count_text(tracks: pd.DataFrame) -> dict[str, str]:
+    """Per status "n", or "n (m >= 1 mL)" when some are smaller than :data:`LESION_NOTABLE_ML`."""
+    every, notable = lesion_counts(tracks), lesion_counts(tracks, LESION_NOTABLE_ML)
+    return {s: str(every[s]) if every[s] == notable[s] else f"{every[s]} ({notable[s]} ≥ {LESION_NOTABLE_ML:g} mL)"
+            for s in LESION_STATUSES}

@@ -539,3 +539,8 @@ def test_lesion_tracks_from_a_change_map() -> None:
     # the same map without lobes: no lobe names, the same tracks
     assert lesion_tracks(cm, None, (2.0, 2.0, 2.0))["lobe"].isna().all()
     assert lesion_tracks(np.zeros_like(cm), lobes, (2.0, 2.0, 2.0)).empty
+    # counted apart: tracks of at least 1 mL (the grown and the resolved 1.15 mL ones)
+    from covidtrack.change import lesion_count_text
+
+    assert lesion_counts(t, min_ml=1.0) == {"new": 0, "resolved": 1, "larger": 1, "smaller": 0, "stable": 0}
+    assert lesion_count_text(t)["new"] == "1 (0 ≥ 1 mL)" and lesion_count_text(t)["larger"] == "1"

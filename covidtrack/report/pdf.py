@@ -300,23 +300,23 @@ def write_patient_pdf(data: PatientReportData, out: str | Path, engine: Engine =
         pdf.h2("Lesions vs baseline", need_mm=min(30 + 6.5 * (len(counts) + 1), 120))
         pdf.para("Each lesion (a connected piece of infection of at least 0.1 mL) followed from the baseline to the "
                  "registered follow-up: new, resolved, or still there and larger / smaller (by more than 25 % and "
-                 "0.5 mL) / stable; lesions that merged or split count as one.", 8)
+                 "0.5 mL) / stable; lesions that merged or split count as one. In brackets: how many are at least "
+                 "1 mL (the smallest new ones are often specks of the model's noise at one date).", 8)
         pdf.dataframe(counts, col_widths=(30, 20, 24, 20, 22, 20))
     return _atomic_output(pdf, Path(out))
 
 
 def _lesion_counts_for_pdf(lesions: pd.DataFrame) -> pd.DataFrame:
     """One row per follow-up: how many lesions are new / resolved / larger / smaller / stable."""
-    from covidtrack.change import lesion_counts
+    from covidtrack.change import lesion_count_text
 
     if lesions is None or lesions.empty:
         return pd.DataFrame()
     rows = []
     for (date, _scan), g in lesions.groupby(["date", "scan_id"], sort=False):
-        c = lesion_counts(g)
-        rows.append({"Follow-up": date, "New": c["new"], "Resolved": c["resolved"], "Larger": c["larger"],
-                     "Smaller": c["smaller"], "Stable": c["stable"]})
-    return pd.DataFrame(rows).astype({k: str for k in ("New", "Resolved", "Larger", "Smaller", "Stable")})
+        c = lesion_count_text(g)
+        rows.append({"Follow-up": date, **{k.capitalize(): v for k, v in c.items()}})
+    return pd.DataFrame(rows)
 
 
 def _captions(a: AlignedSeries) -> list[str]:

@@ -21,22 +21,19 @@ PLOTLY_CONFIG = {"displaylogo": False, "modeBarButtonsToRemove": ["lasso2d", "se
 
 def _lesions(key: str, rev: object) -> None:
     """Lesions vs baseline per follow-up: counts by status, and every lesion in an expander."""
-    from covidtrack.change import lesion_counts
+    from covidtrack.change import lesion_count_text
 
     table = resources.lesions(key, rev)
     if table.empty:
         return
     st.subheader("Lesions vs baseline")
-    rows = []
-    for (date, _scan), g in table.groupby(["date", "scan_id"], sort=False):
-        c = lesion_counts(g)
-        rows.append({"follow-up": date, "new": c["new"], "resolved": c["resolved"], "larger": c["larger"],
-                     "smaller": c["smaller"], "stable": c["stable"]})
+    rows = [{"follow-up": date, **lesion_count_text(g)} for (date, _scan), g in table.groupby(["date", "scan_id"], sort=False)]
     st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch", key="lesion_counts")
     st.caption("Each lesion (a connected piece of infection of at least 0.1 mL) followed from the baseline to the "
                "follow-up registered onto it: new, resolved, or still there and larger / smaller (by more than 25 % "
-               "and 0.5 mL) / stable. Lesions that merged or split are one track. 'slice' is the baseline axial slice "
-               "through the lesion, as in the aligned viewer.")
+               "and 0.5 mL) / stable. Lesions that merged or split are one track. In brackets: how many are at least "
+               "1 mL (the smallest new ones are often specks of the model's noise at one date). 'slice' is the baseline "
+               "axial slice through the lesion, as in the aligned viewer.")
     with st.expander(f"Every lesion ({len(table)})"):
         st.dataframe(table.drop(columns=["scan_id"]), hide_index=True, width="stretch", key="lesion_table",
                      column_config={"baseline_ml": st.column_config.NumberColumn("baseline mL", format="%.2f"),
