@@ -169,6 +169,12 @@ def lesion_tracks(
 
     min_ml = MIN_LESION_ML if min_ml is None else min_ml
     voxel_ml = float(np.prod(spacing)) / 1000.0
+    if not change.any():
+        return pd.DataFrame(columns=list(LESION_COLUMNS))
+    box = ndimage.find_objects((change > 0).astype(np.uint8))[0]  # work on the box around all infection
+    z0 = box[0].start
+    change = change[box]
+    lobes = lobes[box] if lobes is not None else None
     structure = np.ones((3, 3, 3), dtype=bool)
     before = (change == CHANGE_RESOLVED) | (change == CHANGE_PERSISTENT)
     after = (change == CHANGE_NEW) | (change == CHANGE_PERSISTENT)
@@ -195,6 +201,21 @@ def lesion_tracks(
     groups: dict[tuple[str, int], list[tuple[str, int]]] = {}
     for node in parent:
         groups.setdefault(find(node), []).append(node)
+    # per lesion, in one pass over each map: voxels per lobe and the sum of axial slice indices
+    n_lobes = max(LOBE_LABELS) + 1
+    z = np.broadcast_to(np.arange(change.shape[0])[:, None, None], change.shape)
+
+    def stats(lab: np.ndarray, n: int, inside: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        ids = lab[inside].astype(np.int64)
+        count = np.bincount(ids, minlength=n + 1).astype(np.float64)
+        zsum = np.bincount(ids, weights=z[inside], minlength=n + 1)
+        if lobes is None:
+            return count, zsum, np.zeros((n + 1, n_lobes))
+        per_lobe = np.bincount(ids * n_lobes + lobes[inside].astype(np.int64), minlength=(n + 1) * n_lobes)
+        return count, zsum, per_lobe.reshape(n + 1, n_lobes).astype(np.float64)
+
+    cnt_b, z_b, lobe_b = stats(lab_b, n_b, before)
+    cnt_a, z_a, lobe_a = stats(lab_a, n_a, after)
     rows = []
     for members in groups.values():
         bs = [i for s, i in members if s == "b"]
@@ -208,15 +229,13 @@ def lesion_tracks(
             status = "larger" if a_ml > b_ml else "smaller"
         else:
             status = "stable"
-        mask = np.isin(lab_b, bs) | np.isin(lab_a, as_)
-        idx = np.argwhere(mask)
-        lobe = None
-        if lobes is not None:
-            counts = np.bincount(lobes[mask].ravel(), minlength=max(LOBE_LABELS) + 1)[1:]
-            lobe = LOBE_LABELS.get(int(np.argmax(counts)) + 1) if counts.sum() else None
+        # (persistent voxels belong to a baseline and a follow-up lesion: counted in both, equally)
+        voxels = cnt_b[bs].sum() + cnt_a[as_].sum()
+        per_lobe = (lobe_b[bs].sum(axis=0) + lobe_a[as_].sum(axis=0))[1:]
+        lobe = LOBE_LABELS.get(int(np.argmax(per_lobe)) + 1) if lobes is not None and per_lobe.sum() else None
         rows.append({"status": status, "lobe": lobe, "baseline_ml": round(b_ml, 2), "followup_ml": round(a_ml, 2),
                      "change_ml": round(a_ml - b_ml, 2), "baseline_pieces": len(bs), "followup_pieces": len(as_),
-                     "slice": int(round(float(idx[:, 0].mean())))})
+                     "slice": z0 + int(round(float((z_b[bs].sum() + z_a[as_].sum()) / voxels)))})
     lobe_order = {name: k for k, name in LOBE_LABELS.items()}
     rows.sort(key=lambda r: (lobe_order.get(r["lobe"], 99), -max(r["baseline_ml"], r["followup_ml"])))
     for k, r in enumerate(rows, start=1):

@@ -539,6 +539,11 @@ def test_lesion_tracks_from_a_change_map() -> None:
     # the same map without lobes: no lobe names, the same tracks
     assert lesion_tracks(cm, None, (2.0, 2.0, 2.0))["lobe"].isna().all()
     assert lesion_tracks(np.zeros_like(cm), lobes, (2.0, 2.0, 2.0)).empty
+    # the slice is the scan's, wherever the infection starts (5 empty slices below it: +5)
+    cm[0, 39, 39] = 0
+    shifted = lesion_tracks(np.concatenate([np.zeros((5, 40, 40), np.uint8), cm]),
+                            np.concatenate([np.ones((5, 40, 40), np.uint8), lobes]), (2.0, 2.0, 2.0))
+    assert shifted[shifted["status"] == "larger"].iloc[0]["slice"] == 17
     # counted apart: tracks of at least 1 mL (the grown and the resolved 1.15 mL ones)
     from covidtrack.change import lesion_count_text
 
