@@ -52,10 +52,10 @@ def _whole(rows: pd.DataFrame, seg_id: str, metric: str) -> float:
     return float(sel["value"].iloc[0]) if len(sel) else float("nan")
 
 
-def _model_origin(store: "Store", corrections: pd.DataFrame, row: dict[str, Any]) -> Any:
+def _model_origin(store: "Store", by_seg: dict[str, Any], row: dict[str, Any]) -> Any:
     """The model segmentation a correction goes back to (a correction of a correction is followed
-    to the model output the first reviewer started from)."""
-    by_seg = corrections.set_index("seg_id")["original_seg_id"].to_dict()
+    to the model output the first reviewer started from); ``by_seg``: correction seg id -> the seg
+    id it started from."""
     seg_id, seen = row.get("original_seg_id"), set()
     if not seg_id:
         return store.segmentation(row["scan_id"], "model")
@@ -80,9 +80,11 @@ def agreement_table(store: "Store", holdout_fraction: float | None = None) -> pd
     scans = store.scans().set_index("scan_id")
     metric_rows = store.metrics(model_version=None)
     all_corrections = store.corrections()
+    by_seg = all_corrections.set_index("seg_id")["original_seg_id"].to_dict()
+    minutes = (all_corrections.groupby("scan_id")["seconds"].sum() / 60.0).to_dict()
     out = []
     for r in rows:
-        original = _model_origin(store, all_corrections, r)
+        original = _model_origin(store, by_seg, r)
         model = read_canonical(original.infection_path)[0]
         reviewer = read_canonical(r["mask_path"])[0]
         versions = original.model_versions if isinstance(original.model_versions, dict) else json.loads(original.model_versions)
@@ -100,7 +102,7 @@ def agreement_table(store: "Store", holdout_fraction: float | None = None) -> pd
             "severity_model": _whole(metric_rows, original.seg_id, SEVERITY),
             "severity_reviewer": _whole(metric_rows, r["seg_id"], SEVERITY),
             "voxels_changed": int(np.count_nonzero(model != reviewer)),
-            "minutes": float(all_corrections.loc[all_corrections["scan_id"] == r["scan_id"], "seconds"].sum()) / 60.0,
+            "minutes": float(minutes.get(r["scan_id"], 0.0)),
         })
     return pd.DataFrame(out, columns=list(COLUMNS))
 
