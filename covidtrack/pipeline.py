@@ -514,13 +514,18 @@ def ingest_manifest(
     return summary
 
 
-def export_metrics(out_dir: str | Path, fmt: str = "csv", all_versions: bool = False, store: Any = None) -> list[Path]:
-    """Write ``metrics_long`` and ``metrics_wide`` (csv or parquet) into ``out_dir``.
+def export_metrics(out_dir: str | Path, fmt: str = "csv", all_versions: bool = False, store: Any = None,
+                   lesions: bool = False) -> list[Path]:
+    """Write ``metrics_long``, ``metrics_wide``, ``metrics_units`` and ``change_vs_baseline``
+    (csv or parquet) into ``out_dir``, and ``lesions`` when asked.
 
     Long: one row per (scan, region, metric, model version) with patient key, alias, arm, date,
     day since baseline. Wide: one row per scan (and segmentation) with ``<region>_<metric>``
     columns. By default only the numbers the dashboard shows (active version / corrections);
-    ``all_versions`` exports every stored row.
+    ``all_versions`` exports every stored row. ``change_vs_baseline``: new / resolved /
+    persistent mL per current follow-up and region (:func:`covidtrack.report.load.change_table`);
+    ``lesions``: every lesion followed from the baseline (:func:`covidtrack.report.load.lesion_table`;
+    it reads and labels every change map, hence optional).
     """
     from covidtrack.store import Store
 
@@ -535,6 +540,7 @@ def export_metrics(out_dir: str | Path, fmt: str = "csv", all_versions: bool = F
         store = Store.open(read_only=True)
     try:
         long = store.cohort_metrics(model_version=None if all_versions else "active")
+        change, lesion_rows = _change_tables(store, lesions)
     finally:
         if own_store:
             store.close()
@@ -552,8 +558,11 @@ def export_metrics(out_dir: str | Path, fmt: str = "csv", all_versions: bool = F
         wide[["alias", "arm"]] = wide[["alias", "arm"]].replace(_NONE, None)
         # the wide table's column names carry no unit: this small table says which is which
         units = keyed[["column", "region", "metric", "unit"]].drop_duplicates("column").reset_index(drop=True)
+    tables = [("metrics_long", long), ("metrics_wide", wide), ("metrics_units", units), ("change_vs_baseline", change)]
+    if lesions:
+        tables.append(("lesions", lesion_rows))
     written = []
-    for name, df in (("metrics_long", long), ("metrics_wide", wide), ("metrics_units", units)):
+    for name, df in tables:
         path = out / f"{name}.{fmt}"
         if fmt == "csv":
             _spreadsheet_safe(df).to_csv(path, index=False)
@@ -561,6 +570,29 @@ def export_metrics(out_dir: str | Path, fmt: str = "csv", all_versions: bool = F
             df.to_parquet(path, index=False)
         written.append(path)
     return written
+
+
+def _change_tables(store: Any, with_lesions: bool) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Every patient's change vs baseline (and lesions) for the pairs the dashboard shows as current."""
+    from covidtrack.change import LESION_COLUMNS
+    from covidtrack.longitudinal import pair_status
+    from covidtrack.report import load
+
+    who = ["patient_key", "alias", "arm"]
+    changes, lesions = [], []
+    for pat in store.patients().itertuples():
+        status = pair_status(store, pat.patient_key)
+        if not status:
+            continue
+        ident = {"patient_key": pat.patient_key, "alias": pat.alias, "arm": pat.arm}
+        changes.append(load.change_table(store, pat.patient_key, status).assign(**ident))
+        if with_lesions:
+            lesions.append(load.lesion_table(store, pat.patient_key, status).assign(**ident))
+    change_cols = [*who, "date", "scan_id", "region", "new_ml", "resolved_ml", "persistent_ml"]
+    change = pd.concat(changes, ignore_index=True)[change_cols] if changes else pd.DataFrame(columns=change_cols)
+    lesion_cols = [*who, "date", "scan_id", *LESION_COLUMNS]
+    lesion = pd.concat(lesions, ignore_index=True)[lesion_cols] if lesions else pd.DataFrame(columns=lesion_cols)
+    return change, lesion
 
 
 _NONE = "\x00none"  # stands for a missing alias / arm while grouping (no typed text contains NUL)

@@ -592,12 +592,13 @@ def test_export_is_safe_in_a_spreadsheet_and_says_its_units(tmp_path: Path, monk
         store.set_patient(keys[1], arm="+cmd|' /C calc'!A0")
         paths = export_metrics(tmp_path / "csv", "csv", store=store)
         export_metrics(tmp_path / "pq", "parquet", store=store)
-    assert [p.name for p in paths] == ["metrics_long.csv", "metrics_wide.csv", "metrics_units.csv"]
+    assert [p.name for p in paths] == ["metrics_long.csv", "metrics_wide.csv", "metrics_units.csv", "change_vs_baseline.csv"]
     for path in paths:
         with open(path, newline="", encoding="utf-8") as fh:
             cells = [c for row in csv.reader(fh) for c in row]
         assert not [c for c in cells if c[:1] in ("=", "+", "@")], path.name
-        assert "'=HYPERLINK" in " ".join(cells) or path.name == "metrics_units.csv"  # shown as text, not dropped
+        # shown as text, not dropped (one scan per patient: no change vs baseline rows)
+        assert "'=HYPERLINK" in " ".join(cells) or path.name in ("metrics_units.csv", "change_vs_baseline.csv")
     long = pd.read_parquet(tmp_path / "pq" / "metrics_long.parquet")
     wide = pd.read_parquet(tmp_path / "pq" / "metrics_wide.parquet")
     units = pd.read_parquet(tmp_path / "pq" / "metrics_units.parquet").set_index("column")["unit"]

@@ -217,6 +217,17 @@ def test_patient_pdf_via_cli(store_with_patients: list[str], tmp_path: Path) -> 
     assert "Zoë bed 7" in text and key in text
     assert "Change summary" in text and "No registered follow-up" not in text
     assert "Lesions vs baseline" in text
+    # the export carries the same change and lesion tables, with the patient's identity columns
+    from covidtrack.pipeline import export_metrics
+
+    names = {p.name for p in export_metrics(tmp_path / "export", "csv", lesions=True)}
+    assert {"change_vs_baseline.csv", "lesions.csv"} <= names
+    exported = pd.read_csv(tmp_path / "export" / "change_vs_baseline.csv")
+    assert set(exported["scan_id"]) == {follow} and (exported["patient_key"] == key).all()
+    whole_export = exported[exported["region"] == "whole"].iloc[0]
+    assert whole_export["new_ml"] == pytest.approx(whole["new_ml"]) and whole_export["alias"] == "Zoë bed 7"
+    assert len(pd.read_csv(tmp_path / "export" / "lesions.csv")) == len(lesions)
+    assert "lesions.csv" not in {p.name for p in export_metrics(tmp_path / "export2", "csv")}  # only when asked
     with Store.open() as store:
         frame = load.patient_frame(store, key)
     poi0 = frame[(frame.region == "whole") & (frame.metric == M.POI)].sort_values("study_date")["value"].iloc[0]

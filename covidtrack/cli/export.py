@@ -1,4 +1,5 @@
-"""``export``: every stored metric as CSV or Parquet, long and wide."""
+"""``export``: every stored metric as CSV or Parquet, long and wide, the change vs baseline, and
+(``--lesions``) every lesion followed from the baseline."""
 
 from __future__ import annotations
 
@@ -8,15 +9,17 @@ import argparse
 def _export(args: argparse.Namespace) -> int:
     from covidtrack.pipeline import export_metrics
 
-    for path in export_metrics(args.out, args.format, all_versions=args.all_versions):
+    for path in export_metrics(args.out, args.format, all_versions=args.all_versions, lesions=args.lesions):
         print(path)
     return 0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("export", help="export metrics (metrics_long + metrics_wide) as csv or parquet")
+    p = sub.add_parser("export", help="export metrics (long, wide, units), change vs baseline and optionally lesions, as csv or parquet")
     p.add_argument("out", help="output folder")
     p.add_argument("--format", choices=("csv", "parquet"), default="csv")
     p.add_argument("--all-versions", action="store_true",
                    help="every model version and correction, not only the numbers the dashboard shows")
+    p.add_argument("--lesions", action="store_true",
+                   help="also every lesion followed from the baseline (reads and labels every change map)")
     p.set_defaults(func=_export)
