@@ -139,8 +139,8 @@ def change_metrics(
     return pd.DataFrame(rows, columns=["region", "metric", "value", "unit"])
 
 
-#: a persistent lesion whose volume changed by more than this share (and by at least
-#: :data:`LESION_CHANGE_MIN_ML`) is "larger" / "smaller"; otherwise "stable"
+#: a persistent lesion whose volume changed by more than this share and by at least
+#: :data:`LESION_CHANGE_MIN_ML` is "larger" / "smaller"; otherwise "stable"
 LESION_CHANGE_SHARE = 0.25
 LESION_CHANGE_MIN_ML = 0.5
 LESION_COLUMNS = ("lesion", "status", "lobe", "baseline_ml", "followup_ml", "change_ml", "baseline_pieces",
@@ -148,7 +148,8 @@ LESION_COLUMNS = ("lesion", "status", "lobe", "baseline_ml", "followup_ml", "cha
 
 
 def lesion_tracks(
-    change: np.ndarray, lobes: np.ndarray | None, spacing: tuple[float, float, float], min_ml: float | None = None
+    change: np.ndarray, lobes: np.ndarray | None, spacing: tuple[float, float, float], min_ml: float | None = None,
+    not_imaged: np.ndarray | None = None,
 ) -> pd.DataFrame:
     """Lesions matched between the baseline and a registered follow-up, from a change map.
 
@@ -158,7 +159,10 @@ def lesion_tracks(
     persistent), both inside the imaged baseline lung. Lesions that overlap are one track (a
     lesion that split or merged stays one track, its pieces counted). Per track: ``status`` new
     (no baseline lesion), resolved (no follow-up lesion), or for a persistent one larger / smaller
-    / stable (volume change beyond :data:`LESION_CHANGE_SHARE` and :data:`LESION_CHANGE_MIN_ML`);
+    / stable (volume change of more than :data:`LESION_CHANGE_SHARE` and at least
+    :data:`LESION_CHANGE_MIN_ML`); "partly not imaged" when part of its baseline lesion lies where
+    the follow-up has no data (``not_imaged``: baseline infection there, on the same grid; its
+    baseline volume then includes that part, and nothing is said about how it changed);
     ``lobe`` where most of it lies (baseline lobes); volumes in mL on the baseline grid;
     ``slice``: the baseline axial slice through its centre (where the aligned viewer shows it).
     Sorted by lobe, then size.
@@ -171,12 +175,14 @@ def lesion_tracks(
     voxel_ml = float(np.prod(spacing)) / 1000.0
     if not change.any():
         return pd.DataFrame(columns=list(LESION_COLUMNS))
-    box = ndimage.find_objects((change > 0).astype(np.uint8))[0]  # work on the box around all infection
+    unknown_all = not_imaged if not_imaged is not None and not_imaged.shape == change.shape else np.zeros(change.shape, bool)
+    box = ndimage.find_objects(((change > 0) | unknown_all).astype(np.uint8))[0]  # the box around all infection
     z0 = box[0].start
     change = change[box]
+    unknown = unknown_all[box] & (change == 0)
     lobes = lobes[box] if lobes is not None else None
     structure = np.ones((3, 3, 3), dtype=bool)
-    before = (change == CHANGE_RESOLVED) | (change == CHANGE_PERSISTENT)
+    before = (change == CHANGE_RESOLVED) | (change == CHANGE_PERSISTENT) | unknown
     after = (change == CHANGE_NEW) | (change == CHANGE_PERSISTENT)
     lab_b, n_b = ndimage.label(before, structure=structure)
     lab_a, n_a = ndimage.label(after, structure=structure)
@@ -216,6 +222,7 @@ def lesion_tracks(
 
     cnt_b, z_b, lobe_b = stats(lab_b, n_b, before)
     cnt_a, z_a, lobe_a = stats(lab_a, n_a, after)
+    unseen_b = np.bincount(lab_b[unknown].astype(np.int64), minlength=n_b + 1)
     rows = []
     for members in groups.values():
         bs = [i for s, i in members if s == "b"]
@@ -223,9 +230,11 @@ def lesion_tracks(
         b_ml, a_ml = float(sum(size_b[i] for i in bs)), float(sum(size_a[i] for i in as_))
         if not bs:
             status = "new"
+        elif unseen_b[bs].sum() > 0:
+            status = "partly not imaged"  # the follow-up did not see all of it: neither gone nor measured
         elif not as_:
             status = "resolved"
-        elif abs(a_ml - b_ml) >= max(LESION_CHANGE_MIN_ML, LESION_CHANGE_SHARE * b_ml):
+        elif abs(a_ml - b_ml) > LESION_CHANGE_SHARE * b_ml and abs(a_ml - b_ml) >= LESION_CHANGE_MIN_ML:
             status = "larger" if a_ml > b_ml else "smaller"
         else:
             status = "stable"
@@ -243,14 +252,14 @@ def lesion_tracks(
     return pd.DataFrame(rows, columns=list(LESION_COLUMNS))
 
 
-LESION_STATUSES = ("new", "resolved", "larger", "smaller", "stable")
+LESION_STATUSES = ("new", "resolved", "larger", "smaller", "stable", "partly not imaged")
 #: tracks at least this large (mL, at either date) are counted apart: the smallest new lesions
 #: are often specks of the infection model's noise at one date
 LESION_NOTABLE_ML = 1.0
 
 
 def lesion_counts(tracks: pd.DataFrame, min_ml: float = 0.0) -> dict[str, int]:
-    """How many tracks of each status (new, resolved, larger, smaller, stable), counting only
+    """How many tracks of each status (:data:`LESION_STATUSES`), counting only
     tracks of at least ``min_ml`` mL at the baseline or the follow-up."""
     big = tracks[tracks[["baseline_ml", "followup_ml"]].max(axis=1) >= min_ml] if min_ml > 0 else tracks
     return {s: int((big["status"] == s).sum()) for s in LESION_STATUSES}

@@ -528,7 +528,7 @@ def test_lesion_tracks_from_a_change_map() -> None:
     lobes = np.ones_like(cm)
     lobes[:, :, 20:] = 4
     t = lesion_tracks(cm, lobes, (2.0, 2.0, 2.0))
-    assert lesion_counts(t) == {"new": 1, "resolved": 2, "larger": 1, "smaller": 0, "stable": 2}
+    assert lesion_counts(t) == {"new": 1, "resolved": 2, "larger": 1, "smaller": 0, "stable": 2, "partly not imaged": 0}
     grown = t[t["status"] == "larger"].iloc[0]
     assert grown["baseline_ml"] == pytest.approx(144 * 0.008, abs=0.01) and grown["followup_ml"] == pytest.approx(288 * 0.008, abs=0.01)
     assert grown["lobe"] == "RUL" and grown["slice"] == 12
@@ -547,5 +547,5 @@ def test_lesion_tracks_from_a_change_map() -> None:
     # counted apart: tracks of at least 1 mL (the grown and the resolved 1.15 mL ones)
     from covidtrack.change import lesion_count_text
 
-    assert lesion_counts(t, min_ml=1.0) == {"new": 0, "resolved": 1, "larger": 1, "smaller": 0, "stable": 0}
+    assert lesion_counts(t, min_ml=1.0) == {"new": 0, "resolved": 1, "larger": 1, "smaller": 0, "stable": 0, "partly not imaged": 0}
     assert lesion_count_text(t)["new"] == "1 (0 ≥ 1 mL)" and lesion_count_text(t)["larger"] == "1"

@@ -115,34 +115,55 @@ def change_table(store: "Store", patient_key: str, status: dict[str, str] | None
 
 def lesion_table(store: "Store", patient_key: str, status: dict[str, str] | None = None) -> pd.DataFrame:
     """Lesions tracked from the baseline to each current follow-up (:func:`covidtrack.change.lesion_tracks`
-    on the stored change map and the baseline's lobes): columns ``date``, ``scan_id`` and
-    :data:`covidtrack.change.LESION_COLUMNS`. Only pairs shown as current (as :func:`change_table`)."""
+    on the stored change map, the baseline's lobes and the baseline infection the follow-up did
+    not image): columns ``date``, ``scan_id`` and :data:`covidtrack.change.LESION_COLUMNS`. Only
+    pairs shown as current (as :func:`change_table`); ``attrs["pairs"]`` lists every analysed
+    follow-up as ``(date, scan_id)``, also those with no lesion at all."""
     from covidtrack.change import LESION_COLUMNS, lesion_tracks
     from covidtrack.longitudinal import CURRENT, pair_status
     from covidtrack.store import read_canonical
 
     cols = ["date", "scan_id", *LESION_COLUMNS]
+    empty = pd.DataFrame(columns=cols)
+    empty.attrs["pairs"] = []
     status = pair_status(store, patient_key) if status is None else status
     current = [sid for sid, state in status.items() if state == CURRENT]
     if not current:
-        return pd.DataFrame(columns=cols)
+        return empty
     base = store.baseline_scan(patient_key)
     regs = store.registrations(patient_key)
     regs = regs[(regs["fixed_scan"] == base) & regs["moving_scan"].isin(current) & regs["ok"].astype(bool)]
     base_seg = store.segmentation(base, "active")
-    lobes = read_canonical(base_seg.lobes_path)[0] if base_seg.lobes_path else None
+
+    def optional(path: Path | None) -> np.ndarray | None:
+        try:  # a lost lobe file costs the lobe names, not the table (the viewer copes the same way)
+            return read_canonical(Path(path))[0] if path else None
+        except StoreError as err:
+            log.warning("lesion table of %s without %s: %s", patient_key, path, err)
+            return None
+
+    lobes, base_inf, base_lungs = optional(base_seg.lobes_path), optional(base_seg.infection_path), optional(base_seg.lungs_path)
     dates = store.scans(patient_key).set_index("scan_id")["study_date"]
-    parts = []
-    for _, row in regs.iterrows():
+    parts, pairs = [], []
+    for _, row in regs.sort_values("moving_date").iterrows():
         path = row.get("change_map_path")
         if path is None or not Path(path).exists():
             continue
         change, spacing, _, _ = read_canonical(Path(path))
-        tracks = lesion_tracks(change, lobes if lobes is not None and lobes.shape == change.shape else None, spacing)
-        parts.append(tracks.assign(date=str(pd.to_datetime(dates[row["moving_scan"]]).date()), scan_id=row["moving_scan"]))
-    if not parts:
-        return pd.DataFrame(columns=cols)
-    return pd.concat(parts, ignore_index=True)[cols].sort_values(["date", "scan_id", "lesion"], kind="stable").reset_index(drop=True)
+        # baseline infection in the baseline lungs that the change map leaves at 0: not imaged by
+        # the follow-up (imaged infection there is always resolved or persistent)
+        unseen = None
+        if base_inf is not None and base_lungs is not None and base_inf.shape == change.shape == base_lungs.shape:
+            unseen = (base_inf > 0) & (base_lungs > 0) & (change == 0)
+        tracks = lesion_tracks(change, lobes if lobes is not None and lobes.shape == change.shape else None, spacing,
+                               not_imaged=unseen)
+        date = str(pd.to_datetime(dates[row["moving_scan"]]).date())
+        pairs.append((date, row["moving_scan"]))
+        parts.append(tracks.assign(date=date, scan_id=row["moving_scan"]))
+    out = pd.concat(parts, ignore_index=True)[cols] if parts else empty.copy()
+    out = out.sort_values(["date", "scan_id", "lesion"], kind="stable").reset_index(drop=True)
+    out.attrs["pairs"] = sorted(pairs)
+    return out
 
 
 def change_notes(store: "Store", patient_key: str, status: dict[str, str] | None = None, with_fix: bool = True) -> list[str]:

@@ -299,23 +299,22 @@ def write_patient_pdf(data: PatientReportData, out: str | Path, engine: Engine =
     if not counts.empty:
         pdf.h2("Lesions vs baseline", need_mm=min(30 + 6.5 * (len(counts) + 1), 120))
         pdf.para("Each lesion (a connected piece of infection of at least 0.1 mL) followed from the baseline to the "
-                 "registered follow-up: new, resolved, or still there and larger / smaller (by more than 25 % and "
-                 "0.5 mL) / stable; lesions that merged or split count as one. In brackets: how many are at least "
-                 "1 mL (the smallest new ones are often specks of the model's noise at one date).", 8)
-        pdf.dataframe(counts, col_widths=(30, 20, 24, 20, 22, 20))
+                 "registered follow-up: new, resolved, or still there and larger / smaller (by more than 25 % and at "
+                 "least 0.5 mL) / stable; 'partly not imaged' when the follow-up did not cover all of it; lesions "
+                 "that merged or split count as one. In brackets: how many are at least 1 mL (the smallest new ones "
+                 "are often specks of the model's noise at one date).", 8)
+        pdf.dataframe(counts, col_widths=(24, 20, 22, 20, 20, 20, 28))
     return _atomic_output(pdf, Path(out))
 
 
 def _lesion_counts_for_pdf(lesions: pd.DataFrame) -> pd.DataFrame:
-    """One row per follow-up: how many lesions are new / resolved / larger / smaller / stable."""
+    """One row per analysed follow-up (``lesions.attrs["pairs"]``, also one without any lesion):
+    how many lesions are new / resolved / larger / smaller / stable / partly not imaged."""
     from covidtrack.change import lesion_count_text
 
-    if lesions is None or lesions.empty:
-        return pd.DataFrame()
-    rows = []
-    for (date, _scan), g in lesions.groupby(["date", "scan_id"], sort=False):
-        c = lesion_count_text(g)
-        rows.append({"Follow-up": date, **{k.capitalize(): v for k, v in c.items()}})
+    pairs = lesions.attrs.get("pairs", []) if lesions is not None else []
+    rows = [{"Follow-up": date, **{k.capitalize(): v for k, v in lesion_count_text(lesions[lesions["scan_id"] == scan]).items()}}
+            for date, scan in pairs]
     return pd.DataFrame(rows)
 
 

@@ -24,16 +24,18 @@ def _lesions(key: str, rev: object) -> None:
     from covidtrack.change import lesion_count_text
 
     table = resources.lesions(key, rev)
-    if table.empty:
+    pairs = table.attrs.get("pairs", [])
+    if not pairs:
         return
     st.subheader("Lesions vs baseline")
-    rows = [{"follow-up": date, **lesion_count_text(g)} for (date, _scan), g in table.groupby(["date", "scan_id"], sort=False)]
+    rows = [{"follow-up": date, **lesion_count_text(table[table["scan_id"] == scan])} for date, scan in pairs]
     st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch", key="lesion_counts")
     st.caption("Each lesion (a connected piece of infection of at least 0.1 mL) followed from the baseline to the "
                "follow-up registered onto it: new, resolved, or still there and larger / smaller (by more than 25 % "
-               "and 0.5 mL) / stable. Lesions that merged or split are one track. In brackets: how many are at least "
-               "1 mL (the smallest new ones are often specks of the model's noise at one date). 'slice' is the baseline "
-               "axial slice through the lesion, as in the aligned viewer.")
+               "and at least 0.5 mL) / stable; 'partly not imaged' when the follow-up did not cover all of it. Lesions "
+               "that merged or split are one track. In brackets: how many are at least 1 mL (the smallest new ones are "
+               "often specks of the model's noise at one date). 'slice' is the baseline axial slice through the "
+               "lesion, as in the aligned viewer.")
     with st.expander(f"Every lesion ({len(table)})"):
         st.dataframe(table.drop(columns=["scan_id"]), hide_index=True, width="stretch", key="lesion_table",
                      column_config={"baseline_ml": st.column_config.NumberColumn("baseline mL", format="%.2f"),
