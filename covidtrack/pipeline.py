@@ -229,6 +229,8 @@ def ingest(
         key = patient.strip() if patient_is_key else io.patient_key(patient)
         if not key:
             raise InputError(item, "no patient ID given", "pass --patient ID (it is pseudonymised before storing)")
+        if not patient_is_key:
+            _check_not_an_alias(store, patient.strip(), key, item)
         given_date = _given_date(date, item)  # a bad date is refused before anything else
         _check_alias(store, key, alias, item)
         content_hash = io.volume_hash(volume)
@@ -515,7 +517,7 @@ def ingest_manifest(
 
 
 def export_metrics(out_dir: str | Path, fmt: str = "csv", all_versions: bool = False, store: Any = None,
-                   lesions: bool = False) -> list[Path]:
+                   lesions: bool = False, warn: Callable[[str], None] | None = None) -> list[Path]:
     """Write ``metrics_long``, ``metrics_wide``, ``metrics_units`` and ``change_vs_baseline``
     (csv or parquet) into ``out_dir``, and ``lesions`` when asked.
 
@@ -525,7 +527,8 @@ def export_metrics(out_dir: str | Path, fmt: str = "csv", all_versions: bool = F
     ``all_versions`` exports every stored row. ``change_vs_baseline``: new / resolved /
     persistent mL per current follow-up and region (:func:`covidtrack.report.load.change_table`);
     ``lesions``: every lesion followed from the baseline (:func:`covidtrack.report.load.lesion_table`;
-    it reads and labels every change map, hence optional).
+    it reads and labels every change map, hence optional). ``warn`` receives one line per
+    follow-up whose change is left out (out of date, failed, not registered) and how to fix it.
     """
     from covidtrack.store import Store
 
@@ -540,7 +543,10 @@ def export_metrics(out_dir: str | Path, fmt: str = "csv", all_versions: bool = F
         store = Store.open(read_only=True)
     try:
         long = store.cohort_metrics(model_version=None if all_versions else "active")
-        change, lesion_rows = _change_tables(store, lesions)
+        change, lesion_rows, left_out = _change_tables(store, lesions)
+        for line in left_out:
+            if warn is not None:
+                warn(line)
     finally:
         if own_store:
             store.close()
@@ -572,18 +578,21 @@ def export_metrics(out_dir: str | Path, fmt: str = "csv", all_versions: bool = F
     return written
 
 
-def _change_tables(store: Any, with_lesions: bool) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Every patient's change vs baseline (and lesions) for the pairs the dashboard shows as current."""
+def _change_tables(store: Any, with_lesions: bool) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
+    """Every patient's change vs baseline (and lesions) for the pairs the dashboard shows as
+    current, and a line per follow-up left out (why, and the fix)."""
     from covidtrack.change import LESION_COLUMNS
     from covidtrack.longitudinal import pair_status
     from covidtrack.report import load
 
     who = ["patient_key", "alias", "arm"]
-    changes, lesions = [], []
+    changes, lesions, left_out = [], [], []
     for pat in store.patients().itertuples():
         status = pair_status(store, pat.patient_key)
         if not status:
             continue
+        who_label = pat.alias if isinstance(pat.alias, str) and pat.alias else pat.patient_key
+        left_out += [f"patient {who_label}: {note}" for note in load.change_notes(store, pat.patient_key, status)]
         ident = {"patient_key": pat.patient_key, "alias": pat.alias, "arm": pat.arm}
         changes.append(load.change_table(store, pat.patient_key, status).assign(**ident))
         if with_lesions:
@@ -592,7 +601,22 @@ def _change_tables(store: Any, with_lesions: bool) -> tuple[pd.DataFrame, pd.Dat
     change = pd.concat(changes, ignore_index=True)[change_cols] if changes else pd.DataFrame(columns=change_cols)
     lesion_cols = [*who, "date", "scan_id", *LESION_COLUMNS]
     lesion = pd.concat(lesions, ignore_index=True)[lesion_cols] if lesions else pd.DataFrame(columns=lesion_cols)
-    return change, lesion
+    return change, lesion, left_out
+
+
+def _check_not_an_alias(store: Any, typed: str, key: str, item: str) -> None:
+    """``--patient`` takes the patient's own ID: a stored alias or pseudonymous key typed there would
+    hash to a new key and silently start a second, anonymous patient."""
+    pats = store.patients()
+    if pats.empty or key in set(pats["patient_key"]):
+        return
+    by_alias = pats[pats["alias"] == typed]
+    if len(by_alias) or typed in set(pats["patient_key"]):
+        owner = by_alias["patient_key"].iloc[0] if len(by_alias) else typed
+        what = f"the alias of patient {owner}" if len(by_alias) else "a stored pseudonymous key"
+        raise InputError(item, f"--patient {typed!r} is {what}; --patient takes the patient's own ID (the one on the "
+                               "scans, stored only as a salted hash), so this would start a new, separate patient",
+                         "give the patient's own ID (with the same COVIDTRACK_SALT as before)")
 
 
 _NONE = "\x00none"  # stands for a missing alias / arm while grouping (no typed text contains NUL)

@@ -9,7 +9,10 @@ import argparse
 def _export(args: argparse.Namespace) -> int:
     from covidtrack.pipeline import export_metrics
 
-    for path in export_metrics(args.out, args.format, all_versions=args.all_versions, lesions=args.lesions):
+    import sys
+
+    warn = lambda line: print(f"left out of change_vs_baseline: {line}", file=sys.stderr)  # noqa: E731
+    for path in export_metrics(args.out, args.format, all_versions=args.all_versions, lesions=args.lesions, warn=warn):
         print(path)
     return 0
 

@@ -89,9 +89,13 @@ def _import(args: argparse.Namespace) -> int:
     with Store.open() as store:
         volume = store.load_volume(args.scan_id)
         labels = importing.import_corrected_mask(args.mask, volume, table)
-        model = store.load_segmentation(args.scan_id, "model").infection
-        effort = corrections.effort_between(model, labels, seconds=args.minutes * 60.0)
-        cid, seg_id = corrections.save_correction(store, args.scan_id, labels, effort, args.author)
+        # the mask was edited from what `hitl export` hands out: the active segmentation (a
+        # correction when there is one), so that is where this correction starts
+        start = store.segmentation(args.scan_id, "active")
+        shown = store.load_segmentation(args.scan_id, "active")
+        importing.check_not_lung_mask(labels, shown.lungs, args.mask)
+        effort = corrections.effort_between(shown.infection, labels, seconds=args.minutes * 60.0)
+        cid, seg_id = corrections.save_correction(store, args.scan_id, labels, effort, args.author, original_seg_id=start.seg_id)
         print(f"stored correction {cid} (segmentation {seg_id}): {effort.voxels_changed} voxels changed on {effort.slices_touched} slices")
         if not args.no_register:
             _refresh_change(store, args.scan_id)
@@ -187,7 +191,7 @@ def _agreement(args: argparse.Namespace) -> int:
         print("no corrected scans yet: correct scans on the Review page or with `hitl import`")
         return 0
     summary = agreement.agreement_summary(table)
-    shown = table.drop(columns=["patient_key"]).assign(scan_id=table["scan_id"].str[:12], alias=[a if isinstance(a, str) else "" for a in table["alias"]])
+    shown = table.drop(columns=["patient_key"]).assign(alias=[a if isinstance(a, str) else "" for a in table["alias"]])
     print(shown.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     print()
     print(summary.to_string(index=False, float_format=lambda v: f"{v:.3f}"))

@@ -33,8 +33,11 @@ def run(args: argparse.Namespace) -> int:
 
     failed = 0
     per_patient = []
+    Store.open(read_only=True).close()  # a missing store is an error with its fix, not a new empty one
     with Store.open() as store:
         keys = list(store.patients()["patient_key"]) if args.all else [resolve_patient(store, args.patient)]
+        if not keys:
+            print("no patients in the store yet: nothing to register")
         for key in keys:
             try:
                 per_patient.append((key, register_patient(store, key, progress=ProgressBar(), force=args.force)))

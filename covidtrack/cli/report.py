@@ -33,7 +33,9 @@ def run(args: argparse.Namespace) -> int:
 
             cohort = load.cohort_frame(store, arms=args.arm)
             if cohort.empty:
-                raise StoreError(f"{store.path}: no metrics for arms {args.arm or 'any'}. Fix: check the arm names or import scans")
+                known = sorted(a for a in store.patients()["arm"].dropna().unique())
+                raise StoreError(f"{store.path}: no metrics for arms {args.arm or 'any'}. Fix: "
+                                 + (f"use one of the stored arms: {', '.join(known)}" if known else "import scans first"))
             # as on the dashboard: without --arm every treatment arm, not the patients without one
             arms = args.arm or default_arms(sorted(cohort["arm"].dropna().unique()))
             out = pdf.write_cohort_pdf(cohort, args.out, arms=arms, engine=args.engine)

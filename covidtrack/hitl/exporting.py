@@ -83,7 +83,7 @@ def export_scan(store: "Store", scan_id: str, out_dir: str | Path, kind: str = "
     scans = store.scans()
     row = scans[scans["scan_id"] == scan_id]
     if row.empty:
-        raise StoreError(f"{store.path}: no scan {scan_id}. Fix: pick one from `python -m covidtrack patients` "
+        raise StoreError(f"{store.path}: no scan {scan_id}. Fix: pick one from `python -m covidtrack patients --scans` "
                          "or the dashboard's Patients page")
     seg = store.segmentation(scan_id, kind)
     out = Path(out_dir)

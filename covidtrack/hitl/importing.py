@@ -152,3 +152,12 @@ def import_corrected_mask(path: str | Path, volume: Volume, table: str | dict[in
         raise InputError(path, f"holds labels {found} but none maps to infection with table {table!r}",
                          "pick the tool's table or write a mapping such as 5=GGO,7=consolidation")
     return out
+
+
+def check_not_lung_mask(labels: np.ndarray, lungs: np.ndarray, path: str | Path) -> None:
+    """Refuse a "correction" that is the lung mask itself (``lungs.nii.gz`` sits beside
+    ``infection.nii.gz`` in an export and has the same values 1 / 2: imported, it would read as
+    every lung voxel infected)."""
+    if labels.shape == lungs.shape and (lungs > 0).any() and np.array_equal(labels, lungs):
+        raise InputError(path, "this is the scan's lung mask (1 right lung, 2 left lung), not an infection mask",
+                         "import infection.nii.gz (1 GGO, 2 consolidation), not lungs.nii.gz")

@@ -245,7 +245,8 @@ def export_corrections(
     """
     train_rows, held_rows = split_corrections(store, holdout_fraction)
     if not train_rows:
-        raise StoreError(f"{store.path}: no corrected scans yet. Fix: correct scans on the Review page first")
+        raise StoreError(f"{store.path}: no corrected scans yet. Fix: correct scans on the Review page, or import a mask "
+                         "corrected in 3D Slicer / ITK-SNAP with `python -m covidtrack hitl import SCAN_ID MASK --author AB`")
     train = [(r["scan_id"], *_correction_slices(store, r, size, max_slices_per_scan)) for r in train_rows]
     _write_slices(out, train)
     held = [(r["scan_id"], *_correction_slices(store, r, size, max_slices_per_scan)) for r in held_rows]

@@ -267,12 +267,14 @@ def write_patient_pdf(data: PatientReportData, out: str | Path, engine: Engine =
         a = data.aligned
         k = a.key_slice("axial")
         pdf.h2(f"Aligned images: axial slice {k} of the baseline at every date", need_mm=70)
-        if all(a.registered[1:]):
+        if len(a.dates) < 2:
+            aligned_note = ""
+        elif all(a.registered[1:]):
             aligned_note = "Follow-ups are registered to the baseline (same anatomy)."
         else:
             aligned_note = ("Follow-ups marked (not aligned) could not be registered to the baseline: they are only resized "
                             "to its grid, so their slice does not show the same anatomy; the others are registered.")
-        pdf.para(f"Infection overlay: GGO amber, consolidation red; {LOBE_LEGEND}. {aligned_note}", 8)
+        pdf.para(f"Infection overlay: GGO amber, consolidation red; {LOBE_LEGEND}. {aligned_note}".strip(), 8)
         _image_grid(pdf, [render(a, t, "axial", k, "lobes", 360) for t in range(len(a.dates))], _captions(a))
         follow = [t for t in range(1, len(a.dates)) if a.change[t] is not None]
         if follow:
@@ -284,7 +286,7 @@ def write_patient_pdf(data: PatientReportData, out: str | Path, engine: Engine =
     pdf.h2("Change summary vs baseline (mL, in baseline space)", need_mm=min(30 + 6.5 * (len(summary) + 1), 200))
     for note in data.change_notes:
         pdf.para(note, 8)
-    if summary.empty:
+    if summary.empty and not data.change_notes:  # the notes above already say why nothing is shown
         pdf.para("No registered follow-up yet: change per lobe needs a follow-up registered to the baseline.")
     else:
         pdf.para("Each follow-up's infection is warped onto the baseline and compared inside the baseline lungs; "
