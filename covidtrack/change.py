@@ -265,6 +265,12 @@ def lesion_counts(tracks: pd.DataFrame, min_ml: float = 0.0) -> dict[str, int]:
     return {s: int((big["status"] == s).sum()) for s in LESION_STATUSES}
 
 
+def lesion_count_rows(tracks: pd.DataFrame, pairs: list[tuple[str, str]]) -> pd.DataFrame:
+    """One row per analysed follow-up ``(date, scan_id)`` (also one without any lesion): its date
+    and :func:`lesion_count_text` per status. ``tracks`` carries a ``scan_id`` column."""
+    return pd.DataFrame([{"follow-up": date, **lesion_count_text(tracks[tracks["scan_id"] == scan])} for date, scan in pairs])
+
+
 def lesion_count_text(tracks: pd.DataFrame) -> dict[str, str]:
     """Per status "n", or "n (m >= 1 mL)" when some are smaller than :data:`LESION_NOTABLE_ML`."""
     every, notable = lesion_counts(tracks), lesion_counts(tracks, LESION_NOTABLE_ML)

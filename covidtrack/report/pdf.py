@@ -312,12 +312,10 @@ def write_patient_pdf(data: PatientReportData, out: str | Path, engine: Engine =
 def _lesion_counts_for_pdf(lesions: pd.DataFrame) -> pd.DataFrame:
     """One row per analysed follow-up (``lesions.attrs["pairs"]``, also one without any lesion):
     how many lesions are new / resolved / larger / smaller / stable / partly not imaged."""
-    from covidtrack.change import lesion_count_text
+    from covidtrack.change import lesion_count_rows
 
     pairs = lesions.attrs.get("pairs", []) if lesions is not None else []
-    rows = [{"Follow-up": date, **{k.capitalize(): v for k, v in lesion_count_text(lesions[lesions["scan_id"] == scan]).items()}}
-            for date, scan in pairs]
-    return pd.DataFrame(rows)
+    return lesion_count_rows(lesions, pairs).rename(columns=str.capitalize) if pairs else pd.DataFrame()
 
 
 def _captions(a: AlignedSeries) -> list[str]:

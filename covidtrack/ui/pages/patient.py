@@ -21,15 +21,14 @@ PLOTLY_CONFIG = {"displaylogo": False, "modeBarButtonsToRemove": ["lasso2d", "se
 
 def _lesions(key: str, rev: object) -> None:
     """Lesions vs baseline per follow-up: counts by status, and every lesion in an expander."""
-    from covidtrack.change import lesion_count_text
+    from covidtrack.change import lesion_count_rows
 
     table = resources.lesions(key, rev)
     pairs = table.attrs.get("pairs", [])
     if not pairs:
         return
     st.subheader("Lesions vs baseline")
-    rows = [{"follow-up": date, **lesion_count_text(table[table["scan_id"] == scan])} for date, scan in pairs]
-    st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch", key="lesion_counts")
+    st.dataframe(lesion_count_rows(table, pairs), hide_index=True, width="stretch", key="lesion_counts")
     st.caption("Each lesion (a connected piece of infection of at least 0.1 mL) followed from the baseline to the "
                "follow-up registered onto it: new, resolved, or still there and larger / smaller (by more than 25 % "
                "and at least 0.5 mL) / stable; 'partly not imaged' when the follow-up did not cover all of it. Lesions "
